@@ -1,0 +1,276 @@
+--- resilua.cli — the `resilua` command (contract 4).
+--
+-- Exit codes: 0 ok; 1 a script raised an error; 2 usage or configuration
+-- error (bad flag, a policy that does not load or fails at decision time);
+-- 3 failed (not retriable); 4 gave up (attempts, deadline or budget);
+-- 5 breaker open.
+local core = require "resilua.core"
+
+local M = {}
+
+local EXIT = { ok = 0, script_error = 1, usage = 2, failed = 3, gave_up = 4, deadline = 4,
+               budget = 4, breaker_open = 5, policy_error = 2 }
+M.EXIT = EXIT
+
+local USAGE = [[
+usage: resilua COMMAND [options]
+
+Commands:
+  call [options] URL          one call under a policy; body to stdout
+  run SCRIPT.lua [args]       run a Lua script with the runtime loaded
+  serve [--listen HOST:PORT] [SCRIPT.lua]
+                              the scriptable upstream
+  check POLICY...             load and validate policies; run their self-tests
+
+Options:
+  -h, --help                  this text; `resilua COMMAND --help` for one command
+  --version                   print the version
+
+Exit codes: 0 ok, 1 script error, 2 usage or configuration error,
+3 failed (not retriable), 4 gave up (attempts, deadline or budget), 5 breaker open.
+]]
+
+local CALL_USAGE = [[
+usage: resilua call [options] URL
+
+Makes one HTTP call under a retry policy and writes the last response's
+body to stdout; every attempt is logged as a JSON line (stderr by default).
+
+Options:
+  -X, --request METHOD     HTTP method (default GET, or POST with -d)
+  -H, --header 'Name: v'   add a request header (repeatable)
+  -d, --data DATA          request body; @FILE reads a file, @- reads stdin
+  --policy NAME|FILE.lua   retry policy (default: default)
+  --policy-path DIR        where to look for policies by name (repeatable;
+                           default ./policies, then the shipped ones)
+  --log FILE|-             event log destination (default: stderr)
+  --quiet                  no event log unless --log is given
+  --seed N                 seed the jitter PRNG (reproducible delays)
+  -h, --help               this text
+
+Exit codes: 0 ok, 2 usage or policy error, 3 failed (not retriable),
+4 gave up (attempts, deadline or budget), 5 breaker open.
+]]
+
+local RUN_USAGE = [[
+usage: resilua run SCRIPT.lua [args]
+
+Runs a Lua script with resilua loaded (`require "resilua"`); the script
+sees its arguments in `arg` and `...`.  After it returns, functions started
+with resilua.go are waited for.  The exit code is the integer the script
+returns (default 0), 1 when it raises an error.
+]]
+
+local CHECK_USAGE = [[
+usage: resilua check [--policy-path DIR] POLICY...
+
+Loads and validates each policy (by name on the policy path, or FILE.lua)
+and runs its self-tests (a `tests` list in the policy).  Prints one line
+per policy.  Exit code 0 when all pass, 2 otherwise.
+]]
+
+local function fail(cmd, msg)
+  io.stderr:write(("resilua%s: %s\n"):format(cmd and (" " .. cmd) or "", msg))
+  return EXIT.usage
+end
+
+--- A tiny getopt: spec maps a flag to "value", "list" or "flag".
+-- Returns opts, positionals or nil, message.
+local function parse(args, first, spec, aliases)
+  local opts, pos = {}, {}
+  local i = first
+  while i <= #args do
+    local a = args[i]
+    if a == "--" then
+      for j = i + 1, #args do pos[#pos + 1] = args[j] end
+      break
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      local name, inline = a:match("^(%-%-[^=]+)=(.*)$")
+      name = aliases[name or a] or name or a
+      local kind = spec[name]
+      if not kind then return nil, ("unknown option '%s'"):format(a) end
+      local value
+      if kind ~= "flag" then
+        value = inline
+        if not value then
+          i = i + 1
+          value = args[i]
+          if value == nil then return nil, ("option '%s' needs a value"):format(a) end
+        end
+      elseif inline then
+        return nil, ("option '%s' takes no value"):format(name)
+      end
+      if kind == "list" then
+        opts[name] = opts[name] or {}
+        table.insert(opts[name], value)
+      else
+        opts[name] = value or true
+      end
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+local function read_data(arg)
+  if arg:sub(1, 1) ~= "@" then return arg end
+  local path = arg:sub(2)
+  local f, err
+  if path == "-" then f = io.stdin else f, err = io.open(path, "rb") end
+  if not f then return nil, ("-d: cannot read %s"):format(err) end
+  local data = f:read("a")
+  if f ~= io.stdin then f:close() end
+  return data
+end
+
+local function setup_log(cmd, opts)
+  if opts["--log"] then
+    local ok, err = core.log(opts["--log"])
+    if not ok then return fail(cmd, "--log: " .. err) end
+  elseif opts["--quiet"] then
+    core.log(false)
+  end
+  if opts["--seed"] then
+    local n = math.tointeger(tonumber(opts["--seed"]))
+    if not n then return fail(cmd, "--seed: expected an integer, got " .. opts["--seed"]) end
+    core.seed(n)
+  end
+end
+
+function M.call(args)
+  local opts, pos = parse(args, 2, {
+    ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+  }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help" })
+  if not opts then return fail("call", pos .. " (see resilua call --help)") end
+  if opts["--help"] then io.stdout:write(CALL_USAGE) return EXIT.ok end
+  if #pos ~= 1 then
+    return fail("call", (#pos == 0 and "missing URL" or "expected one URL, got " .. #pos)
+                .. " (see resilua call --help)")
+  end
+  local code = setup_log("call", opts)
+  if code then return code end
+  local body
+  if opts["--data"] then
+    local err
+    body, err = read_data(opts["--data"])
+    if not body then return fail("call", err) end
+  end
+  for _, h in ipairs(opts["--header"] or {}) do
+    if not h:match("^[^:%s]+:") then
+      return fail("call", ("-H: expected 'Name: value', got '%s'"):format(h))
+    end
+  end
+  local resilua = require "resilua"
+  local policy = resilua.policy
+  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
+  if not p then return fail("call", "--policy: " .. perr) end
+  local client = resilua.client{ policy = p }
+  local ok, res, err = pcall(client.call, client, {
+    method = opts["--request"], url = pos[1], headers = opts["--header"], body = body,
+  })
+  if not ok then return fail("call", tostring(res):gsub("^call: ", "")) end
+  local final = res or err
+  if final.body then io.stdout:write(final.body) io.stdout:flush() end
+  if res then return EXIT.ok end
+  io.stderr:write(("resilua call: %s: %s\n"):format(err.outcome, err.message or ""))
+  return EXIT[err.outcome] or EXIT.failed
+end
+
+function M.run(args)
+  local script = args[2]
+  if script == "--help" or script == "-h" then io.stdout:write(RUN_USAGE) return EXIT.ok end
+  if not script then return fail("run", "missing SCRIPT.lua (see resilua run --help)") end
+  local chunk, err = loadfile(script, "t")
+  if not chunk then return fail("run", err) end
+  local script_args = { [0] = script }
+  for i = 3, #args do script_args[#script_args + 1] = args[i] end
+  _G.arg = script_args
+  local resilua = require "resilua"
+  local results = table.pack(core.pcall(0, chunk, table.unpack(script_args)))
+  if not results[1] then
+    io.stderr:write("resilua run: ", tostring(results[2]), "\n")
+    return EXIT.script_error
+  end
+  local ok, errs = resilua.wait()
+  if not ok then
+    io.stderr:write(("resilua run: %d go'd function(s) raised an error\n"):format(#errs))
+    return EXIT.script_error
+  end
+  return math.tointeger(results[2]) or EXIT.ok
+end
+
+--- Runs a policy's self-tests: each { attempt = {...}, expect = {...} }.
+local function self_test(p)
+  local tests = p.table.tests
+  if not tests then return 0 end
+  for i, t in ipairs(tests) do
+    local label = ("test %d%s"):format(i, t.name and (" (" .. t.name .. ")") or "")
+    if type(t.attempt) ~= "table" or type(t.expect) ~= "table" then
+      return nil, label .. ": expected { attempt = {...}, expect = {...} }"
+    end
+    local ok, d = pcall(core.decide, p.core, t.attempt)
+    if not ok then return nil, label .. ": " .. tostring(d) end
+    for k, want in pairs(t.expect) do
+      local got = d[k]
+      if k == "delay_ms" and type(want) == "table" then
+        if not (got >= want[1] and got <= want[2]) then
+          return nil, ("%s: delay_ms %.1f not in [%s, %s]"):format(label, got, want[1], want[2])
+        end
+      elseif got ~= want then
+        return nil, ("%s: %s = %s, expected %s"):format(label, k, tostring(got), tostring(want))
+      end
+    end
+  end
+  return #tests
+end
+
+function M.check(args)
+  local opts, pos = parse(args, 2, { ["--policy-path"] = "list", ["--help"] = "flag" },
+                          { ["-h"] = "--help" })
+  if not opts then return fail("check", pos) end
+  if opts["--help"] then io.stdout:write(CHECK_USAGE) return EXIT.ok end
+  if #pos == 0 then return fail("check", "no policy given (see resilua check --help)") end
+  local policy = require "resilua.policy"
+  local path = policy.path(opts["--policy-path"])
+  local all_ok = true
+  for _, name in ipairs(pos) do
+    local p, err = policy.load(name, path)
+    local n
+    if p then n, err = self_test(p) end
+    if p and n then
+      print(("ok    %s  %s  version %s, %d self-test%s passed"):format(
+        p.name, p.path, p.version, n, n == 1 and "" or "s"))
+    else
+      all_ok = false
+      print(("FAIL  %s  %s"):format(name, (tostring(err):gsub("\n.*", ""))))
+    end
+  end
+  return all_ok and EXIT.ok or EXIT.usage
+end
+
+function M.serve(args)
+  local rest = {}
+  for i = 2, #args do rest[#rest + 1] = args[i] end
+  return require("resilua.serve").main(rest)
+end
+
+function M.main(args)
+  local cmd = args[1]
+  if cmd == nil or cmd == "-h" or cmd == "--help" or cmd == "help" then
+    io.stdout:write(USAGE)
+    return cmd == nil and EXIT.usage or EXIT.ok
+  end
+  if cmd == "--version" or cmd == "version" then
+    print("resilua " .. core.version)
+    return EXIT.ok
+  end
+  local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check })[cmd]
+  if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
+  return handler(args)
+end
+
+return M

@@ -1,0 +1,141 @@
+--- resilua — the Lua API (contract 5).
+--
+--   local resilua = require "resilua"
+--   local client = resilua.client{ policy = "default" }
+--   local res, err = client:call{ method = "POST", url = URL, body = "{}" }
+--   resilua.go(function() ... end); resilua.wait()
+--
+-- Calls run on the core's event loop.  Outside a `go`, a call runs the loop
+-- until it is done; inside one it yields, so thousands run on one thread.
+local core = require "resilua.core"
+local policy = require "resilua.policy"
+
+local M = { version = core.version, policy = policy }
+
+local shared = {}                        -- client name -> core client state
+local gos = setmetatable({}, { __mode = "k" }) -- coroutines started by go
+local live = 0                           -- go'd functions not yet ended
+local failed = {}                        -- their errors, for wait()
+
+local function resume(co, ...)
+  local ok, err = coroutine.resume(co, ...)
+  if not ok then
+    local msg = debug.traceback(co, err)
+    failed[#failed + 1] = msg
+    io.stderr:write("resilua: error in a go'd function: ", msg, "\n")
+  end
+  if coroutine.status(co) == "dead" then
+    gos[co] = nil
+    live = live - 1
+  end
+end
+
+local function in_go()
+  local co, main = coroutine.running()
+  return not main and gos[co] and co or nil
+end
+
+local Client = {}
+Client.__index = Client
+
+--- A client: a policy (by name or file) and the breakers and budget that
+-- every client with the same `name` shares.
+-- opts: policy (a name, a FILE.lua or a policy loaded with
+-- resilua.policy.load; default "default"), policy_path (list of folders),
+-- name (default: the policy's name).
+function M.client(opts)
+  opts = opts or {}
+  if type(opts) ~= "table" then error("resilua.client: expected a table of options", 2) end
+  local p, err = opts.policy, nil
+  if type(p) ~= "table" then
+    p, err = policy.load(p or "default", opts.policy_path and policy.path(opts.policy_path))
+    if not p then error("resilua.client: " .. err, 2) end
+  end
+  local name = opts.name or p.name
+  shared[name] = shared[name] or core.client(name)
+  return setmetatable({ name = name, policy = p, state = shared[name] }, Client)
+end
+
+local function split(r)
+  if r.outcome == "ok" then
+    return { status = r.status, headers = r.headers, body = r.body, attempts = r.attempts,
+             elapsed_ms = r.elapsed_ms, call_id = r.call_id }
+  end
+  return nil, r
+end
+
+--- Makes one call under the client's policy.
+-- req: { method, url, headers = {Name = value} or {"Name: value"}, body }.
+-- Returns res or nil, err (err.outcome, err.status, err.error, err.message...).
+function Client:call(req)
+  if type(req) ~= "table" then error("call: expected a request table", 2) end
+  if type(req.url) ~= "string" then error("call: request.url must be a string", 2) end
+  local co = in_go()
+  if co then
+    local ok, err = pcall(core.call, self.state, self.policy.core, req, function(r) resume(co, r) end)
+    if not ok then error("call: " .. err, 2) end
+    return split(coroutine.yield())
+  end
+  local result
+  local ok, err = pcall(core.call, self.state, self.policy.core, req, function(r) result = r end)
+  if not ok then error("call: " .. err, 2) end
+  while not result do core.step() end
+  return split(result)
+end
+
+--- Breaker state for a URL under this client's policy: state, failures.
+function Client:breaker(url) return self.state:breaker(self.policy.core, url) end
+
+--- Retry budget: tokens left, max_tokens (nil without a budget).
+function Client:budget() return self.state:budget(self.policy.core) end
+
+--- Runs f(...) concurrently on the loop.
+function M.go(f, ...)
+  if type(f) ~= "function" then error("go: expected a function", 2) end
+  local co = coroutine.create(f)
+  gos[co] = true
+  live = live + 1
+  resume(co, ...)
+  return co
+end
+
+--- Runs the loop until every go'd function ended.  Returns true, or false
+-- and the list of their errors.
+function M.wait()
+  while live > 0 do
+    if core.step() == 0 and live > 0 then
+      error(("wait: %d go'd function(s) wait for something that is not on the loop"):format(live), 2)
+    end
+  end
+  if #failed > 0 then
+    local errs = failed
+    failed = {}
+    return false, errs
+  end
+  return true
+end
+
+--- Inside a go: yields for `seconds`.  Outside: runs the loop that long.
+function M.sleep(seconds)
+  if type(seconds) ~= "number" or seconds < 0 then error("sleep: expected seconds >= 0", 2) end
+  local co = in_go()
+  if co then
+    core.timer(seconds, function() resume(co) end)
+    coroutine.yield()
+    return
+  end
+  local deadline = core.now_ms() + seconds * 1000
+  while true do
+    local left = deadline - core.now_ms()
+    if left <= 0 then break end
+    core.step(left / 1000)
+  end
+end
+
+--- Where events go: a file (appended), "-" for stderr, false for nowhere.
+function M.log(target) return core.log(target) end
+
+--- Seeds the jitter PRNG: the same seed, the same delays.
+function M.seed(n) core.seed(n) end
+
+return M

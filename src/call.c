@@ -1,0 +1,536 @@
+/*
+ * call — the call state machine.  See call.h.
+ *
+ * One call: the first attempt starts on the next loop step (so the caller's
+ * callback never runs inside rsl_call_start); each attempt asks the breaker,
+ * goes out through the transport with timeout = min(per-try, time left),
+ * and its response feeds the breaker, the budget and then the policy.  The
+ * core enforces what no policy may break: attempts, the deadline, the
+ * Retry-After cap, the budget and the breaker.
+ */
+#include "call.h"
+
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/random.h>
+
+struct rsl_call {
+  rsl_call_env *env;
+  rsl_client *client;
+  rsl_policy *policy;
+  const rsl_policy_conf *conf; /* the policy's, for brevity */
+  rsl_call_done cb;
+  void *ud;
+  rsl_call *prev, *next;
+
+  /* the request, owned */
+  char *method, *url;
+  char **headers;
+  size_t header_count;
+  char *body;
+  size_t body_len;
+  char idempotency_key[37]; /* empty when none is sent */
+
+  rsl_breaker *breaker; /* NULL without one; owned by the client */
+  int probe;            /* the attempt in flight is a half-open probe */
+  rsl_attempt *attempt; /* in flight, or NULL */
+  rsl_timer timer;      /* the wait before the next attempt */
+  uint64_t started_ns;
+  double prev_delay_ms;
+  rsl_call_result result;
+};
+
+static const char *const OUTCOME_NAMES[] = {
+    "ok", "failed", "gave_up", "deadline", "budget", "breaker_open",
+    "policy_error"};
+
+const char *rsl_outcome_name(rsl_outcome o) { return OUTCOME_NAMES[o]; }
+
+/* --- client ------------------------------------------------------------- */
+
+rsl_client *rsl_client_new(const char *name) {
+  rsl_client *c = calloc(1, sizeof *c);
+  if (!c || !(c->name = strdup(name))) {
+    free(c);
+    return NULL;
+  }
+  c->refs = 1;
+  return c;
+}
+
+void rsl_client_unref(rsl_client *c) {
+  if (!c || --c->refs > 0) return;
+  rsl_breakers_free(&c->breakers);
+  free(c->name);
+  free(c);
+}
+
+/* The breaker key of url: "scheme://host:port" by default. */
+static int breaker_key(rsl_breaker_key kind, const char *url, char *out,
+                       size_t size) {
+  if (kind == RSL_BREAKER_KEY_GLOBAL) {
+    snprintf(out, size, "*");
+    return 0;
+  }
+  CURLU *u = curl_url();
+  char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
+  int rc = -1;
+  if (!u || curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK) goto out;
+  if (curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+      curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+      curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
+      curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK)
+    goto out;
+  int n = kind == RSL_BREAKER_KEY_URL
+              ? snprintf(out, size, "%s://%s:%s%s", scheme, host, port, path)
+              : snprintf(out, size, "%s://%s:%s", scheme, host, port);
+  rc = n > 0 && (size_t)n < size ? 0 : -1;
+out:
+  curl_free(scheme);
+  curl_free(host);
+  curl_free(port);
+  curl_free(path);
+  curl_url_cleanup(u);
+  return rc;
+}
+
+rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
+                                const char *url) {
+  char key[1024];
+  if (!conf->breaker_enabled ||
+      breaker_key(conf->breaker_key, url, key, sizeof key) < 0)
+    return NULL;
+  return rsl_breakers_get(&c->breakers, key, &conf->breaker);
+}
+
+rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
+  if (!conf->budget_enabled) return NULL;
+  if (!c->has_budget) {
+    rsl_budget_init(&c->budget, conf->budget_max_tokens,
+                    conf->budget_token_ratio);
+    c->has_budget = 1;
+  }
+  return &c->budget;
+}
+
+/* --- helpers ------------------------------------------------------------- */
+
+static double elapsed_ms(const rsl_call *call) {
+  return (double)(rsl_now_ns() - call->started_ns) / 1e6;
+}
+
+static void random_hex(char *out, size_t bytes) {
+  static const char HEX[] = "0123456789abcdef";
+  unsigned char raw[16];
+  if (getrandom(raw, bytes, 0) != (ssize_t)bytes) {
+    /* never fails for 16 bytes once the pool is ready; stay unique anyway */
+    static rsl_prng fallback;
+    static int ready;
+    if (!ready) rsl_prng_seed_random(&fallback), ready = 1;
+    for (size_t i = 0; i < bytes; i++) raw[i] = (unsigned char)rsl_prng_next(&fallback);
+  }
+  for (size_t i = 0; i < bytes; i++) {
+    out[2 * i] = HEX[raw[i] >> 4];
+    out[2 * i + 1] = HEX[raw[i] & 15];
+  }
+  out[2 * bytes] = '\0';
+}
+
+/* A random (version 4) UUID. */
+static void uuid4(char out[37]) {
+  char hex[33];
+  random_hex(hex, 16);
+  hex[12] = '4';
+  hex[16] = "89ab"[hex[16] % 4];
+  snprintf(out, 37, "%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12,
+           hex + 16, hex + 20);
+}
+
+static int has_header(const rsl_call_request *req, const char *name) {
+  size_t n = strlen(name);
+  for (size_t i = 0; i < req->header_count; i++)
+    if (strncasecmp(req->headers[i], name, n) == 0 && req->headers[i][n] == ':')
+      return 1;
+  return 0;
+}
+
+static int wants_idempotency_key(const rsl_policy_conf *c,
+                                 const rsl_call_request *req) {
+  if (!c->idempotency_header || has_header(req, c->idempotency_header))
+    return 0;
+  for (size_t i = 0; i < c->idempotency_method_count; i++)
+    if (strcmp(c->idempotency_methods[i], req->method) == 0) return 1;
+  return 0;
+}
+
+static int is_success(long status) { return status >= 200 && status < 400; }
+
+/* What the breaker and the budget count as a failure: the dependency did
+ * not answer, answered 5xx, or pushed back with 429.  Other 4xx are the
+ * caller's fault and say nothing about the dependency's health. */
+static int is_dependency_failure(const rsl_response *res) {
+  return res->status == 0 || res->status >= 500 || res->status == 429;
+}
+
+/* --- lifecycle ----------------------------------------------------------- */
+
+static void call_free(rsl_call *call) {
+  rsl_call_env *env = call->env;
+  if (call->prev) call->prev->next = call->next;
+  else env->calls = call->next;
+  if (call->next) call->next->prev = call->prev;
+  rsl_timer_stop(env->loop, &call->timer);
+  if (call->attempt) {
+    rsl_transport_cancel(env->transport, call->attempt);
+    if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
+  }
+  for (size_t i = 0; i < call->header_count; i++) free(call->headers[i]);
+  free(call->headers);
+  free(call->method);
+  free(call->url);
+  free(call->body);
+  rsl_response_free(&call->result.last);
+  rsl_policy_unref(call->policy);
+  rsl_client_unref(call->client);
+  free(call);
+}
+
+void rsl_call_cancel_all(rsl_call_env *env) {
+  while (env->calls) call_free(env->calls);
+}
+
+static void log_breaker_change(rsl_call *call, rsl_breaker_change ch) {
+  if (ch.from == ch.to) return;
+  rsl_event e;
+  rsl_event_begin(&e, "breaker");
+  rsl_event_str(&e, "key", call->breaker->key);
+  rsl_event_str(&e, "from", rsl_breaker_state_name(ch.from));
+  rsl_event_str(&e, "to", rsl_breaker_state_name(ch.to));
+  rsl_event_str(&e, "client", call->client->name);
+  rsl_event_emit(&e, call->env->log);
+}
+
+static void finish(rsl_call *call, rsl_outcome outcome) {
+  rsl_call_result *r = &call->result;
+  r->outcome = outcome;
+  r->elapsed_ms = elapsed_ms(call);
+  rsl_event e;
+  rsl_event_begin(&e, "call");
+  rsl_event_str(&e, "call_id", r->call_id);
+  rsl_event_str(&e, "outcome", rsl_outcome_name(outcome));
+  rsl_event_int(&e, "attempts", r->attempts);
+  rsl_event_num(&e, "elapsed_ms", r->elapsed_ms);
+  if (r->last.status) rsl_event_int(&e, "status", r->last.status);
+  else rsl_event_null(&e, "status");
+  rsl_event_emit(&e, call->env->log);
+
+  rsl_call_result handed = *r;
+  memset(&r->last, 0, sizeof r->last); /* ownership moves to the callback */
+  rsl_call_done cb = call->cb;
+  void *ud = call->ud;
+  call_free(call);
+  cb(ud, &handed);
+}
+
+static void log_attempt(rsl_call *call, const char *decision,
+                        const rsl_decision *d) {
+  const rsl_response *res = &call->result.last;
+  rsl_event e;
+  rsl_event_begin(&e, "attempt");
+  rsl_event_str(&e, "call_id", call->result.call_id);
+  rsl_event_int(&e, "attempt", call->result.attempts);
+  rsl_event_str(&e, "method", call->method);
+  rsl_event_url(&e, "url", call->url);
+  if (res->status) rsl_event_int(&e, "status", res->status);
+  else rsl_event_str(&e, "error", rsl_error_class_name(res->error));
+  rsl_event_num(&e, "latency_ms", res->latency_ms);
+  rsl_event_str(&e, "decision", decision);
+  rsl_event_num(&e, "delay_ms", d ? d->delay_ms : 0);
+  rsl_event_str(&e, "reason", d ? d->reason : "success");
+  if (call->idempotency_key[0])
+    rsl_event_str(&e, "idempotency_key", call->idempotency_key);
+  else rsl_event_null(&e, "idempotency_key");
+  rsl_event_str(&e, "policy", rsl_policy_name(call->policy));
+  rsl_event_str(&e, "policy_version", rsl_policy_version(call->policy));
+  if (call->breaker)
+    rsl_event_str(&e, "breaker", rsl_breaker_state_name(call->breaker->state));
+  else rsl_event_null(&e, "breaker");
+  rsl_event_emit(&e, call->env->log);
+}
+
+/* --- the machine --------------------------------------------------------- */
+
+static void on_attempt_done(void *ud, rsl_response *res);
+
+static void send_attempt(void *ud) {
+  rsl_call *call = ud;
+  const rsl_policy_conf *c = call->conf;
+  double remaining = c->deadline_ms - elapsed_ms(call);
+  if (remaining < 1) {
+    snprintf(call->result.message, sizeof call->result.message,
+             "deadline of %.0f ms reached", c->deadline_ms);
+    finish(call, RSL_OUTCOME_DEADLINE);
+    return;
+  }
+  if (call->breaker) {
+    rsl_breaker_change ch;
+    int admitted = rsl_breaker_admit(call->breaker, rsl_now_ms(), &call->probe,
+                                     &ch);
+    log_breaker_change(call, ch);
+    if (!admitted) {
+      snprintf(call->result.message, sizeof call->result.message,
+               "circuit breaker %s is %s: nothing sent", call->breaker->key,
+               rsl_breaker_state_name(call->breaker->state));
+      finish(call, RSL_OUTCOME_BREAKER_OPEN);
+      return;
+    }
+  }
+  /* Headers: the caller's, then our idempotency key (its slot was
+   * reserved at the end of call->headers). */
+  size_t n = call->header_count;
+  char key_line[512];
+  if (call->idempotency_key[0]) {
+    snprintf(key_line, sizeof key_line, "%s: %s", c->idempotency_header,
+             call->idempotency_key);
+    call->headers[n++] = key_line;
+  }
+  double timeout = remaining < c->per_try_timeout_ms ? remaining
+                                                     : c->per_try_timeout_ms;
+  rsl_request req = {
+      .method = call->method,
+      .url = call->url,
+      .headers = (const char *const *)call->headers,
+      .header_count = n,
+      .body = call->body,
+      .body_len = call->body_len,
+      .timeout_ms = (long)(timeout < 1 ? 1 : timeout),
+      .connect_timeout_ms = (long)c->connect_timeout_ms,
+      .max_response_bytes = c->max_response_bytes,
+  };
+  const char *err = NULL;
+  call->result.attempts++;
+  int rc = rsl_transport_send(call->env->transport, &req, on_attempt_done,
+                              call, &call->attempt, &err);
+  call->headers[call->header_count] = NULL; /* key_line dies here */
+  if (rc < 0) {
+    call->attempt = NULL;
+    if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
+    snprintf(call->result.message, sizeof call->result.message,
+             "cannot send: %s", err);
+    finish(call, RSL_OUTCOME_FAILED);
+  }
+}
+
+/* Applies the core's limits to the policy's decision; returns the outcome
+ * when the call must stop, or -1 to retry. */
+static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
+  const rsl_policy_conf *c = call->conf;
+  const rsl_response *res = &call->result.last;
+  if (!d->retry)
+    return d->exhausted || call->result.attempts >= c->max_attempts
+               ? RSL_OUTCOME_GAVE_UP
+               : RSL_OUTCOME_FAILED;
+  if (call->result.attempts >= c->max_attempts) {
+    snprintf(d->reason, sizeof d->reason, "max_attempts %d reached",
+             c->max_attempts);
+    return RSL_OUTCOME_GAVE_UP;
+  }
+  if (c->retry_after_respect && res->retry_after_ms >= 0) {
+    if (res->retry_after_ms > c->retry_after_max_ms) {
+      snprintf(d->reason, sizeof d->reason,
+               "retry-after %.0f ms over the cap of %.0f ms",
+               res->retry_after_ms, c->retry_after_max_ms);
+      return RSL_OUTCOME_GAVE_UP;
+    }
+    if (res->retry_after_ms > d->delay_ms) {
+      d->delay_ms = res->retry_after_ms;
+      snprintf(d->reason, sizeof d->reason, "retry-after %.0f ms",
+               res->retry_after_ms);
+    }
+  }
+  double remaining = c->deadline_ms - elapsed_ms(call);
+  if (d->delay_ms >= remaining) {
+    snprintf(d->reason, sizeof d->reason,
+             "deadline: waiting %.0f ms would pass the %.0f ms left",
+             d->delay_ms, remaining);
+    return RSL_OUTCOME_DEADLINE;
+  }
+  if (budget && !rsl_budget_allows_retry(budget)) {
+    snprintf(d->reason, sizeof d->reason, "budget %.1f/%.0f tokens",
+             budget->tokens, budget->max_tokens);
+    return RSL_OUTCOME_BUDGET;
+  }
+  return -1;
+}
+
+static void on_attempt_done(void *ud, rsl_response *res) {
+  rsl_call *call = ud;
+  const rsl_policy_conf *c = call->conf;
+  call->attempt = NULL;
+  rsl_response_free(&call->result.last);
+  call->result.last = *res;
+  int failure = is_dependency_failure(res);
+
+  if (call->breaker) {
+    rsl_breaker_change ch;
+    rsl_breaker_record(call->breaker, call->probe, !failure, rsl_now_ms(), &ch);
+    log_breaker_change(call, ch);
+  }
+  rsl_budget *budget = rsl_client_budget(call->client, c);
+  if (budget) rsl_budget_record(budget, !failure);
+
+  if (is_success(res->status)) {
+    log_attempt(call, "ok", NULL);
+    finish(call, RSL_OUTCOME_OK);
+    return;
+  }
+
+  double elapsed = elapsed_ms(call);
+  rsl_attempt_info info = {
+      .attempt = call->result.attempts,
+      .method = call->method,
+      .url = call->url,
+      .res = res,
+      .elapsed_ms = elapsed,
+      .remaining_ms = c->deadline_ms - elapsed,
+      .budget_tokens = budget ? budget->tokens : -1,
+      .breaker = call->breaker ? rsl_breaker_state_name(call->breaker->state)
+                               : NULL,
+      .prev_delay_ms = call->prev_delay_ms,
+      .prng = call->env->prng,
+  };
+  rsl_decision d = {0};
+  char *err = NULL;
+  if (rsl_policy_decide(call->policy, &info, &d, &err) < 0) {
+    snprintf(d.reason, sizeof d.reason, "policy error: %s",
+             err ? err : "out of memory");
+    snprintf(call->result.message, sizeof call->result.message, "%s", d.reason);
+    free(err);
+    log_attempt(call, "stop", &d);
+    finish(call, RSL_OUTCOME_POLICY_ERROR);
+    return;
+  }
+  int outcome = enforce(call, &d, budget);
+  if (outcome >= 0) {
+    d.delay_ms = 0;
+    log_attempt(call, "stop", &d);
+    if (res->status)
+      snprintf(call->result.message, sizeof call->result.message,
+               "HTTP %ld after %d attempt%s: %s", res->status,
+               call->result.attempts, call->result.attempts == 1 ? "" : "s",
+               d.reason);
+    else
+      snprintf(call->result.message, sizeof call->result.message,
+               "%s (%.200s) after %d attempt%s: %s",
+               rsl_error_class_name(res->error), res->message,
+               call->result.attempts, call->result.attempts == 1 ? "" : "s",
+               d.reason);
+    finish(call, (rsl_outcome)outcome);
+    return;
+  }
+  log_attempt(call, "retry", &d);
+  call->prev_delay_ms = d.delay_ms;
+  if (rsl_timer_start(call->env->loop, &call->timer,
+                      (uint64_t)(d.delay_ms * 1e6)) < 0) {
+    snprintf(call->result.message, sizeof call->result.message,
+             "out of memory");
+    finish(call, RSL_OUTCOME_FAILED);
+  }
+}
+
+static int is_token(const char *s) {
+  return *s && strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                         "0123456789!#$%&'*+-.^_`|~") == strlen(s);
+}
+
+static char *copy_or_null(const char *s, size_t n, int *failed) {
+  if (!s) return NULL;
+  char *out = malloc(n + 1);
+  if (!out) {
+    *failed = 1;
+    return NULL;
+  }
+  memcpy(out, s, n);
+  out[n] = '\0';
+  return out;
+}
+
+int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
+                   const rsl_call_request *req, rsl_call_done cb, void *ud,
+                   const char **err) {
+  if (!is_token(req->method) || strlen(req->method) > 32) {
+    *err = "bad method: not an HTTP token";
+    return -1;
+  }
+  CURLU *u = curl_url();
+  char *scheme = NULL;
+  int url_ok = u && curl_url_set(u, CURLUPART_URL, req->url, 0) == CURLUE_OK &&
+               curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+               (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0);
+  curl_free(scheme);
+  curl_url_cleanup(u);
+  if (!url_ok) {
+    *err = "bad URL: expected http://host[:port]/path or https://...";
+    return -1;
+  }
+  for (size_t i = 0; i < req->header_count; i++) {
+    if (strpbrk(req->headers[i], "\r\n") || !strchr(req->headers[i], ':')) {
+      *err = "bad header: expected 'Name: value' on one line";
+      return -1;
+    }
+  }
+
+  rsl_call *call = calloc(1, sizeof *call);
+  if (!call) goto oom;
+  call->env = env;
+  call->client = client;
+  client->refs++;
+  call->policy = policy;
+  rsl_policy_ref(policy);
+  call->conf = rsl_policy_conf_of(policy);
+  call->cb = cb;
+  call->ud = ud;
+  call->next = env->calls;
+  if (call->next) call->next->prev = call;
+  env->calls = call;
+  rsl_timer_init(&call->timer, send_attempt, call);
+
+  int failed = 0;
+  call->method = copy_or_null(req->method, strlen(req->method), &failed);
+  call->url = copy_or_null(req->url, strlen(req->url), &failed);
+  /* Methods that carry a body send an empty one rather than none. */
+  const char *body = req->body;
+  if (!body && (strcmp(req->method, "POST") == 0 ||
+                strcmp(req->method, "PUT") == 0 ||
+                strcmp(req->method, "PATCH") == 0))
+    body = "";
+  call->body = copy_or_null(body, req->body_len, &failed);
+  call->body_len = body ? req->body_len : 0;
+  call->headers = calloc(req->header_count + 1, sizeof *call->headers);
+  if (!call->headers) failed = 1;
+  for (size_t i = 0; !failed && i < req->header_count; i++) {
+    call->headers[i] =
+        copy_or_null(req->headers[i], strlen(req->headers[i]), &failed);
+    call->header_count = i + 1;
+  }
+  if (failed) {
+    call_free(call);
+    goto oom;
+  }
+  random_hex(call->result.call_id, 8);
+  if (wants_idempotency_key(call->conf, req)) uuid4(call->idempotency_key);
+  call->breaker = rsl_client_breaker(client, call->conf, call->url);
+  call->prev_delay_ms = call->conf->base_ms;
+  call->started_ns = rsl_now_ns();
+  if (rsl_timer_start(env->loop, &call->timer, 0) < 0) {
+    call_free(call);
+    goto oom;
+  }
+  return 0;
+oom:
+  *err = "out of memory";
+  return -1;
+}

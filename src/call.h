@@ -1,0 +1,94 @@
+/*
+ * call — the call state machine: attempt → outcome → decision → wait →
+ * next attempt, under a per-try timeout, a whole-call deadline, the
+ * client's breakers and retry budget, and one idempotency key per call.
+ * Uses: loop, transport, breaker, budget, policy, log.  Never includes lua.h.
+ */
+#ifndef RSL_CALL_H
+#define RSL_CALL_H
+
+#include "breaker.h"
+#include "budget.h"
+#include "jitter.h"
+#include "log.h"
+#include "loop.h"
+#include "policy.h"
+#include "transport.h"
+
+typedef enum {
+  RSL_OUTCOME_OK,
+  RSL_OUTCOME_FAILED,
+  RSL_OUTCOME_GAVE_UP,
+  RSL_OUTCOME_DEADLINE,
+  RSL_OUTCOME_BUDGET,
+  RSL_OUTCOME_BREAKER_OPEN,
+  RSL_OUTCOME_POLICY_ERROR,
+} rsl_outcome;
+
+const char *rsl_outcome_name(rsl_outcome o);
+
+typedef struct rsl_call rsl_call;
+
+/* What every call shares: the runtime's pieces (borrowed) and the list of
+ * calls in flight (so they can all be cancelled at shutdown). */
+typedef struct rsl_call_env {
+  rsl_loop *loop;
+  rsl_transport *transport;
+  rsl_log *log;
+  rsl_prng *prng;
+  rsl_call *calls;
+} rsl_call_env;
+
+/* A client's shared state: breakers by key and one retry budget.  Clients
+ * with the same name share one; refcounted (calls in flight hold a ref). */
+typedef struct rsl_client {
+  int refs;
+  char *name;
+  rsl_breakers breakers;
+  int has_budget;
+  rsl_budget budget;
+} rsl_client;
+
+rsl_client *rsl_client_new(const char *name); /* NULL on ENOMEM; refs = 1 */
+void rsl_client_unref(rsl_client *c);
+/* The breaker a call to url would use under conf, or NULL (no breaker,
+ * bad URL or ENOMEM). */
+rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
+                                const char *url);
+/* The budget, created from conf on first use; NULL without one. */
+rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf);
+
+/* Borrowed: the call copies what it keeps. */
+typedef struct rsl_call_request {
+  const char *method;
+  const char *url;
+  const char *const *headers; /* "Name: value" */
+  size_t header_count;
+  const char *body; /* NULL: none */
+  size_t body_len;
+} rsl_call_request;
+
+typedef struct rsl_call_result {
+  rsl_outcome outcome;
+  rsl_response last; /* the last attempt's response (status 0 if none) */
+  char message[512];
+  int attempts;
+  double elapsed_ms;
+  char call_id[17];
+} rsl_call_result;
+
+/* Called once when the call ends (never from inside rsl_call_start); the
+ * result is handed over (free result->last with rsl_response_free). */
+typedef void (*rsl_call_done)(void *ud, rsl_call_result *result);
+
+/* Starts a call.  0, or -1 with *err (static text) on a request that can
+ * never be sent (bad URL, bad method).  The call holds refs on client and
+ * policy until it ends. */
+int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
+                   const rsl_call_request *req, rsl_call_done cb, void *ud,
+                   const char **err);
+
+/* Ends every call in flight without calling back (at shutdown). */
+void rsl_call_cancel_all(rsl_call_env *env);
+
+#endif

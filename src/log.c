@@ -1,0 +1,190 @@
+/*
+ * log — JSON-lines events.  See log.h.
+ */
+#include "log.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+struct rsl_log {
+  int fd;       /* -1 when disabled */
+  int owns_fd;
+};
+
+int rsl_log_open(rsl_log **out, const char *path) {
+  rsl_log *log = calloc(1, sizeof *log);
+  if (!log) return -ENOMEM;
+  log->fd = -1;
+  if (path && strcmp(path, "-") == 0) {
+    log->fd = STDERR_FILENO;
+  } else if (path) {
+    log->fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (log->fd < 0) {
+      int err = -errno;
+      free(log);
+      return err;
+    }
+    log->owns_fd = 1;
+  }
+  *out = log;
+  return 0;
+}
+
+void rsl_log_free(rsl_log *log) {
+  if (!log) return;
+  if (log->owns_fd) close(log->fd);
+  free(log);
+}
+
+int rsl_log_enabled(const rsl_log *log) { return log && log->fd >= 0; }
+
+static void append(rsl_event *e, const char *s, size_t n) {
+  if (e->failed) return;
+  if (e->len + n + 1 > e->cap) {
+    size_t cap = e->cap ? e->cap : 256;
+    while (cap < e->len + n + 1) cap *= 2;
+    char *buf = realloc(e->buf, cap);
+    if (!buf) {
+      e->failed = 1;
+      return;
+    }
+    e->buf = buf;
+    e->cap = cap;
+  }
+  memcpy(e->buf + e->len, s, n);
+  e->len += n;
+}
+
+void rsl_json_quote(rsl_event *e, const char *s, size_t len) {
+  static const char HEX[] = "0123456789abcdef";
+  append(e, "\"", 1);
+  size_t run = 0; /* bytes to copy as they are */
+  for (size_t i = 0; i < len; i++) {
+    unsigned char c = (unsigned char)s[i];
+    if (c >= 0x20 && c != '"' && c != '\\') {
+      run++;
+      continue;
+    }
+    append(e, s + i - run, run);
+    run = 0;
+    char esc[6] = {'\\', 'u', '0', '0', HEX[c >> 4], HEX[c & 15]};
+    if (c == '"' || c == '\\') {
+      esc[1] = (char)c;
+      append(e, esc, 2);
+    } else if (c == '\n') {
+      append(e, "\\n", 2);
+    } else {
+      append(e, esc, 6);
+    }
+  }
+  append(e, s + len - run, run);
+  append(e, "\"", 1);
+}
+
+static void key(rsl_event *e, const char *k) {
+  append(e, ",", 1);
+  rsl_json_quote(e, k, strlen(k));
+  append(e, ":", 1);
+}
+
+void rsl_event_begin(rsl_event *e, const char *name) {
+  memset(e, 0, sizeof *e);
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  struct tm tm;
+  gmtime_r(&ts.tv_sec, &tm);
+  char stamp[48];
+  int n = snprintf(stamp, sizeof stamp,
+                   "{\"ts\":\"%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ\"",
+                   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                   tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+  append(e, stamp, (size_t)n);
+  rsl_event_str(e, "event", name);
+}
+
+void rsl_event_str(rsl_event *e, const char *k, const char *value) {
+  key(e, k);
+  rsl_json_quote(e, value, strlen(value));
+}
+
+void rsl_event_url(rsl_event *e, const char *k, const char *url) {
+  /* Userinfo is masked: http://user:secret@host/x is logged with *** in
+   * place of user:secret. */
+  const char *auth = strstr(url, "://");
+  const char *at = NULL;
+  if (auth) {
+    auth += 3;
+    size_t span = strcspn(auth, "/?#");
+    const char *p = memchr(auth, '@', span);
+    while (p) { /* the last '@' before the path ends the userinfo */
+      at = p;
+      p = memchr(p + 1, '@', span - (size_t)(p + 1 - auth));
+    }
+  }
+  if (!at) {
+    rsl_event_str(e, k, url);
+    return;
+  }
+  size_t head = (size_t)(auth - url), tail = strlen(at);
+  char *masked = malloc(head + 3 + tail + 1);
+  if (!masked) {
+    e->failed = 1;
+    return;
+  }
+  memcpy(masked, url, head);
+  memcpy(masked + head, "***", 3);
+  memcpy(masked + head + 3, at, tail + 1);
+  rsl_event_str(e, k, masked);
+  free(masked);
+}
+
+void rsl_event_num(rsl_event *e, const char *k, double value) {
+  char num[32];
+  key(e, k);
+  if (!isfinite(value)) {
+    append(e, "null", 4);
+    return;
+  }
+  /* Milliseconds are worth three decimals, not seventeen. */
+  int n = value == (double)(long long)value && fabs(value) < 1e15
+              ? snprintf(num, sizeof num, "%lld", (long long)value)
+              : snprintf(num, sizeof num, "%.3f", value);
+  append(e, num, (size_t)n);
+}
+
+void rsl_event_int(rsl_event *e, const char *k, long long value) {
+  char num[24];
+  key(e, k);
+  append(e, num, (size_t)snprintf(num, sizeof num, "%lld", value));
+}
+
+void rsl_event_bool(rsl_event *e, const char *k, int value) {
+  key(e, k);
+  append(e, value ? "true" : "false", value ? 4 : 5);
+}
+
+void rsl_event_null(rsl_event *e, const char *k) {
+  key(e, k);
+  append(e, "null", 4);
+}
+
+void rsl_event_emit(rsl_event *e, rsl_log *log) {
+  append(e, "}\n", 2);
+  if (!e->failed && rsl_log_enabled(log)) {
+    size_t off = 0;
+    while (off < e->len) {
+      ssize_t n = write(log->fd, e->buf + off, e->len - off);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break; /* a log that cannot be written must not stop calls */
+      off += (size_t)n;
+    }
+  }
+  free(e->buf);
+  memset(e, 0, sizeof *e);
+}

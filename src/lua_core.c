@@ -1,0 +1,584 @@
+/*
+ * lua_core — the `resilua.core` module: bindings only.  The Lua face is
+ * lua/resilua/init.lua; the logic lives in loop, transport, call, policy.
+ *
+ * Callbacks into Lua (a call ended, a timer fired) are registry refs held
+ * by a waiter; they run on the main thread through rsl_luacall, never on
+ * the coroutine that registered them.
+ */
+#include "lua_core.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <lauxlib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <limits.h>
+
+#include "luacall.h"
+
+#define RUNTIME_MT "resilua.runtime"
+#define CLIENT_MT "resilua.client"
+#define MAX_REQUEST_HEADERS 256
+
+static char runtime_key; /* registry key: the runtime userdata */
+
+/* A Lua callback to run later; owned by the runtime's list. */
+struct rsl_waiter {
+  rsl_runtime *rt;
+  rsl_waiter *prev, *next;
+  int cb_ref;
+  rsl_timer timer; /* for core.timer */
+};
+
+rsl_runtime *rsl_core_runtime(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &runtime_key);
+  rsl_runtime *rt = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  if (!rt) luaL_error(L, "resilua.core is not loaded in this state");
+  return rt;
+}
+
+static rsl_waiter *waiter_new(lua_State *L, rsl_runtime *rt, int cb_idx) {
+  rsl_waiter *w = calloc(1, sizeof *w);
+  if (!w) luaL_error(L, "out of memory");
+  lua_pushvalue(L, cb_idx);
+  w->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  w->rt = rt;
+  rsl_timer_init(&w->timer, NULL, w);
+  w->next = rt->waiters;
+  if (w->next) w->next->prev = w;
+  rt->waiters = w;
+  return w;
+}
+
+static void waiter_free(rsl_waiter *w) {
+  rsl_runtime *rt = w->rt;
+  if (w->prev) w->prev->next = w->next;
+  else rt->waiters = w->next;
+  if (w->next) w->next->prev = w->prev;
+  rsl_timer_stop(rt->loop, &w->timer);
+  luaL_unref(rt->L, LUA_REGISTRYINDEX, w->cb_ref);
+  free(w);
+}
+
+/* Runs the waiter's callback with whatever `push` puts on the stack (as
+ * its argument), protected, then frees the waiter. */
+typedef void (*push_fn)(lua_State *L, void *arg);
+
+static int run_callback(lua_State *L) {
+  push_fn push = (push_fn)(uintptr_t)lua_touserdata(L, 2);
+  void *arg = lua_touserdata(L, 3);
+  lua_settop(L, 1); /* the callback */
+  push(L, arg);
+  lua_call(L, 1, 0);
+  return 0;
+}
+
+static void fire(rsl_waiter *w, push_fn push, void *arg) {
+  lua_State *L = w->rt->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, run_callback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->cb_ref);
+  lua_pushlightuserdata(L, (void *)(uintptr_t)push);
+  lua_pushlightuserdata(L, arg);
+  waiter_free(w);
+  if (rsl_luacall(L, 3, 0, 0) != LUA_OK)
+    fprintf(stderr, "resilua: error in a callback: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
+/* --- runtime ------------------------------------------------------------- */
+
+static int runtime_gc(lua_State *L) {
+  rsl_runtime *rt = lua_touserdata(L, 1);
+  if (!rt->loop) return 0;
+  rsl_call_cancel_all(&rt->calls);
+  while (rt->waiters) waiter_free(rt->waiters);
+  rsl_transport_free(rt->transport);
+  rsl_log_free(rt->log);
+  rsl_loop_free(rt->loop);
+  rt->loop = NULL;
+  return 0;
+}
+
+static rsl_runtime *runtime_new(lua_State *L) {
+  rsl_runtime *rt = lua_newuserdatauv(L, sizeof *rt, 0);
+  memset(rt, 0, sizeof *rt);
+  luaL_newmetatable(L, RUNTIME_MT);
+  lua_pushcfunction(L, runtime_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  rt->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  int rc = rsl_loop_new(&rt->loop);
+  if (rc < 0) luaL_error(L, "cannot create the event loop: %s", strerror(-rc));
+  if (rsl_transport_new(&rt->transport, rt->loop) < 0 ||
+      rsl_log_open(&rt->log, "-") < 0) {
+    runtime_gc(L);
+    luaL_error(L, "cannot initialise libcurl or the log");
+  }
+  rsl_prng_seed_random(&rt->prng);
+  rt->calls.loop = rt->loop;
+  rt->calls.transport = rt->transport;
+  rt->calls.log = rt->log;
+  rt->calls.prng = &rt->prng;
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &runtime_key);
+  return rt;
+}
+
+/* core.step([max_wait_s]) -> handles still alive.  One loop iteration. */
+static int core_step(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  double wait_s = luaL_optnumber(L, 1, -1);
+  uint64_t wait_ns = wait_s < 0 ? UINT64_MAX : (uint64_t)(wait_s * 1e9);
+  int rc = rsl_loop_step(rt->loop, wait_ns);
+  if (rc == -EDEADLK)
+    return luaL_error(L, "cannot run the loop from inside one of its "
+                         "callbacks (a handler or a call's callback)");
+  if (rc < 0) return luaL_error(L, "event loop: %s", strerror(-rc));
+  lua_pushinteger(L, rc);
+  return 1;
+}
+
+static int core_alive(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)rsl_loop_alive(rsl_core_runtime(L)->loop));
+  return 1;
+}
+
+static int core_now_ms(lua_State *L) {
+  lua_pushnumber(L, rsl_now_ms());
+  return 1;
+}
+
+static int core_seed(lua_State *L) {
+  rsl_prng_seed(&rsl_core_runtime(L)->prng, (uint64_t)luaL_checkinteger(L, 1));
+  return 0;
+}
+
+/* core.log(path | "-" | false): where events go from now on. */
+static int core_log(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  const char *path = lua_toboolean(L, 1) ? luaL_checkstring(L, 1) : NULL;
+  rsl_log *log;
+  int rc = rsl_log_open(&log, path);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(-rc));
+    return 2;
+  }
+  rsl_log_free(rt->log);
+  rt->log = rt->calls.log = log;
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.log_event(name, {key = string|number|boolean, ...}) */
+static int core_log_event(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  const char *name = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  rsl_event e;
+  rsl_event_begin(&e, name);
+  lua_pushnil(L);
+  while (lua_next(L, 2)) {
+    if (lua_type(L, -2) == LUA_TSTRING) {
+      const char *k = lua_tostring(L, -2);
+      switch (lua_type(L, -1)) {
+      case LUA_TNUMBER:
+        if (lua_isinteger(L, -1))
+          rsl_event_int(&e, k, (long long)lua_tointeger(L, -1));
+        else
+          rsl_event_num(&e, k, lua_tonumber(L, -1));
+        break;
+      case LUA_TBOOLEAN:
+        rsl_event_bool(&e, k, lua_toboolean(L, -1));
+        break;
+      case LUA_TSTRING:
+        rsl_event_str(&e, k, lua_tostring(L, -1));
+        break;
+      default:
+        break;
+      }
+    }
+    lua_pop(L, 1);
+  }
+  rsl_event_emit(&e, rt->log);
+  return 0;
+}
+
+/* core.pcall(instruction_limit, f, ...) -> true, ... | false, message */
+static int core_pcall(lua_State *L) {
+  lua_Integer limit = luaL_checkinteger(L, 1);
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  int nargs = lua_gettop(L) - 2;
+  if (rsl_luacall(L, nargs, LUA_MULTRET, (long)limit) != LUA_OK) {
+    lua_pushboolean(L, 0);
+    lua_insert(L, -2);
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  lua_insert(L, 2);
+  return lua_gettop(L) - 1;
+}
+
+/* core.backoff(jitter, base_ms, max_ms, attempt[, prev_ms]) -> ms */
+static int core_backoff(lua_State *L) {
+  rsl_jitter j;
+  const char *name = luaL_checkstring(L, 1);
+  if (rsl_jitter_parse(name, &j) < 0)
+    return luaL_argerror(L, 1, "expected full, equal, decorrelated or none");
+  double base = luaL_checknumber(L, 2), max = luaL_checknumber(L, 3);
+  lua_Integer attempt = luaL_checkinteger(L, 4);
+  double prev = luaL_optnumber(L, 5, base);
+  luaL_argcheck(L, base >= 0 && max >= 0, 2, "must not be negative");
+  luaL_argcheck(L, attempt >= 1 && attempt <= 1000000, 4, "must be >= 1");
+  lua_pushnumber(L, rsl_backoff_ms(&rsl_core_runtime(L)->prng, j, base, max,
+                                   (int)attempt, prev));
+  return 1;
+}
+
+static void push_nothing(lua_State *L, void *arg) {
+  (void)arg;
+  lua_pushnil(L);
+}
+
+static void on_timer(void *ud) { fire(ud, push_nothing, NULL); }
+
+/* core.timer(seconds, callback): calls callback() once, later. */
+static int core_timer(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  double s = luaL_checknumber(L, 1);
+  luaL_argcheck(L, s >= 0 && s < 1e9, 1, "expected seconds >= 0");
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  rsl_waiter *w = waiter_new(L, rt, 2);
+  w->timer.cb = on_timer;
+  if (rsl_timer_start(rt->loop, &w->timer, (uint64_t)(s * 1e9)) < 0) {
+    waiter_free(w);
+    return luaL_error(L, "out of memory");
+  }
+  return 0;
+}
+
+static void on_signal(void *ud, int signo) {
+  ((rsl_runtime *)ud)->stop_signal = signo;
+}
+
+/* core.catch_signals(): SIGINT and SIGTERM set core.stop_signal(). */
+static int core_catch_signals(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  int rc = rsl_loop_signals(rt->loop, &set, on_signal, rt);
+  if (rc < 0) return luaL_error(L, "signals: %s", strerror(-rc));
+  return 0;
+}
+
+static int core_stop_signal(lua_State *L) {
+  lua_pushinteger(L, rsl_core_runtime(L)->stop_signal);
+  return 1;
+}
+
+/* core.self_path() -> the file this code was loaded from: the resilua
+ * executable, or core.so under plain Lua.  Lets the Lua side find the
+ * shipped policies both in the build tree and when installed. */
+static int core_self_path(lua_State *L) {
+  Dl_info info;
+  char path[PATH_MAX];
+  size_t n = 0;
+  if (dladdr((void *)(uintptr_t)core_self_path, &info) && info.dli_fname &&
+      (n = strlen(info.dli_fname)) > 3 &&
+      strcmp(info.dli_fname + n - 3, ".so") == 0) {
+    if (!realpath(info.dli_fname, path)) return 0;
+  } else { /* linked into the executable: dladdr knows only argv[0] */
+    ssize_t len = readlink("/proc/self/exe", path, sizeof path - 1);
+    if (len <= 0) return 0;
+    path[len] = '\0';
+  }
+  lua_pushstring(L, path);
+  return 1;
+}
+
+/* --- policies and clients ------------------------------------------------ */
+
+static int core_policy(lua_State *L) { return rsl_policy_push_new(L, 1); }
+
+typedef struct client_box {
+  rsl_client *c;
+} client_box;
+
+static int client_gc(lua_State *L) {
+  client_box *box = luaL_checkudata(L, 1, CLIENT_MT);
+  rsl_client_unref(box->c);
+  box->c = NULL;
+  return 0;
+}
+
+static rsl_client *check_client(lua_State *L, int idx) {
+  client_box *box = luaL_checkudata(L, idx, CLIENT_MT);
+  if (!box->c) luaL_argerror(L, idx, "client already released");
+  return box->c;
+}
+
+/* core.client(name) -> the shared state of clients called name. */
+static int core_client(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  client_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+  box->c = NULL;
+  luaL_setmetatable(L, CLIENT_MT);
+  if (!(box->c = rsl_client_new(name))) return luaL_error(L, "out of memory");
+  return 1;
+}
+
+/* client:breaker(policy, url) -> state, consecutive failures | nil */
+static int client_breaker(lua_State *L) {
+  rsl_client *c = check_client(L, 1);
+  rsl_policy *p = rsl_policy_check(L, 2);
+  rsl_breaker *b =
+      rsl_client_breaker(c, rsl_policy_conf_of(p), luaL_checkstring(L, 3));
+  if (!b) return 0;
+  lua_pushstring(L, rsl_breaker_state_name(b->state));
+  lua_pushinteger(L, b->consecutive_failures);
+  return 2;
+}
+
+/* client:budget(policy) -> tokens, max_tokens | nil */
+static int client_budget(lua_State *L) {
+  rsl_client *c = check_client(L, 1);
+  rsl_budget *b = rsl_client_budget(c, rsl_policy_conf_of(rsl_policy_check(L, 2)));
+  if (!b) return 0;
+  lua_pushnumber(L, b->tokens);
+  lua_pushnumber(L, b->max_tokens);
+  return 2;
+}
+
+/* core.decide(policy, a) -> { retry, delay_ms, reason, exhausted }: the
+ * policy's decision for an attempt described by a table (fields of
+ * contract 1's `a`), without any network.  For self-tests and test kits. */
+static int core_decide(lua_State *L) {
+  rsl_policy *p = rsl_policy_check(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  rsl_response res = {.retry_after_ms = -1};
+  rsl_header headers[64];
+  rsl_attempt_info a = {.res = &res, .budget_tokens = -1,
+                        .prng = &rsl_core_runtime(L)->prng};
+  lua_getfield(L, 2, "attempt");
+  a.attempt = (int)luaL_optinteger(L, -1, 1);
+  lua_getfield(L, 2, "method");
+  a.method = luaL_optstring(L, -1, "GET");
+  lua_getfield(L, 2, "url");
+  a.url = luaL_optstring(L, -1, "http://127.0.0.1/");
+  lua_getfield(L, 2, "status");
+  res.status = (long)luaL_optinteger(L, -1, 0);
+  luaL_argcheck(L, res.status == 0 || (res.status >= 100 && res.status < 600),
+                2, "status must be in [100, 599]");
+  lua_getfield(L, 2, "error");
+  if (!lua_isnil(L, -1) &&
+      rsl_error_class_parse(luaL_checkstring(L, -1), &res.error) < 0)
+    return luaL_argerror(L, 2, "unknown error class");
+  luaL_argcheck(L, (res.status != 0) != (res.error != RSL_ERR_NONE), 2,
+                "give exactly one of status and error");
+  lua_getfield(L, 2, "retry_after_ms");
+  res.retry_after_ms = luaL_optnumber(L, -1, -1);
+  lua_getfield(L, 2, "latency_ms");
+  res.latency_ms = luaL_optnumber(L, -1, 0);
+  lua_getfield(L, 2, "elapsed_ms");
+  a.elapsed_ms = luaL_optnumber(L, -1, 0);
+  lua_getfield(L, 2, "remaining_ms");
+  a.remaining_ms = luaL_optnumber(L, -1, rsl_policy_conf_of(p)->deadline_ms);
+  lua_getfield(L, 2, "budget");
+  a.budget_tokens = luaL_optnumber(L, -1, -1);
+  lua_getfield(L, 2, "breaker");
+  a.breaker = luaL_optstring(L, -1, NULL);
+  lua_getfield(L, 2, "prev_delay_ms");
+  a.prev_delay_ms = luaL_optnumber(L, -1, rsl_policy_conf_of(p)->base_ms);
+  if (lua_getfield(L, 2, "headers") == LUA_TTABLE) {
+    lua_pushnil(L);
+    while (lua_next(L, -2) && res.header_count < 64) {
+      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING) {
+        headers[res.header_count].name = (char *)lua_tostring(L, -2);
+        headers[res.header_count].value = (char *)lua_tostring(L, -1);
+        res.header_count++;
+      }
+      lua_pop(L, 1);
+    }
+  }
+  res.headers = headers;
+  rsl_decision d = {0};
+  char *err = NULL;
+  if (rsl_policy_decide(p, &a, &d, &err) < 0) {
+    lua_pushstring(L, err ? err : "out of memory");
+    free(err);
+    return lua_error(L);
+  }
+  lua_createtable(L, 0, 4);
+  lua_pushboolean(L, d.retry);
+  lua_setfield(L, -2, "retry");
+  lua_pushnumber(L, d.delay_ms);
+  lua_setfield(L, -2, "delay_ms");
+  lua_pushstring(L, d.reason);
+  lua_setfield(L, -2, "reason");
+  lua_pushboolean(L, d.exhausted);
+  lua_setfield(L, -2, "exhausted");
+  return 1;
+}
+
+/* --- calls --------------------------------------------------------------- */
+
+static void push_result(lua_State *L, void *arg) {
+  rsl_call_result *r = arg;
+  lua_createtable(L, 0, 10);
+  lua_pushstring(L, rsl_outcome_name(r->outcome));
+  lua_setfield(L, -2, "outcome");
+  if (r->last.status) {
+    lua_pushinteger(L, r->last.status);
+    lua_setfield(L, -2, "status");
+  } else if (r->attempts > 0) {
+    lua_pushstring(L, rsl_error_class_name(r->last.error));
+    lua_setfield(L, -2, "error");
+  }
+  lua_createtable(L, 0, (int)r->last.header_count);
+  for (size_t i = 0; i < r->last.header_count; i++) {
+    lua_pushstring(L, r->last.headers[i].value);
+    lua_setfield(L, -2, r->last.headers[i].name);
+  }
+  lua_setfield(L, -2, "headers");
+  if (r->last.status) {
+    lua_pushlstring(L, r->last.body ? r->last.body : "", r->last.body_len);
+    lua_setfield(L, -2, "body");
+  }
+  lua_pushinteger(L, r->attempts);
+  lua_setfield(L, -2, "attempts");
+  lua_pushnumber(L, r->elapsed_ms);
+  lua_setfield(L, -2, "elapsed_ms");
+  lua_pushstring(L, r->call_id);
+  lua_setfield(L, -2, "call_id");
+  if (r->message[0]) {
+    lua_pushstring(L, r->message);
+    lua_setfield(L, -2, "message");
+  }
+}
+
+static void on_call_done(void *ud, rsl_call_result *r) {
+  fire(ud, push_result, r);
+  rsl_response_free(&r->last);
+}
+
+/* Header lines from an array {"Name: value"} or a map {Name = "value"}.
+ * Leaves a table of the lines on the stack: it keeps lines[] alive. */
+static size_t read_headers(lua_State *L, int t, const char **lines) {
+  lua_newtable(L);
+  int out = lua_gettop(L);
+  if (lua_getfield(L, t, "headers") == LUA_TNIL) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  int h = lua_gettop(L);
+  luaL_argcheck(L, lua_istable(L, h), 1, "headers must be a table");
+  lua_Integer n = 0;
+  lua_pushnil(L);
+  while (lua_next(L, h)) {
+    luaL_argcheck(L, n < MAX_REQUEST_HEADERS, 1, "too many headers");
+    luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 1,
+                  "header values must be strings");
+    if (lua_type(L, -2) == LUA_TSTRING)
+      lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
+    else
+      lua_pushvalue(L, -1);
+    lua_rawseti(L, out, ++n);
+    lua_pop(L, 1); /* the value; the key stays for lua_next */
+  }
+  lua_pop(L, 1); /* headers */
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, out, i);
+    lines[i - 1] = lua_tostring(L, -1);
+    lua_pop(L, 1); /* still referenced by `out` */
+  }
+  return (size_t)n;
+}
+
+/* core.call(client, policy, {method, url, headers, body}, callback) */
+static int core_call(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  rsl_client *client = check_client(L, 1);
+  rsl_policy *policy = rsl_policy_check(L, 2);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 4, LUA_TFUNCTION);
+  const char *lines[MAX_REQUEST_HEADERS];
+  rsl_call_request req = {0};
+  lua_getfield(L, 3, "url");
+  req.url = lua_tostring(L, -1);
+  luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 3, "url must be a string");
+  lua_getfield(L, 3, "body");
+  luaL_argcheck(L, lua_isnoneornil(L, -1) || lua_type(L, -1) == LUA_TSTRING, 3,
+                "body must be a string");
+  req.body = lua_tolstring(L, -1, &req.body_len);
+  lua_getfield(L, 3, "method");
+  luaL_argcheck(L, lua_isnoneornil(L, -1) || lua_type(L, -1) == LUA_TSTRING, 3,
+                "method must be a string");
+  req.method = lua_isnil(L, -1) ? (req.body ? "POST" : "GET")
+                                : lua_tostring(L, -1);
+  req.header_count = read_headers(L, 3, lines);
+  req.headers = lines;
+  rsl_waiter *w = waiter_new(L, rt, 4);
+  const char *err = NULL;
+  if (rsl_call_start(&rt->calls, client, policy, &req, on_call_done, w,
+                     &err) < 0) {
+    waiter_free(w);
+    return luaL_error(L, "%s", err);
+  }
+  return 0;
+}
+
+/* --- module -------------------------------------------------------------- */
+
+static const luaL_Reg CORE_FUNCS[] = {
+    {"step", core_step},
+    {"alive", core_alive},
+    {"now_ms", core_now_ms},
+    {"seed", core_seed},
+    {"log", core_log},
+    {"log_event", core_log_event},
+    {"pcall", core_pcall},
+    {"backoff", core_backoff},
+    {"timer", core_timer},
+    {"catch_signals", core_catch_signals},
+    {"stop_signal", core_stop_signal},
+    {"self_path", core_self_path},
+    {"policy", core_policy},
+    {"client", core_client},
+    {"call", core_call},
+    {"decide", core_decide},
+    {NULL, NULL},
+};
+
+static const luaL_Reg CLIENT_METHODS[] = {
+    {"breaker", client_breaker},
+    {"budget", client_budget},
+    {NULL, NULL},
+};
+
+int luaopen_resilua_core(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &runtime_key);
+  int loaded = !lua_isnil(L, -1);
+  lua_pop(L, 1);
+  if (!loaded) runtime_new(L);
+  if (luaL_newmetatable(L, CLIENT_MT)) {
+    luaL_newlib(L, CLIENT_METHODS);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, client_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  luaL_newlib(L, CORE_FUNCS);
+  lua_pushstring(L, RSL_VERSION);
+  lua_setfield(L, -2, "version");
+  rsl_lua_server_open(L);
+  return 1;
+}

@@ -1,0 +1,423 @@
+/*
+ * policy — policy versions and decisions.  See policy.h.
+ *
+ * Loading, sandboxing and validating a policy file with friendly messages
+ * happens in lua/resilua/policy.lua; this file turns the normalized table
+ * into C settings (checking every field again: it is untrusted input) and
+ * runs `decide` through rsl_luacall with the policy instruction limit.
+ */
+#include "policy.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "luacall.h"
+
+#define POLICY_MT "resilua.policy"
+
+struct rsl_policy {
+  int refs;
+  rsl_policy_conf conf;
+  char *name, *version;
+  lua_State *L;   /* main thread */
+  int table_ref;  /* the normalized table, given to decide as a.policy */
+  int decide_ref; /* LUA_NOREF without decide */
+  char decide_where[128]; /* "file:line" of decide, for error messages */
+};
+
+typedef struct policy_box {
+  rsl_policy *p;
+} policy_box;
+
+void rsl_policy_ref(rsl_policy *p) { p->refs++; }
+
+static void conf_free(rsl_policy_conf *c) {
+  free(c->idempotency_header);
+  for (size_t i = 0; i < c->idempotency_method_count; i++)
+    free(c->idempotency_methods[i]);
+  free(c->idempotency_methods);
+}
+
+void rsl_policy_unref(rsl_policy *p) {
+  if (!p || --p->refs > 0) return;
+  luaL_unref(p->L, LUA_REGISTRYINDEX, p->table_ref);
+  luaL_unref(p->L, LUA_REGISTRYINDEX, p->decide_ref);
+  conf_free(&p->conf);
+  free(p->name);
+  free(p->version);
+  free(p);
+}
+
+const rsl_policy_conf *rsl_policy_conf_of(const rsl_policy *p) {
+  return &p->conf;
+}
+const char *rsl_policy_name(const rsl_policy *p) { return p->name; }
+const char *rsl_policy_version(const rsl_policy *p) { return p->version; }
+
+/* --- building from the normalized table ---------------------------------- */
+
+/* Pushes t[key] where t is at idx; raises unless its type is `type` (or
+ * nil when optional). */
+static int field(lua_State *L, int idx, const char *key, int type,
+                 int optional) {
+  int got = lua_getfield(L, idx, key);
+  if (got == type || (optional && got == LUA_TNIL)) return got;
+  return luaL_error(L, "policy field '%s': expected %s, got %s", key,
+                    lua_typename(L, type), luaL_typename(L, -1));
+}
+
+static double num_field(lua_State *L, int idx, const char *key, double lo,
+                        double hi) {
+  field(L, idx, key, LUA_TNUMBER, 0);
+  double v = lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  if (!(v >= lo && v <= hi))
+    luaL_error(L, "policy field '%s': %f is out of range [%f, %f]", key, v, lo,
+               hi);
+  return v;
+}
+
+static char *str_field(lua_State *L, int idx, const char *key) {
+  field(L, idx, key, LUA_TSTRING, 0);
+  char *s = strdup(lua_tostring(L, -1));
+  lua_pop(L, 1);
+  if (!s) luaL_error(L, "out of memory");
+  return s;
+}
+
+/* Sub-table t[key] pushed, or 0 (nothing pushed) when it is false. */
+static int section(lua_State *L, int idx, const char *key) {
+  int got = lua_getfield(L, idx, key);
+  if (got == LUA_TTABLE) return 1;
+  if (got == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return luaL_error(L, "policy field '%s': expected a table or false", key);
+}
+
+#define MAX_MS 86400000.0 /* a day: anything longer is a typo */
+
+static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
+  c->max_attempts = (int)num_field(L, t, "max_attempts", 1, 100);
+  c->per_try_timeout_ms = num_field(L, t, "per_try_timeout_ms", 1, MAX_MS);
+  c->connect_timeout_ms = num_field(L, t, "connect_timeout_ms", 1, MAX_MS);
+  c->deadline_ms = num_field(L, t, "deadline_ms", 1, MAX_MS);
+  c->max_response_bytes =
+      (size_t)num_field(L, t, "max_response_bytes", 1, 1 << 30);
+
+  field(L, t, "backoff", LUA_TTABLE, 0);
+  int b = lua_gettop(L);
+  c->base_ms = num_field(L, b, "base_ms", 0, MAX_MS);
+  c->max_ms = num_field(L, b, "max_ms", 0, MAX_MS);
+  field(L, b, "jitter", LUA_TSTRING, 0);
+  if (rsl_jitter_parse(lua_tostring(L, -1), &c->jitter) < 0)
+    luaL_error(L, "policy field 'backoff.jitter': unknown '%s'",
+               lua_tostring(L, -1));
+  lua_pop(L, 2);
+
+  field(L, t, "retry_on", LUA_TTABLE, 0);
+  int r = lua_gettop(L);
+  field(L, r, "status", LUA_TTABLE, 0);
+  for (lua_Integer i = 1; lua_rawgeti(L, -1, i) != LUA_TNIL; i++) {
+    lua_Integer s = lua_tointeger(L, -1);
+    if (s < 100 || s > 599) luaL_error(L, "retry_on.status: bad status");
+    c->retry_status[s] = 1;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 2);
+  field(L, r, "errors", LUA_TTABLE, 0);
+  for (lua_Integer i = 1; lua_rawgeti(L, -1, i) != LUA_TNIL; i++) {
+    rsl_error_class e;
+    const char *name = lua_tostring(L, -1);
+    if (!name || rsl_error_class_parse(name, &e) < 0)
+      luaL_error(L, "retry_on.errors: unknown error class");
+    c->retry_errors |= 1u << e;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 3);
+
+  if (section(L, t, "retry_after")) {
+    field(L, -1, "respect", LUA_TBOOLEAN, 0);
+    c->retry_after_respect = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    c->retry_after_max_ms = num_field(L, lua_gettop(L), "max_ms", 0, MAX_MS);
+    lua_pop(L, 1);
+  }
+
+  if (section(L, t, "idempotency")) {
+    int s = lua_gettop(L);
+    c->idempotency_header = str_field(L, s, "header");
+    field(L, s, "methods", LUA_TTABLE, 0);
+    size_t n = lua_rawlen(L, -1);
+    c->idempotency_methods = calloc(n + 1, sizeof *c->idempotency_methods);
+    if (!c->idempotency_methods) luaL_error(L, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+      lua_rawgeti(L, -1, (lua_Integer)i + 1);
+      const char *m = lua_tostring(L, -1);
+      if (!m || !(c->idempotency_methods[i] = strdup(m)))
+        luaL_error(L, "idempotency.methods: expected strings");
+      c->idempotency_method_count = i + 1;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+  }
+
+  if (section(L, t, "breaker")) {
+    int s = lua_gettop(L);
+    c->breaker_enabled = 1;
+    c->breaker.failures = (int)num_field(L, s, "failures", 1, 1e6);
+    c->breaker.open_ms = num_field(L, s, "open_ms", 0, MAX_MS);
+    c->breaker.half_open = (int)num_field(L, s, "half_open", 1, 1e6);
+    field(L, s, "key", LUA_TSTRING, 0);
+    const char *key = lua_tostring(L, -1);
+    c->breaker_key = strcmp(key, "url") == 0      ? RSL_BREAKER_KEY_URL
+                     : strcmp(key, "global") == 0 ? RSL_BREAKER_KEY_GLOBAL
+                                                  : RSL_BREAKER_KEY_HOST;
+    lua_pop(L, 2);
+  }
+
+  if (section(L, t, "budget")) {
+    int s = lua_gettop(L);
+    c->budget_enabled = 1;
+    c->budget_max_tokens = num_field(L, s, "max_tokens", 1, 1e9);
+    c->budget_token_ratio = num_field(L, s, "token_ratio", 0, 1e9);
+    lua_pop(L, 1);
+  }
+}
+
+static int policy_gc(lua_State *L) {
+  policy_box *box = luaL_checkudata(L, 1, POLICY_MT);
+  rsl_policy_unref(box->p);
+  box->p = NULL;
+  return 0;
+}
+
+rsl_policy *rsl_policy_check(lua_State *L, int idx) {
+  policy_box *box = luaL_checkudata(L, idx, POLICY_MT);
+  if (!box->p) luaL_argerror(L, idx, "policy already released");
+  return box->p;
+}
+
+int rsl_policy_push_new(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  /* The box exists before the policy, so a raise below frees through
+   * __gc: the box owns the policy from its birth. */
+  policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+  box->p = NULL;
+  if (luaL_newmetatable(L, POLICY_MT)) {
+    lua_pushcfunction(L, policy_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  rsl_policy *p = calloc(1, sizeof *p);
+  if (!p) return luaL_error(L, "out of memory");
+  p->refs = 1;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  p->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  p->table_ref = p->decide_ref = LUA_NOREF;
+  box->p = p;
+
+  p->name = str_field(L, idx, "name");
+  p->version = str_field(L, idx, "version");
+  read_conf(L, idx, &p->conf);
+  if (field(L, idx, "decide", LUA_TFUNCTION, 1) == LUA_TFUNCTION) {
+    lua_Debug ar;
+    lua_pushvalue(L, -1);
+    lua_getinfo(L, ">S", &ar);
+    snprintf(p->decide_where, sizeof p->decide_where, "%s:%d", ar.short_src,
+             ar.linedefined);
+    p->decide_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  } else {
+    lua_pop(L, 1);
+  }
+  lua_pushvalue(L, idx);
+  p->table_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+/* --- decisions ----------------------------------------------------------- */
+
+void rsl_policy_decide_builtin(const rsl_policy_conf *c,
+                               const rsl_attempt_info *a, rsl_decision *d) {
+  const rsl_response *res = a->res;
+  int retriable;
+  if (res->status) {
+    retriable = res->status < 600 && c->retry_status[res->status];
+    snprintf(d->reason, sizeof d->reason, "status %ld %s retry_on",
+             res->status, retriable ? "in" : "not in");
+  } else {
+    retriable = (c->retry_errors >> res->error) & 1u;
+    snprintf(d->reason, sizeof d->reason, "error %s %s retry_on",
+             rsl_error_class_name(res->error), retriable ? "in" : "not in");
+  }
+  d->retry = retriable;
+  d->exhausted = 0;
+  d->delay_ms = retriable ? rsl_backoff_ms(a->prng, c->jitter, c->base_ms,
+                                           c->max_ms, a->attempt,
+                                           a->prev_delay_ms)
+                          : 0;
+}
+
+static void push_attempt(lua_State *L, const rsl_policy *p,
+                         const rsl_attempt_info *a) {
+  const rsl_response *res = a->res;
+  lua_createtable(L, 0, 16);
+  lua_pushinteger(L, a->attempt);
+  lua_setfield(L, -2, "attempt");
+  lua_pushstring(L, a->method);
+  lua_setfield(L, -2, "method");
+  lua_pushstring(L, a->url);
+  lua_setfield(L, -2, "url");
+  if (res->status) {
+    lua_pushinteger(L, res->status);
+    lua_setfield(L, -2, "status");
+  } else {
+    lua_pushstring(L, rsl_error_class_name(res->error));
+    lua_setfield(L, -2, "error");
+  }
+  if (res->retry_after_ms >= 0) {
+    lua_pushnumber(L, res->retry_after_ms);
+    lua_setfield(L, -2, "retry_after_ms");
+  }
+  lua_createtable(L, 0, (int)res->header_count);
+  for (size_t i = 0; i < res->header_count; i++) {
+    lua_pushstring(L, res->headers[i].value);
+    lua_setfield(L, -2, res->headers[i].name);
+  }
+  lua_setfield(L, -2, "headers");
+  lua_pushnumber(L, res->latency_ms);
+  lua_setfield(L, -2, "latency_ms");
+  lua_pushnumber(L, a->elapsed_ms);
+  lua_setfield(L, -2, "elapsed_ms");
+  lua_pushnumber(L, a->remaining_ms);
+  lua_setfield(L, -2, "remaining_ms");
+  lua_pushnumber(L, a->prev_delay_ms);
+  lua_setfield(L, -2, "prev_delay_ms");
+  lua_pushinteger(L, p->conf.max_attempts);
+  lua_setfield(L, -2, "max_attempts");
+  if (a->budget_tokens >= 0) {
+    lua_pushnumber(L, a->budget_tokens);
+    lua_setfield(L, -2, "budget");
+  }
+  if (a->breaker) {
+    lua_pushstring(L, a->breaker);
+    lua_setfield(L, -2, "breaker");
+  }
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->table_ref);
+  lua_setfield(L, -2, "policy");
+}
+
+static char *dup_printf(const char *fmt, const char *a, const char *b) {
+  size_t n = strlen(fmt) + strlen(a) + strlen(b) + 1;
+  char *s = malloc(n);
+  if (s) snprintf(s, n, fmt, a, b);
+  return s;
+}
+
+/* Reads the decision table on top of the stack; 0, or -1 with *err. */
+static int read_decision(lua_State *L, const rsl_policy *p, rsl_decision *d,
+                         char **err) {
+  int t = lua_gettop(L);
+  if (lua_isnoneornil(L, t) ||
+      (lua_type(L, t) == LUA_TBOOLEAN && !lua_toboolean(L, t))) {
+    d->retry = 0;
+    snprintf(d->reason, sizeof d->reason, "decide: no retry");
+    return 0;
+  }
+  if (!lua_istable(L, t)) {
+    *err = dup_printf("%s: decide returned a %s; expected a table "
+                      "{retry=, delay_ms=, reason=}, false or nil",
+                      p->decide_where, luaL_typename(L, t));
+    return -1;
+  }
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
+    if (strcmp(k, "retry") && strcmp(k, "delay_ms") && strcmp(k, "reason")) {
+      *err = dup_printf("%s: decide returned an unknown field '%s' "
+                        "(expected retry, delay_ms, reason)",
+                        p->decide_where, k);
+      lua_pop(L, 2);
+      return -1;
+    }
+    lua_pop(L, 1);
+  }
+  if (lua_getfield(L, t, "retry") != LUA_TBOOLEAN) {
+    *err = dup_printf("%s: decision.retry must be true or false, got %s",
+                      p->decide_where, luaL_typename(L, -1));
+    return -1;
+  }
+  d->retry = lua_toboolean(L, -1);
+  int type = lua_getfield(L, t, "delay_ms");
+  if (type != LUA_TNIL) {
+    double ms = lua_tonumber(L, -1);
+    if (type != LUA_TNUMBER || !(ms >= 0 && ms <= MAX_MS)) {
+      *err = dup_printf("%s: decision.delay_ms must be a number of ms in "
+                        "[0, 86400000], got %s",
+                        p->decide_where,
+                        type == LUA_TNUMBER ? "an out-of-range number"
+                                            : luaL_typename(L, -1));
+      return -1;
+    }
+    d->delay_ms = ms;
+  }
+  type = lua_getfield(L, t, "reason");
+  if (type == LUA_TSTRING) {
+    snprintf(d->reason, sizeof d->reason, "%s", lua_tostring(L, -1));
+  } else if (type != LUA_TNIL) {
+    *err = dup_printf("%s: decision.reason must be a string, got %s",
+                      p->decide_where, luaL_typename(L, -1));
+    return -1;
+  } else {
+    snprintf(d->reason, sizeof d->reason, "decide");
+  }
+  return 0;
+}
+
+/* Builds `a` and calls decide; runs inside rsl_luacall so that even an
+ * out-of-memory error while building is caught. */
+static int call_decide(lua_State *L) {
+  const rsl_policy *p = lua_touserdata(L, 1);
+  const rsl_attempt_info *a = lua_touserdata(L, 2);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->decide_ref);
+  push_attempt(L, p, a);
+  lua_call(L, 1, 1);
+  return 1;
+}
+
+int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
+                      rsl_decision *d, char **err) {
+  /* The backoff the built-in rules would use is the default delay for a
+   * decide that says retry without saying how long to wait. */
+  rsl_policy_decide_builtin(&p->conf, a, d);
+  if (p->decide_ref == LUA_NOREF) return 0;
+  lua_State *L = p->L;
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 8)) {
+    *err = NULL;
+    return -1;
+  }
+  lua_pushcfunction(L, call_decide);
+  lua_pushlightuserdata(L, p);
+  lua_pushlightuserdata(L, (void *)a);
+  int rc = 0;
+  if (rsl_luacall(L, 2, 1, RSL_POLICY_INSTRUCTION_LIMIT) != LUA_OK) {
+    const char *msg = lua_tostring(L, -1);
+    /* The event log wants the message; the traceback is noise there. */
+    *err = strndup(msg, strcspn(msg, "\n"));
+    rc = -1;
+  } else {
+    d->exhausted = 0;
+    rc = read_decision(L, p, d, err);
+  }
+  lua_settop(L, top);
+  return rc;
+}

@@ -1,0 +1,96 @@
+/*
+ * policy — the host for policy modules, as the call state machine sees it:
+ * a refcounted, immutable version of a policy (its validated settings) and
+ * the decision after a failed attempt, by the module's `decide` when it has
+ * one, else by the built-in rules (retry_on + backoff).
+ * Uses: jitter, transport (types only), Lua (only inside policy.c).
+ *
+ * Ownership: a version is created by the Lua binding (lua_core) and shared
+ * by refcount; every call in flight holds one, so a reload never changes
+ * the rules under a running call.
+ */
+#ifndef RSL_POLICY_H
+#define RSL_POLICY_H
+
+#include <stddef.h>
+
+#include "breaker.h"
+#include "jitter.h"
+#include "transport.h"
+
+#define RSL_REASON_MAX 160
+
+typedef enum {
+  RSL_BREAKER_KEY_HOST, /* scheme://host:port */
+  RSL_BREAKER_KEY_URL,  /* the URL without query or fragment */
+  RSL_BREAKER_KEY_GLOBAL,
+} rsl_breaker_key;
+
+typedef struct rsl_policy_conf {
+  int max_attempts;
+  double per_try_timeout_ms, connect_timeout_ms, deadline_ms;
+  rsl_jitter jitter;
+  double base_ms, max_ms;
+  unsigned char retry_status[600]; /* 1 for each status in retry_on */
+  unsigned retry_errors;           /* bit (1 << rsl_error_class) */
+  int retry_after_respect;
+  double retry_after_max_ms;
+  char *idempotency_header;        /* NULL: no key sent */
+  char **idempotency_methods;      /* upper-case */
+  size_t idempotency_method_count;
+  int breaker_enabled;
+  rsl_breaker_conf breaker;
+  rsl_breaker_key breaker_key;
+  int budget_enabled;
+  double budget_max_tokens, budget_token_ratio;
+  size_t max_response_bytes;
+} rsl_policy_conf;
+
+typedef struct rsl_policy rsl_policy;
+
+/* Everything a decision may look at (contract 1's `a`). */
+typedef struct rsl_attempt_info {
+  int attempt;
+  const char *method, *url;
+  const rsl_response *res; /* status 0 + error when no response */
+  double elapsed_ms, remaining_ms;
+  double budget_tokens; /* -1 without a budget */
+  const char *breaker;  /* state name, or NULL without a breaker */
+  double prev_delay_ms; /* decorrelated jitter's memory */
+  rsl_prng *prng;
+} rsl_attempt_info;
+
+typedef struct rsl_decision {
+  int retry;
+  int exhausted; /* when !retry: a transient failure we stopped retrying */
+  double delay_ms;
+  char reason[RSL_REASON_MAX];
+} rsl_decision;
+
+void rsl_policy_ref(rsl_policy *p);
+void rsl_policy_unref(rsl_policy *p);
+
+const rsl_policy_conf *rsl_policy_conf_of(const rsl_policy *p);
+const char *rsl_policy_name(const rsl_policy *p);
+const char *rsl_policy_version(const rsl_policy *p);
+
+/* Decides after a failed attempt.  0, or -1 when the policy failed (raised,
+ * ran too long, returned a bad value): *err then holds a malloc'd message
+ * naming file:line, owned by the caller. */
+int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
+                      rsl_decision *d, char **err);
+
+/* Builds a version from the normalized policy table at `idx` (as
+ * lua/resilua/policy.lua makes it) and pushes it as a userdata owning one
+ * ref.  Raises a Lua error on a malformed table.  Implemented with the Lua
+ * API; declared here so this header stays free of lua.h. */
+struct lua_State;
+int rsl_policy_push_new(struct lua_State *L, int idx);
+/* The version held by the userdata at idx (raises if it is not one). */
+rsl_policy *rsl_policy_check(struct lua_State *L, int idx);
+
+/* The built-in rules alone (what `decide` overrides). */
+void rsl_policy_decide_builtin(const rsl_policy_conf *c,
+                               const rsl_attempt_info *a, rsl_decision *d);
+
+#endif

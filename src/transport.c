@@ -1,0 +1,409 @@
+/*
+ * transport — libcurl multi_socket on the resilua loop (the pattern of
+ * curl's docs/examples/multi-uv.c).  See transport.h.
+ */
+#include "transport.h"
+
+#include <ctype.h>
+#include <curl/curl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct rsl_transport {
+  rsl_loop *loop;
+  CURLM *multi;
+  rsl_timer timer; /* curl's single timeout */
+  rsl_attempt *attempts; /* running, doubly linked, for free() */
+};
+
+struct rsl_attempt {
+  rsl_transport *t;
+  CURL *easy;
+  struct curl_slist *header_list;
+  rsl_response res;
+  size_t header_bytes, max_body_bytes;
+  int too_large;
+  uint64_t started_ns;
+  rsl_attempt_done cb;
+  void *ud;
+  rsl_attempt *prev, *next;
+  char errbuf[CURL_ERROR_SIZE];
+};
+
+/* Per-socket context, attached with curl_multi_assign. */
+typedef struct socket_ctx {
+  rsl_io io;
+  rsl_transport *t;
+} socket_ctx;
+
+static const char *const ERROR_CLASS_NAMES[RSL_ERR_COUNT] = {
+    "none",  "timeout",  "connect",  "dns",
+    "tls",   "reset",    "protocol", "too_large"};
+
+const char *rsl_error_class_name(rsl_error_class e) {
+  return ERROR_CLASS_NAMES[e];
+}
+
+int rsl_error_class_parse(const char *name, rsl_error_class *out) {
+  for (int i = RSL_ERR_TIMEOUT; i < RSL_ERR_COUNT; i++) {
+    if (strcmp(name, ERROR_CLASS_NAMES[i]) == 0) {
+      *out = (rsl_error_class)i;
+      return 0;
+    }
+  }
+  return -1;
+}
+
+void rsl_response_free(rsl_response *res) {
+  for (size_t i = 0; i < res->header_count; i++) {
+    free(res->headers[i].name);
+    free(res->headers[i].value);
+  }
+  free(res->headers);
+  free(res->body);
+  res->headers = NULL;
+  res->header_count = 0;
+  res->body = NULL;
+  res->body_len = 0;
+}
+
+const char *rsl_response_header(const rsl_response *res, const char *name) {
+  for (size_t i = 0; i < res->header_count; i++)
+    if (strcmp(res->headers[i].name, name) == 0) return res->headers[i].value;
+  return NULL;
+}
+
+/* --- curl → loop --------------------------------------------------------- */
+
+static void drain_done(rsl_transport *t);
+
+static void on_socket_ready(void *ud, int fd, unsigned events) {
+  socket_ctx *ctx = ud;
+  rsl_transport *t = ctx->t; /* ctx may be freed by socket_action */
+  int flags = 0, running;
+  if (events & RSL_IO_READ) flags |= CURL_CSELECT_IN;
+  if (events & RSL_IO_WRITE) flags |= CURL_CSELECT_OUT;
+  if (events & RSL_IO_ERROR) flags |= CURL_CSELECT_ERR;
+  curl_multi_socket_action(t->multi, fd, flags, &running);
+  drain_done(t);
+}
+
+static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
+                     void *socketp) {
+  (void)easy;
+  rsl_transport *t = userp;
+  socket_ctx *ctx = socketp;
+  if (what == CURL_POLL_REMOVE) {
+    if (ctx) {
+      rsl_io_set(t->loop, &ctx->io, 0);
+      free(ctx);
+      curl_multi_assign(t->multi, s, NULL);
+    }
+    return 0;
+  }
+  if (!ctx) {
+    ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return -1;
+    ctx->t = t;
+    rsl_io_init(&ctx->io, s, on_socket_ready, ctx);
+    curl_multi_assign(t->multi, s, ctx);
+  }
+  unsigned events = 0;
+  if (what & CURL_POLL_IN) events |= RSL_IO_READ;
+  if (what & CURL_POLL_OUT) events |= RSL_IO_WRITE;
+  return rsl_io_set(t->loop, &ctx->io, events) < 0 ? -1 : 0;
+}
+
+static void on_timeout(void *ud) {
+  rsl_transport *t = ud;
+  int running;
+  curl_multi_socket_action(t->multi, CURL_SOCKET_TIMEOUT, 0, &running);
+  drain_done(t);
+}
+
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+  (void)multi;
+  rsl_transport *t = userp;
+  if (timeout_ms < 0) {
+    rsl_timer_stop(t->loop, &t->timer);
+    return 0;
+  }
+  /* socket_action must not be called from here: a 0 timeout runs on the
+   * next step instead. */
+  return rsl_timer_start(t->loop, &t->timer, (uint64_t)timeout_ms * 1000000u)
+             < 0 ? -1 : 0;
+}
+
+int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
+  static int curl_ready;
+  if (!curl_ready) {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return -1;
+    curl_ready = 1;
+  }
+  rsl_transport *t = calloc(1, sizeof *t);
+  if (!t) return -1;
+  t->loop = loop;
+  t->multi = curl_multi_init();
+  if (!t->multi) {
+    free(t);
+    return -1;
+  }
+  rsl_timer_init(&t->timer, on_timeout, t);
+  curl_multi_setopt(t->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
+  curl_multi_setopt(t->multi, CURLMOPT_SOCKETDATA, t);
+  curl_multi_setopt(t->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
+  curl_multi_setopt(t->multi, CURLMOPT_TIMERDATA, t);
+  *out = t;
+  return 0;
+}
+
+static void attempt_free(rsl_attempt *a) {
+  rsl_transport *t = a->t;
+  if (a->prev) a->prev->next = a->next;
+  else t->attempts = a->next;
+  if (a->next) a->next->prev = a->prev;
+  curl_multi_remove_handle(t->multi, a->easy);
+  curl_easy_cleanup(a->easy);
+  curl_slist_free_all(a->header_list);
+  rsl_response_free(&a->res);
+  free(a);
+}
+
+void rsl_transport_free(rsl_transport *t) {
+  if (!t) return;
+  while (t->attempts) attempt_free(t->attempts);
+  curl_multi_cleanup(t->multi); /* closes sockets through socket_cb */
+  rsl_timer_stop(t->loop, &t->timer);
+  free(t);
+}
+
+void rsl_transport_cancel(rsl_transport *t, rsl_attempt *a) {
+  (void)t;
+  attempt_free(a);
+}
+
+/* --- one attempt --------------------------------------------------------- */
+
+static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
+  rsl_attempt *a = ud;
+  size_t n = size * nmemb;
+  rsl_response *res = &a->res;
+  if (n > a->max_body_bytes - res->body_len) {
+    a->too_large = 1;
+    return 0; /* curl fails the transfer with CURLE_WRITE_ERROR */
+  }
+  char *body = realloc(res->body, res->body_len + n + 1);
+  if (!body) return 0;
+  memcpy(body + res->body_len, data, n);
+  res->body = body;
+  res->body_len += n;
+  res->body[res->body_len] = '\0';
+  return n;
+}
+
+static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
+  rsl_attempt *a = ud;
+  rsl_response *res = &a->res;
+  size_t n = size * nmemb;
+  a->header_bytes += n;
+  if (a->header_bytes > RSL_MAX_RESPONSE_HEADER_BYTES) {
+    a->too_large = 1;
+    return 0;
+  }
+  if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
+    /* A new status line (after a 1xx): forget the interim headers. */
+    for (size_t i = 0; i < res->header_count; i++) {
+      free(res->headers[i].name);
+      free(res->headers[i].value);
+    }
+    res->header_count = 0;
+    return n;
+  }
+  const char *colon = memchr(data, ':', n);
+  if (!colon) return n; /* the blank line, or a folded continuation */
+  size_t name_len = (size_t)(colon - data);
+  const char *v = colon + 1, *end = data + n;
+  while (v < end && (*v == ' ' || *v == '\t')) v++;
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+    end--;
+  rsl_header *headers =
+      realloc(res->headers, (res->header_count + 1) * sizeof *headers);
+  if (!headers) return 0;
+  res->headers = headers;
+  char *name = strndup(data, name_len), *value = strndup(v, (size_t)(end - v));
+  if (!name || !value) {
+    free(name);
+    free(value);
+    return 0;
+  }
+  for (char *p = name; *p; p++) *p = (char)tolower((unsigned char)*p);
+  headers[res->header_count].name = name;
+  headers[res->header_count].value = value;
+  res->header_count++;
+  return n;
+}
+
+static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
+  curl_off_t connect_us = 0;
+  switch (code) {
+  case CURLE_OK:
+    return RSL_ERR_NONE;
+  case CURLE_OPERATION_TIMEDOUT:
+    curl_easy_getinfo(a->easy, CURLINFO_CONNECT_TIME_T, &connect_us);
+    return connect_us > 0 ? RSL_ERR_TIMEOUT : RSL_ERR_CONNECT;
+  case CURLE_COULDNT_CONNECT:
+  case CURLE_COULDNT_RESOLVE_PROXY:
+    return RSL_ERR_CONNECT;
+  case CURLE_COULDNT_RESOLVE_HOST:
+    return RSL_ERR_DNS;
+  case CURLE_SSL_CONNECT_ERROR:
+  case CURLE_PEER_FAILED_VERIFICATION:
+  case CURLE_SSL_CERTPROBLEM:
+  case CURLE_SSL_CIPHER:
+  case CURLE_SSL_CACERT_BADFILE:
+  case CURLE_SSL_ENGINE_NOTFOUND:
+  case CURLE_SSL_ENGINE_SETFAILED:
+  case CURLE_SSL_ENGINE_INITFAILED:
+  case CURLE_SSL_CRL_BADFILE:
+  case CURLE_SSL_ISSUER_ERROR:
+  case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+  case CURLE_SSL_INVALIDCERTSTATUS:
+  case CURLE_SSL_SHUTDOWN_FAILED:
+  case CURLE_USE_SSL_FAILED:
+  case CURLE_SSL_CLIENTCERT:
+    return RSL_ERR_TLS;
+  case CURLE_SEND_ERROR:
+  case CURLE_RECV_ERROR:
+  case CURLE_GOT_NOTHING:
+  case CURLE_PARTIAL_FILE:
+    return RSL_ERR_RESET;
+  case CURLE_FILESIZE_EXCEEDED:
+    return RSL_ERR_TOO_LARGE;
+  case CURLE_WRITE_ERROR:
+    return a->too_large ? RSL_ERR_TOO_LARGE : RSL_ERR_PROTOCOL;
+  default: /* malformed replies, HTTP/2 framing, encodings, out of memory */
+    return RSL_ERR_PROTOCOL;
+  }
+}
+
+/* The server's Retry-After in ms, or -1 when absent or unusable.  curl
+ * parses both forms (delta-seconds, HTTP-date) but answers 0 both for
+ * "retry now" and for a value it could not parse; the raw header tells. */
+static double retry_after_ms(const rsl_attempt *a) {
+  const char *raw = rsl_response_header(&a->res, "retry-after");
+  if (!raw) return -1;
+  curl_off_t seconds = 0;
+  if (curl_easy_getinfo(a->easy, CURLINFO_RETRY_AFTER, &seconds) != CURLE_OK)
+    return -1;
+  if (seconds > 0) return (double)seconds * 1000.0;
+  if (strspn(raw, "0123456789") == strlen(raw) && *raw) return 0;
+  return curl_getdate(raw, NULL) >= 0 ? 0 : -1;
+}
+
+static void finish(rsl_attempt *a, CURLcode code) {
+  rsl_response *res = &a->res;
+  res->latency_ms = (double)(rsl_now_ns() - a->started_ns) / 1e6;
+  res->error = classify(a, code);
+  if (res->error == RSL_ERR_NONE) {
+    curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &res->status);
+    res->retry_after_ms = retry_after_ms(a);
+  } else {
+    res->status = 0;
+    snprintf(res->message, sizeof res->message, "%s",
+             a->too_large ? "response over the size limit"
+             : a->errbuf[0] ? a->errbuf
+                            : curl_easy_strerror(code));
+  }
+  rsl_response handed = *res;
+  memset(res, 0, sizeof *res); /* ownership moves to the callback */
+  rsl_attempt_done cb = a->cb;
+  void *ud = a->ud;
+  attempt_free(a);
+  cb(ud, &handed);
+}
+
+static void drain_done(rsl_transport *t) {
+  CURLMsg *msg;
+  int left;
+  while ((msg = curl_multi_info_read(t->multi, &left))) {
+    if (msg->msg != CURLMSG_DONE) continue;
+    rsl_attempt *a = NULL;
+    curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&a);
+    finish(a, msg->data.result);
+  }
+}
+
+int rsl_transport_send(rsl_transport *t, const rsl_request *req,
+                       rsl_attempt_done cb, void *ud, rsl_attempt **out,
+                       const char **err) {
+  rsl_attempt *a = calloc(1, sizeof *a);
+  if (!a || !(a->easy = curl_easy_init())) {
+    free(a);
+    *err = "out of memory";
+    return -1;
+  }
+  a->t = t;
+  a->cb = cb;
+  a->ud = ud;
+  a->res.retry_after_ms = -1;
+  a->max_body_bytes = req->max_response_bytes ? req->max_response_bytes
+                                              : RSL_MAX_RESPONSE_BYTES_DEFAULT;
+  a->next = t->attempts;
+  if (a->next) a->next->prev = a;
+  t->attempts = a;
+
+  CURL *e = a->easy;
+  CURLcode rc = CURLE_OK;
+  /* Fails the attempt setup at the first option curl refuses. */
+#define SET(opt, val) \
+  if (rc == CURLE_OK) rc = curl_easy_setopt(e, opt, val)
+  SET(CURLOPT_URL, req->url);
+  SET(CURLOPT_PROTOCOLS_STR, "http,https");
+  SET(CURLOPT_PRIVATE, a);
+  SET(CURLOPT_NOSIGNAL, 1L);
+  SET(CURLOPT_ERRORBUFFER, a->errbuf);
+  SET(CURLOPT_WRITEFUNCTION, on_body);
+  SET(CURLOPT_WRITEDATA, a);
+  SET(CURLOPT_HEADERFUNCTION, on_header);
+  SET(CURLOPT_HEADERDATA, a);
+  SET(CURLOPT_TIMEOUT_MS, req->timeout_ms);
+  SET(CURLOPT_CONNECTTIMEOUT_MS, req->connect_timeout_ms);
+  SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)a->max_body_bytes);
+  SET(CURLOPT_ACCEPT_ENCODING, "");
+  if (req->body) {
+    SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
+    SET(CURLOPT_POSTFIELDS, req->body);
+  }
+  if (strcmp(req->method, "HEAD") == 0) {
+    SET(CURLOPT_NOBODY, 1L);
+  } else if (strcmp(req->method, "GET") != 0 || req->body) {
+    SET(CURLOPT_CUSTOMREQUEST, req->method);
+  }
+#undef SET
+  struct curl_slist *list = curl_slist_append(NULL, "Expect:");
+  for (size_t i = 0; list && i < req->header_count; i++) {
+    struct curl_slist *more = curl_slist_append(list, req->headers[i]);
+    if (!more) {
+      curl_slist_free_all(list);
+      list = NULL;
+    }
+    list = more;
+  }
+  a->header_list = list;
+  if (rc == CURLE_OK && !list) rc = CURLE_OUT_OF_MEMORY;
+  if (rc == CURLE_OK) rc = curl_easy_setopt(e, CURLOPT_HTTPHEADER, list);
+  if (rc != CURLE_OK) {
+    *err = curl_easy_strerror(rc);
+    attempt_free(a);
+    return -1;
+  }
+  a->started_ns = rsl_now_ns();
+  if (curl_multi_add_handle(t->multi, e) != CURLM_OK) {
+    *err = "curl_multi_add_handle failed";
+    attempt_free(a);
+    return -1;
+  }
+  *out = a;
+  return 0;
+}

@@ -1,0 +1,87 @@
+/*
+ * transport — HTTP attempts on libcurl's multi_socket API, driven by the
+ * loop.  One attempt is one easy handle; the multi handle keeps connections
+ * alive between attempts and calls.  Every CURLcode is classified into the
+ * error classes of contract 2.
+ * Uses: loop, libcurl.  Never includes lua.h.
+ */
+#ifndef RSL_TRANSPORT_H
+#define RSL_TRANSPORT_H
+
+#include <stddef.h>
+
+#include "loop.h"
+
+typedef enum {
+  RSL_ERR_NONE,
+  RSL_ERR_TIMEOUT,
+  RSL_ERR_CONNECT,
+  RSL_ERR_DNS,
+  RSL_ERR_TLS,
+  RSL_ERR_RESET,
+  RSL_ERR_PROTOCOL,
+  RSL_ERR_TOO_LARGE,
+  RSL_ERR_COUNT
+} rsl_error_class;
+
+const char *rsl_error_class_name(rsl_error_class e);
+/* 0, or -1 for an unknown name. */
+int rsl_error_class_parse(const char *name, rsl_error_class *out);
+
+#define RSL_MAX_RESPONSE_BYTES_DEFAULT (16u << 20)
+#define RSL_MAX_RESPONSE_HEADER_BYTES (64u << 10)
+
+typedef struct rsl_header {
+  char *name; /* lower-case */
+  char *value;
+} rsl_header;
+
+/* What one attempt produced.  Owned by whoever holds it: free its contents
+ * with rsl_response_free. */
+typedef struct rsl_response {
+  long status;           /* 0 when no HTTP response */
+  rsl_error_class error; /* RSL_ERR_NONE when status is set */
+  char message[256];     /* what failed, for humans */
+  rsl_header *headers;
+  size_t header_count;
+  char *body;
+  size_t body_len;
+  double latency_ms;
+  double retry_after_ms; /* -1 when the response had no usable Retry-After */
+} rsl_response;
+
+void rsl_response_free(rsl_response *res);
+/* The value of the first header called `name` (lower-case), or NULL. */
+const char *rsl_response_header(const rsl_response *res, const char *name);
+
+/* Borrowed by the transport until the attempt ends. */
+typedef struct rsl_request {
+  const char *method;
+  const char *url;
+  const char *const *headers; /* "Name: value" lines */
+  size_t header_count;
+  const char *body; /* NULL: none */
+  size_t body_len;
+  long timeout_ms;
+  long connect_timeout_ms;
+  size_t max_response_bytes;
+} rsl_request;
+
+typedef struct rsl_transport rsl_transport;
+typedef struct rsl_attempt rsl_attempt;
+
+/* Called once per attempt unless cancelled; `res` is handed over to it. */
+typedef void (*rsl_attempt_done)(void *ud, rsl_response *res);
+
+int rsl_transport_new(rsl_transport **out, rsl_loop *loop);
+/* Cancels every attempt still running (their callbacks are not called). */
+void rsl_transport_free(rsl_transport *t);
+
+/* Starts an attempt.  *out identifies it for rsl_transport_cancel and is
+ * valid until its callback runs.  0, or -1 with *err (static) set. */
+int rsl_transport_send(rsl_transport *t, const rsl_request *req,
+                       rsl_attempt_done cb, void *ud, rsl_attempt **out,
+                       const char **err);
+void rsl_transport_cancel(rsl_transport *t, rsl_attempt *a);
+
+#endif
