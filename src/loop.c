@@ -191,13 +191,17 @@ static void arm_timerfd(rsl_loop *loop) {
     loop->armed_ns = due;
 }
 
-static void run_due_timers(rsl_loop *loop) {
+/* Runs the timers due now; returns how many ran. */
+static int run_due_timers(rsl_loop *loop) {
   uint64_t now = rsl_now_ns();
+  int ran = 0;
   while (loop->heap_len && loop->heap[0]->due_ns <= now) {
     rsl_timer *t = loop->heap[0];
     rsl_timer_stop(loop, t);
     t->cb(t->ud);
+    ran++;
   }
+  return ran;
 }
 
 /* --- signals ------------------------------------------------------------- */
@@ -235,7 +239,9 @@ size_t rsl_loop_alive(const rsl_loop *loop) {
 int rsl_loop_step(rsl_loop *loop, uint64_t max_wait_ns) {
   if (loop->stepping) return -EDEADLK;
   loop->stepping = 1;
-  run_due_timers(loop);
+  /* Timers that ran may have finished what the caller waits for: then
+   * this step only polls, so the caller can look before we block. */
+  int ran = run_due_timers(loop);
   int timeout_ms;
   if (max_wait_ns == UINT64_MAX) {
     timeout_ms = -1; /* the timerfd wakes us for the next timer */
@@ -243,10 +249,8 @@ int rsl_loop_step(rsl_loop *loop, uint64_t max_wait_ns) {
     uint64_t ms = (max_wait_ns + 999999) / 1000000;
     timeout_ms = ms > 1000000 ? 1000000 : (int)ms;
   }
-  if (loop->heap_len) {
-    uint64_t now = rsl_now_ns(), due = loop->heap[0]->due_ns;
-    if (due <= now) timeout_ms = 0;
-  }
+  if (ran || (loop->heap_len && loop->heap[0]->due_ns <= rsl_now_ns()))
+    timeout_ms = 0;
   arm_timerfd(loop);
   struct epoll_event events[MAX_EVENTS];
   int n = epoll_wait(loop->epfd, events, MAX_EVENTS, timeout_ms);

@@ -14,7 +14,6 @@
 static char limit_key;
 
 static void count_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &limit_key);
   lua_Integer left = lua_tointeger(L, -1) - HOOK_EVERY_INSTRUCTIONS;
   lua_pop(L, 1);
@@ -24,7 +23,9 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
   /* From now on fire on every instruction: a pcall in user code that
    * catches this error gets another one at its next instruction. */
   lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
-  luaL_error(L, "instruction limit exceeded (runaway loop?)");
+  lua_getinfo(L, "Sl", ar); /* where the runaway code is */
+  luaL_error(L, "%s:%d: instruction limit exceeded (a runaway loop?)",
+             ar->short_src, ar->currentline);
 }
 
 static int traceback(lua_State *L) {

@@ -1,0 +1,91 @@
+--- resilua.serve — the `resilua serve` command (contract 6): the scriptable
+-- upstream.  Loads the handler script, listens, prints `listening on
+-- HOST:PORT` once it accepts, and runs the loop until SIGINT or SIGTERM.
+-- The HTTP side, Idempotency-Key dedup and /_stats are in src/server.c.
+local core = require "resilua.core"
+
+local USAGE = [[
+usage: resilua serve [--listen HOST:PORT] [SCRIPT.lua]
+
+A scriptable HTTP upstream for experiments.  SCRIPT.lua returns the handler:
+
+  return function(req)  -- req: method, path, query, headers (lower-case), body, n
+    return { status = 503, headers = { ["Retry-After"] = "1" }, body = "...",
+             delay_ms = 0, action = nil }  -- action: "hang" | "reset" | "close"
+  end
+
+Without a script it is a model stub answering 200 {"prediction": ...}.
+Requests with an Idempotency-Key are deduplicated (a completed key is
+replayed, one still in flight gets 409, a different request 422).
+GET /_stats answers JSON counters.  SIGINT or SIGTERM stop it (exit 0).
+
+Options:
+  --listen HOST:PORT   address to listen on (default 127.0.0.1:8080; port 0 picks one)
+  -h, --help           this text
+
+Exit codes: 0 stopped by a signal, 2 usage, script or listen error.
+]]
+
+local EXIT_OK, EXIT_USAGE = 0, 2
+local DEFAULT_LISTEN = "127.0.0.1:8080"
+local STEP_MAX_WAIT_S = 1 -- the signalfd wakes the loop sooner
+
+local function fail(msg)
+  io.stderr:write("resilua serve: ", msg, "\n")
+  return EXIT_USAGE
+end
+
+--- Loads SCRIPT (text only) and runs it for the handler it returns.
+local function load_handler(path)
+  local chunk, err = loadfile(path, "t")
+  if not chunk then return nil, err end
+  local ok, handler = core.pcall(0, chunk)
+  if not ok then return nil, (tostring(handler):gsub("\nstack traceback:.*", "")) end
+  if type(handler) ~= "function" then
+    return nil, ("%s: must return the handler function, got %s"):format(path, type(handler))
+  end
+  return handler
+end
+
+local function main(args)
+  local listen, script = DEFAULT_LISTEN, nil
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" or a == "--help" then
+      io.stdout:write(USAGE)
+      return EXIT_OK
+    elseif a == "--listen" then
+      listen = args[i + 1]
+      if not listen then return fail("--listen needs HOST:PORT") end
+      i = i + 1
+    elseif a:match("^%-%-listen=") then
+      listen = a:sub(#"--listen=" + 1)
+    elseif a:match("^%-") then
+      return fail(("unknown option '%s' (see resilua serve --help)"):format(a))
+    elseif script then
+      return fail("one SCRIPT.lua at most (see resilua serve --help)")
+    else
+      script = a
+    end
+    i = i + 1
+  end
+
+  local handler
+  if script then
+    local err
+    handler, err = load_handler(script)
+    if not handler then return fail(err) end
+  end
+
+  core.catch_signals()
+  local server, err = core.serve{ listen = listen, handler = handler }
+  if not server then return fail(err) end
+  io.stdout:write("listening on ", server:address(), "\n")
+  io.stdout:flush()
+  while core.stop_signal() == 0 do core.step(STEP_MAX_WAIT_S) end
+  server:close()
+  return EXIT_OK
+end
+
+return { main = main }
