@@ -34,7 +34,7 @@ LUA_SRC   := $(wildcard lua/resilua/*.lua)
 BIN       := $(BUILD)/bin/resilua
 CORE_SO   := $(BUILD)/lib/resilua/core.so
 
-.PHONY: all test test-spec test-asan bench demo install uninstall lint clean help
+.PHONY: all deps test test-spec test-asan bench demo install uninstall lint clean help
 
 all: $(BIN) $(CORE_SO)
 
@@ -65,7 +65,13 @@ $(CORE_SO): $(CORE_OBJ)
 
 # Specs run against the binary; busted itself runs inside it (`resilua run`),
 # so the sanitizer build checks the in-process Lua API too.
-test: all
+# On a fresh Debian machine, `make test` and `make demo` first install what
+# is missing (tools/deps.sh).
+deps:
+	$(Q)tools/deps.sh
+
+test: deps
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory test-spec
 	$(Q)$(MAKE) --no-print-directory test-asan
 
@@ -87,7 +93,8 @@ test-asan:
 bench: all
 	$(Q)$(BIN) run bench/run.lua
 
-demo: all
+demo: deps
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)sh tools/demo.sh $(BIN)
 
 install: all

@@ -97,3 +97,18 @@ describe("resilua", function()
     end)
   end)
 end)
+
+describe("make install", function()
+  it("installs a binary that finds its Lua and policies from anywhere", function()
+    local dest = helpers.tmpdir()
+    local r = helpers.run(("make -s install DESTDIR=%s PREFIX=/opt/rsl >/dev/null"):format(helpers.quote(dest)))
+    assert.equal(0, r.code, r.stderr)
+    local bin = dest .. "/opt/rsl/bin/resilua"
+    local out = helpers.run(("cd / && %s check default"):format(helpers.quote(bin)))
+    assert.equal(0, out.code, out.stderr)
+    assert.truthy(out.stdout:find(dest .. "/opt/rsl/bin/../share/resilua/policies/default.lua", 1, true))
+    for _, f in ipairs({ "/opt/rsl/lib/lua/5.4/resilua/core.so", "/opt/rsl/share/lua/5.4/resilua/init.lua" }) do
+      assert.truthy(helpers.read_file(dest .. f), f)
+    end
+  end)
+end)
