@@ -300,6 +300,42 @@ describe("resilua serve", function()
       assert.equal("fine", get(srv.url .. "/").body)
     end)
 
+    it("survives 300 mutated requests (a seeded fuzz) and serves on", function()
+      local seed_request = "POST /v1/predict?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+        .. "Idempotency-Key: k1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+      local rng = { state = 12345 }
+      local function rand(n) -- an LCG: the same cases on every run
+        rng.state = (rng.state * 1103515245 + 12345) % 2147483648
+        return rng.state % n + 1
+      end
+      local dir = helpers.tmpdir()
+      local lines = {}
+      for i = 1, 300 do
+        local bytes = seed_request
+        for _ = 1, rand(8) do
+          local pos, op = rand(#bytes), rand(4)
+          if op == 1 then -- flip a byte
+            bytes = bytes:sub(1, pos - 1) .. string.char(rand(256) - 1) .. bytes:sub(pos + 1)
+          elseif op == 2 then -- insert junk
+            bytes = bytes:sub(1, pos) .. string.rep(string.char(rand(256) - 1), rand(40)) .. bytes:sub(pos + 1)
+          elseif op == 3 then -- cut
+            bytes = bytes:sub(1, pos)
+          else -- repeat a slice
+            bytes = bytes:sub(1, pos) .. bytes:sub(pos, pos + rand(30)) .. bytes:sub(pos + 1)
+          end
+        end
+        local file = ("%s/case%d"):format(dir, i)
+        helpers.write_file(file, bytes)
+        lines[#lines + 1] = ("(exec 3<>/dev/tcp/127.0.0.1/%d && cat %s >&3 && timeout 0.5 cat <&3 >/dev/null) 2>/dev/null &")
+          :format(srv.port, file)
+      end
+      lines[#lines + 1] = "wait"
+      helpers.write_file(dir .. "/fuzz.sh", table.concat(lines, "\n"))
+      helpers.run({ "bash", dir .. "/fuzz.sh" })
+      assert.equal("fine", get(srv.url .. "/").body)
+      assert.is_nil(srv:status()) -- still running
+    end)
+
     it("answers 431 to headers over 16 KiB or 100 fields", function()
       local r = helpers.curl("-H " .. q("X-Big: " .. ("a"):rep(20000)) .. " " .. q(srv.url .. "/"))
       assert.equal(431, r.status)
