@@ -99,7 +99,7 @@ static int runtime_gc(lua_State *L) {
   rsl_call_cancel_all(&rt->calls);
   while (rt->waiters) waiter_free(rt->waiters);
   rsl_transport_free(rt->transport);
-  rsl_log_free(rt->log);
+  rsl_log_free(rt->calls.log);
   rsl_loop_free(rt->loop);
   rt->loop = NULL;
   return 0;
@@ -118,14 +118,13 @@ static rsl_runtime *runtime_new(lua_State *L) {
   int rc = rsl_loop_new(&rt->loop);
   if (rc < 0) luaL_error(L, "cannot create the event loop: %s", strerror(-rc));
   if (rsl_transport_new(&rt->transport, rt->loop) < 0 ||
-      rsl_log_open(&rt->log, "-") < 0) {
+      rsl_log_open(&rt->calls.log, "-") < 0) {
     runtime_gc(L);
     luaL_error(L, "cannot initialise libcurl or the log");
   }
   rsl_prng_seed_random(&rt->prng);
   rt->calls.loop = rt->loop;
   rt->calls.transport = rt->transport;
-  rt->calls.log = rt->log;
   rt->calls.prng = &rt->prng;
   lua_rawsetp(L, LUA_REGISTRYINDEX, &runtime_key);
   return rt;
@@ -171,8 +170,8 @@ static int core_log(lua_State *L) {
     lua_pushfstring(L, "%s: %s", path, strerror(-rc));
     return 2;
   }
-  rsl_log_free(rt->log);
-  rt->log = rt->calls.log = log;
+  rsl_log_free(rt->calls.log);
+  rt->calls.log = log;
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -207,7 +206,7 @@ static int core_log_event(lua_State *L) {
     }
     lua_pop(L, 1);
   }
-  rsl_event_emit(&e, rt->log);
+  rsl_event_emit(&e, rt->calls.log);
   return 0;
 }
 

@@ -22,9 +22,8 @@ typedef struct rsl_runtime {
   lua_State *L; /* the main thread: every callback into Lua goes through it */
   rsl_loop *loop;
   rsl_transport *transport;
-  rsl_log *log;
   rsl_prng prng;
-  rsl_call_env calls;
+  rsl_call_env calls; /* borrows the above; owns the event log */
   rsl_waiter *waiters; /* Lua callbacks still to run (calls, timers) */
   int stop_signal;     /* set by SIGINT/SIGTERM after core.catch_signals() */
 } rsl_runtime;

@@ -381,13 +381,11 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     SET(CURLOPT_CUSTOMREQUEST, req->method);
   }
 #undef SET
+  /* "Expect:" turns off 100-continue: a round trip for nothing here. */
   struct curl_slist *list = curl_slist_append(NULL, "Expect:");
   for (size_t i = 0; list && i < req->header_count; i++) {
     struct curl_slist *more = curl_slist_append(list, req->headers[i]);
-    if (!more) {
-      curl_slist_free_all(list);
-      list = NULL;
-    }
+    if (!more) curl_slist_free_all(list);
     list = more;
   }
   a->header_list = list;
