@@ -442,11 +442,7 @@ static void push_result(lua_State *L, void *arg) {
     lua_pushstring(L, rsl_error_class_name(r->last.error));
     lua_setfield(L, -2, "error");
   }
-  lua_createtable(L, 0, (int)r->last.header_count);
-  for (size_t i = 0; i < r->last.header_count; i++) {
-    lua_pushstring(L, r->last.headers[i].value);
-    lua_setfield(L, -2, r->last.headers[i].name);
-  }
+  rsl_policy_push_headers(L, &r->last);
   lua_setfield(L, -2, "headers");
   if (r->last.status) {
     lua_pushlstring(L, r->last.body ? r->last.body : "", r->last.body_len);

@@ -5,6 +5,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -74,6 +75,9 @@ static int run_cli(lua_State *L) {
 
 int main(int argc, char **argv) {
   raise_fd_limit();
+  /* A log reader or a client that goes away is an error to handle where it
+   * happens (EPIPE), not a reason to die. */
+  signal(SIGPIPE, SIG_IGN);
   lua_State *L = luaL_newstate();
   if (!L) {
     fputs("resilua: out of memory\n", stderr);

@@ -265,6 +265,14 @@ void rsl_policy_decide_builtin(const rsl_policy_conf *c,
                           : 0;
 }
 
+void rsl_policy_push_headers(lua_State *L, const rsl_response *res) {
+  lua_createtable(L, 0, (int)res->header_count);
+  for (size_t i = 0; i < res->header_count; i++) {
+    lua_pushstring(L, res->headers[i].value);
+    lua_setfield(L, -2, res->headers[i].name);
+  }
+}
+
 static void push_attempt(lua_State *L, const rsl_policy *p,
                          const rsl_attempt_info *a) {
   const rsl_response *res = a->res;
@@ -286,11 +294,7 @@ static void push_attempt(lua_State *L, const rsl_policy *p,
     lua_pushnumber(L, res->retry_after_ms);
     lua_setfield(L, -2, "retry_after_ms");
   }
-  lua_createtable(L, 0, (int)res->header_count);
-  for (size_t i = 0; i < res->header_count; i++) {
-    lua_pushstring(L, res->headers[i].value);
-    lua_setfield(L, -2, res->headers[i].name);
-  }
+  rsl_policy_push_headers(L, res);
   lua_setfield(L, -2, "headers");
   lua_pushnumber(L, res->latency_ms);
   lua_setfield(L, -2, "latency_ms");

@@ -86,6 +86,9 @@ int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
  * API; declared here so this header stays free of lua.h. */
 struct lua_State;
 int rsl_policy_push_new(struct lua_State *L, int idx);
+/* Pushes res's headers as a table {lower-case name = value} (a.headers;
+ * also a call result's headers). */
+void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);
 /* The version held by the userdata at idx (raises if it is not one). */
 rsl_policy *rsl_policy_check(struct lua_State *L, int idx);
 
