@@ -253,9 +253,13 @@ function M.check(args)
 end
 
 function M.serve(args)
-  local rest = {}
-  for i = 2, #args do rest[#rest + 1] = args[i] end
-  return require("resilua.serve").main(rest)
+  local serve = require "resilua.serve"
+  local opts, pos = parse(args, 2, { ["--listen"] = "value", ["--help"] = "flag" },
+                          { ["-h"] = "--help" })
+  if not opts then return fail("serve", pos .. " (see resilua serve --help)") end
+  if opts["--help"] then io.stdout:write(serve.USAGE) return EXIT.ok end
+  if #pos > 1 then return fail("serve", "one SCRIPT.lua at most (see resilua serve --help)") end
+  return serve.run{ listen = opts["--listen"], script = pos[1] }
 end
 
 function M.main(args)

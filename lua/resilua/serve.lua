@@ -1,6 +1,7 @@
 --- resilua.serve — the `resilua serve` command (contract 6): the scriptable
 -- upstream.  Loads the handler script, listens, prints `listening on
 -- HOST:PORT` once it accepts, and runs the loop until SIGINT or SIGTERM.
+-- Its arguments are parsed by resilua.cli.
 -- The HTTP side, Idempotency-Key dedup and /_stats are in src/server.c.
 local core = require "resilua.core"
 
@@ -47,30 +48,10 @@ local function load_handler(path)
   return handler
 end
 
-local function main(args)
-  local listen, script = DEFAULT_LISTEN, nil
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    if a == "-h" or a == "--help" then
-      io.stdout:write(USAGE)
-      return EXIT_OK
-    elseif a == "--listen" then
-      listen = args[i + 1]
-      if not listen then return fail("--listen needs HOST:PORT") end
-      i = i + 1
-    elseif a:match("^%-%-listen=") then
-      listen = a:sub(#"--listen=" + 1)
-    elseif a:match("^%-") then
-      return fail(("unknown option '%s' (see resilua serve --help)"):format(a))
-    elseif script then
-      return fail("one SCRIPT.lua at most (see resilua serve --help)")
-    else
-      script = a
-    end
-    i = i + 1
-  end
-
+--- Serves until SIGINT or SIGTERM.  opts: listen (HOST:PORT), script
+-- (a handler file, or nil for the model stub).  Returns the exit code.
+local function run(opts)
+  local listen, script = opts.listen or DEFAULT_LISTEN, opts.script
   local handler
   if script then
     local err
@@ -88,4 +69,4 @@ local function main(args)
   return EXIT_OK
 end
 
-return { main = main }
+return { run = run, USAGE = USAGE }
