@@ -6,6 +6,9 @@ local helpers = require "helpers"
 local policy = resilua.policy
 
 local dir = helpers.tmpdir()
+local log = dir .. "/events.jsonl"
+setup(function() resilua.log(log) end)
+teardown(function() resilua.log("-") end)
 
 local function policy_file(name, src)
   local path = dir .. "/" .. name .. ".lua"
@@ -51,6 +54,18 @@ describe("policy loading", function()
     local b = assert(policy.load(policy_file("v2", "return { max_attempts = 3 }")))
     assert.matches("^%x%x%x%x%x%x%x%x%x%x%x%x$", a.version)
     assert.not_equal(a.version, b.version)
+  end)
+
+  it("logs a policy event for every load, good or bad", function()
+    local good = assert(policy.load(policy_file("logged", "return {}")))
+    local bad_path = policy_file("notlogged", "return {\n  max_attempts = 'x' }")
+    assert.is_nil(policy.load(bad_path))
+    local events = helpers.of_kind(helpers.events(log), "policy")
+    local ok_event, bad_event = events[#events - 1], events[#events]
+    assert.same({ name = "logged", path = good.path, version = good.version, ok = true },
+      { name = ok_event.name, path = ok_event.path, version = ok_event.version, ok = ok_event.ok })
+    assert.is_false(bad_event.ok)
+    assert.truthy(bad_event.error:find(bad_path .. ":2: max_attempts must be an integer", 1, true))
   end)
 
   it("finds a policy by name on the policy path", function()

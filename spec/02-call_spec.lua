@@ -94,6 +94,9 @@ describe("resilua call", function()
       assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%dZ$", a.ts)
     end
     assert.equal("status 503 in retry_on", r.attempts[1].reason)
+    local loaded = helpers.of_kind(r.events, "policy")[1]
+    assert.same({ name = "p1", path = FAST, version = r.attempts[1].policy_version, ok = true },
+      { name = loaded.name, path = loaded.path, version = loaded.version, ok = loaded.ok })
     assert.same({ event = "call", outcome = "ok", attempts = 3, status = 200 },
       { event = r.call.event, outcome = r.call.outcome, attempts = r.call.attempts, status = r.call.status })
   end)

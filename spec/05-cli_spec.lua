@@ -53,6 +53,16 @@ describe("resilua", function()
     end)
   end
 
+  it("logs a policy event when a policy does not load", function()
+    local log = os.tmpname()
+    local r = resilua({ "call", "--log", log, "--policy", "nosuch", "http://127.0.0.1:1/" })
+    assert.equal(2, r.code)
+    local e = helpers.events(log)[1]
+    os.remove(log)
+    assert.same({ "policy", "nosuch", false }, { e.event, e.name, e.ok })
+    assert.matches("not found", e.error)
+  end)
+
   it("accepts --opt=value and options after the URL", function()
     local r = resilua({ "call", "http://127.0.0.1:1/", "--quiet", "--policy=no-such-policy" })
     assert.equal(2, r.code)

@@ -236,6 +236,7 @@ function M.check(args)
   if #pos == 0 then return fail("check", "no policy given (see resilua check --help)") end
   local policy = require "resilua.policy"
   local path = policy.path(opts["--policy-path"])
+  core.log(false) -- check speaks in lines for humans, not in events
   local all_ok = true
   for _, name in ipairs(pos) do
     local p, err = policy.load(name, path)

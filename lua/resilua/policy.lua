@@ -289,8 +289,9 @@ function M.validate(t, path, src)
 end
 
 --- Loads a policy by name or file.  Returns a policy object
--- { name, path, version, table, core } or nil, message.
-function M.load(name, policy_path)
+-- { name, path, version, table, core } or nil, message.  Either way a
+-- `policy` event says what happened.
+local function load_policy(name, policy_path)
   policy_path = policy_path or M.path()
   local path = M.find(name, policy_path)
   if not path then
@@ -312,6 +313,13 @@ function M.load(name, policy_path)
   local built, cerr = pcall(core.policy, norm)
   if not built then return nil, ("%s: %s"):format(path, cerr) end
   return { name = norm.name, path = path, version = norm.version, table = norm, core = cerr }
+end
+
+function M.load(name, policy_path)
+  local p, err = load_policy(name, policy_path)
+  core.log_event("policy", p and { name = p.name, path = p.path, version = p.version, ok = true }
+                             or { name = name, ok = false, error = (tostring(err):gsub("\n.*", "")) })
+  return p, err
 end
 
 return M
