@@ -139,6 +139,25 @@ describe("the Lua API", function()
       assert.same({ "closed", 0 }, { client:breaker(server.url) })
     end)
 
+    it("does not count running out of our own file descriptors against the host", function()
+      local script = helpers.write_file(dir .. "/fds.lua", [[
+        local resilua = require "resilua"
+        resilua.log(false)
+        local client = resilua.client{ policy = "default" }
+        local ok = 0
+        for _ = 1, 100 do
+          resilua.go(function() if client:call{ url = arg[1] } then ok = ok + 1 end end)
+        end
+        resilua.wait()
+        io.write(ok, " ", client:breaker(arg[1]), " ", (client:budget()))]])
+      local r = helpers.run(("ulimit -n 60 && ulimit -Hn 60 && exec %s run %s %s"):format(
+        helpers.quote(helpers.bin), helpers.quote(script), helpers.quote(server.url .. "/slow")))
+      local ok, state, tokens = r.stdout:match("^(%d+) (%S+) (%S+)$")
+      assert.is_true(tonumber(ok) > 50, r.stdout .. r.stderr) -- most got a descriptor in time
+      assert.equal("closed", state)
+      assert.equal(10, tonumber(tokens))
+    end)
+
     it("stops a call's retries when its breaker opens (exit 5 from the CLI)", function()
       local cli = policy("opens", [[
         return { max_attempts = 3, backoff = { base_ms = 1, jitter = "none" },

@@ -373,14 +373,21 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_response_free(&call->result.last);
   call->result.last = *res;
   int failure = is_dependency_failure(res);
-
-  if (call->breaker) {
-    rsl_breaker_change ch;
-    rsl_breaker_record(call->breaker, call->probe, !failure, rsl_now_ms(), &ch);
-    log_breaker_change(call, ch);
-  }
   rsl_budget *budget = rsl_client_budget(call->client, c);
-  if (budget) rsl_budget_record(budget, !failure);
+
+  if (res->local) {
+    /* Our own shortage (no fds): it says nothing of the dependency, so it
+     * moves neither the breaker nor the budget. */
+    if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
+  } else {
+    if (call->breaker) {
+      rsl_breaker_change ch;
+      rsl_breaker_record(call->breaker, call->probe, !failure, rsl_now_ms(),
+                         &ch);
+      log_breaker_change(call, ch);
+    }
+    if (budget) rsl_budget_record(budget, !failure);
+  }
 
   if (is_success(res->status)) {
     log_attempt(call, "ok", NULL);

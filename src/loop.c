@@ -62,6 +62,7 @@ int rsl_loop_new(rsl_loop **out) {
   }
   loop->signal_io.fd = -1;
   rsl_io_init(&loop->timer_io, tfd, timerfd_ready, loop);
+  loop->timer_io.weak = 1; /* timers keep the loop alive, not their fd */
   int rc = rsl_io_set(loop, &loop->timer_io, RSL_IO_READ);
   if (rc < 0) {
     close(tfd);
@@ -69,7 +70,6 @@ int rsl_loop_new(rsl_loop **out) {
     free(loop);
     return rc;
   }
-  loop->watchers = 0; /* internal watchers do not keep the loop alive */
   *out = loop;
   return 0;
 }
@@ -88,6 +88,7 @@ void rsl_loop_free(rsl_loop *loop) {
 void rsl_io_init(rsl_io *io, int fd, rsl_io_cb cb, void *ud) {
   io->fd = fd;
   io->events = 0;
+  io->weak = 0;
   io->cb = cb;
   io->ud = ud;
 }
@@ -102,9 +103,9 @@ int rsl_io_set(rsl_loop *loop, rsl_io *io, unsigned events) {
                              : EPOLL_CTL_MOD;
   if (events == io->events) return 0;
   if (epoll_ctl(loop->epfd, op, io->fd, &ev) < 0) return -errno;
-  if (io->events == 0) loop->watchers++;
+  if (io->events == 0 && !io->weak) loop->watchers++;
   if (events == 0) {
-    loop->watchers--;
+    if (!io->weak) loop->watchers--;
     for (int i = 0; i < loop->pending_len; i++)
       if (loop->pending[i].data.ptr == io) loop->pending[i].data.ptr = NULL;
   }
@@ -223,9 +224,9 @@ int rsl_loop_signals(rsl_loop *loop, const sigset_t *set, rsl_signal_cb cb,
   loop->signal_ud = ud;
   if (loop->signal_io.fd < 0) {
     rsl_io_init(&loop->signal_io, fd, signalfd_ready, loop);
+    loop->signal_io.weak = 1; /* signals alone do not keep the loop alive */
     int rc = rsl_io_set(loop, &loop->signal_io, RSL_IO_READ);
     if (rc < 0) return rc;
-    loop->watchers--; /* signals alone do not keep the loop alive */
   }
   return 0;
 }

@@ -28,6 +28,7 @@ typedef void (*rsl_signal_cb)(void *ud, int signo);
 typedef struct rsl_io {
   int fd;
   unsigned events; /* RSL_IO_* currently watched; 0 when not registered */
+  int weak;        /* set before registering: does not keep the loop alive */
   rsl_io_cb cb;
   void *ud;
 } rsl_io;

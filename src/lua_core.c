@@ -19,8 +19,10 @@
 #include <limits.h>
 
 #include "luacall.h"
+#include "watch.h"
 
 #define RUNTIME_MT "resilua.runtime"
+#define WATCH_MT "resilua.watch"
 #define CLIENT_MT "resilua.client"
 #define MAX_REQUEST_HEADERS 256
 
@@ -91,6 +93,19 @@ static void fire(rsl_waiter *w, push_fn push, void *arg) {
   lua_settop(L, top);
 }
 
+/* Runs the function in registry slot `ref` with the strings a and b (b may
+ * be NULL), protected; reports an error and goes on. */
+static void call_ref(rsl_runtime *rt, int ref, const char *a, const char *b) {
+  lua_State *L = rt->L;
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  lua_pushstring(L, a);
+  lua_pushstring(L, b);
+  if (rsl_luacall(L, 2, 0, 0) != LUA_OK)
+    fprintf(stderr, "resilua: error in a callback: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
 /* --- runtime ------------------------------------------------------------- */
 
 static int runtime_gc(lua_State *L) {
@@ -98,6 +113,7 @@ static int runtime_gc(lua_State *L) {
   if (!rt->loop) return 0;
   rsl_call_cancel_all(&rt->calls);
   while (rt->waiters) waiter_free(rt->waiters);
+  luaL_unref(L, LUA_REGISTRYINDEX, rt->hangup_ref);
   rsl_transport_free(rt->transport);
   rsl_log_free(rt->calls.log);
   rsl_loop_free(rt->loop);
@@ -123,6 +139,8 @@ static rsl_runtime *runtime_new(lua_State *L) {
     luaL_error(L, "cannot initialise libcurl or the log");
   }
   rsl_prng_seed_random(&rt->prng);
+  sigemptyset(&rt->caught);
+  rt->hangup_ref = LUA_NOREF;
   rt->calls.loop = rt->loop;
   rt->calls.transport = rt->transport;
   rt->calls.prng = &rt->prng;
@@ -264,19 +282,89 @@ static int core_timer(lua_State *L) {
 }
 
 static void on_signal(void *ud, int signo) {
-  ((rsl_runtime *)ud)->stop_signal = signo;
+  rsl_runtime *rt = ud;
+  if (signo == SIGHUP) call_ref(rt, rt->hangup_ref, "SIGHUP", NULL);
+  else rt->stop_signal = signo;
+}
+
+static void catch_signal(lua_State *L, rsl_runtime *rt, int signo) {
+  sigaddset(&rt->caught, signo);
+  int rc = rsl_loop_signals(rt->loop, &rt->caught, on_signal, rt);
+  if (rc < 0) luaL_error(L, "signals: %s", strerror(-rc));
 }
 
 /* core.catch_signals(): SIGINT and SIGTERM set core.stop_signal(). */
 static int core_catch_signals(lua_State *L) {
   rsl_runtime *rt = rsl_core_runtime(L);
-  sigset_t set;
-  sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
-  int rc = rsl_loop_signals(rt->loop, &set, on_signal, rt);
-  if (rc < 0) return luaL_error(L, "signals: %s", strerror(-rc));
+  catch_signal(L, rt, SIGINT);
+  catch_signal(L, rt, SIGTERM);
   return 0;
+}
+
+/* core.on_hangup(fn): SIGHUP calls fn() (on the loop) instead of ending
+ * the process. */
+static int core_on_hangup(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_unref(L, LUA_REGISTRYINDEX, rt->hangup_ref);
+  lua_pushvalue(L, 1);
+  rt->hangup_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  catch_signal(L, rt, SIGHUP);
+  return 0;
+}
+
+/* --- watching folders ---------------------------------------------------- */
+
+typedef struct watch_box {
+  rsl_watch *w;
+  rsl_runtime *rt;
+  int cb_ref;
+} watch_box;
+
+static void on_file_changed(void *ud, const char *dir, const char *name) {
+  watch_box *box = ud;
+  call_ref(box->rt, box->cb_ref, dir, name);
+}
+
+static int watch_close(lua_State *L) {
+  watch_box *box = luaL_checkudata(L, 1, WATCH_MT);
+  rsl_watch_free(box->w);
+  box->w = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, box->cb_ref);
+  box->cb_ref = LUA_NOREF;
+  return 0;
+}
+
+/* core.watch(fn) -> a watch; fn(dir, name) runs when a file in one of its
+ * folders was written or renamed into place. */
+static int core_watch(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  watch_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+  box->w = NULL;
+  box->rt = rt;
+  box->cb_ref = LUA_NOREF;
+  luaL_setmetatable(L, WATCH_MT);
+  int rc = rsl_watch_new(&box->w, rt->loop, on_file_changed, box);
+  if (rc < 0) return luaL_error(L, "inotify: %s", strerror(-rc));
+  lua_pushvalue(L, 1);
+  box->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 1;
+}
+
+/* watch:add(dir) -> true | nil, message */
+static int watch_add(lua_State *L) {
+  watch_box *box = luaL_checkudata(L, 1, WATCH_MT);
+  const char *dir = luaL_checkstring(L, 2);
+  luaL_argcheck(L, box->w != NULL, 1, "watch is closed");
+  int rc = rsl_watch_add(box->w, dir);
+  if (rc < 0) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", dir, strerror(-rc));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 static int core_stop_signal(lua_State *L) {
@@ -545,11 +633,19 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"timer", core_timer},
     {"catch_signals", core_catch_signals},
     {"stop_signal", core_stop_signal},
+    {"on_hangup", core_on_hangup},
+    {"watch", core_watch},
     {"self_path", core_self_path},
     {"policy", core_policy},
     {"client", core_client},
     {"call", core_call},
     {"decide", core_decide},
+    {NULL, NULL},
+};
+
+static const luaL_Reg WATCH_METHODS[] = {
+    {"add", watch_add},
+    {"close", watch_close},
     {NULL, NULL},
 };
 
@@ -568,6 +664,13 @@ int luaopen_resilua_core(lua_State *L) {
     luaL_newlib(L, CLIENT_METHODS);
     lua_setfield(L, -2, "__index");
     lua_pushcfunction(L, client_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, WATCH_MT)) {
+    luaL_newlib(L, WATCH_METHODS);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, watch_close);
     lua_setfield(L, -2, "__gc");
   }
   lua_pop(L, 1);

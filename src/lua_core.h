@@ -25,7 +25,9 @@ typedef struct rsl_runtime {
   rsl_prng prng;
   rsl_call_env calls; /* borrows the above; owns the event log */
   rsl_waiter *waiters; /* Lua callbacks still to run (calls, timers) */
+  sigset_t caught;     /* signals the loop receives instead of their default */
   int stop_signal;     /* set by SIGINT/SIGTERM after core.catch_signals() */
+  int hangup_ref;      /* core.on_hangup's function, or LUA_NOREF */
 } rsl_runtime;
 
 /* The state's runtime (created by luaopen_resilua_core). */

@@ -5,10 +5,15 @@
 #include "transport.h"
 
 #include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <curl/curl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define MAX_IDLE_CONNECTIONS 1024
 
 struct rsl_transport {
   rsl_loop *loop;
@@ -154,6 +159,10 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
   curl_multi_setopt(t->multi, CURLMOPT_SOCKETDATA, t);
   curl_multi_setopt(t->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
   curl_multi_setopt(t->multi, CURLMOPT_TIMERDATA, t);
+  /* curl's default cache (4 x the handles added) shrinks between one call's
+   * end and the next one's start, and then closes idle keep-alive
+   * connections it will need again a moment later. */
+  curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, (long)MAX_IDLE_CONNECTIONS);
   *out = t;
   return 0;
 }
@@ -301,6 +310,17 @@ static double retry_after_ms(const rsl_attempt *a) {
   return curl_getdate(raw, NULL) >= 0 ? 0 : -1;
 }
 
+/* curl reports a socket() that failed for want of descriptors as a failed
+ * connect, with no errno; asking for a descriptor ourselves tells. */
+static int out_of_fds(void) {
+  int fd = fcntl(0, F_DUPFD_CLOEXEC, 0);
+  if (fd >= 0) {
+    close(fd);
+    return 0;
+  }
+  return errno == EMFILE || errno == ENFILE;
+}
+
 static void finish(rsl_attempt *a, CURLcode code) {
   rsl_response *res = &a->res;
   res->latency_ms = (double)(rsl_now_ns() - a->started_ns) / 1e6;
@@ -309,8 +329,10 @@ static void finish(rsl_attempt *a, CURLcode code) {
     curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &res->status);
     res->retry_after_ms = retry_after_ms(a);
   } else {
+    res->local = code == CURLE_COULDNT_CONNECT && out_of_fds();
     res->status = 0;
-    snprintf(res->message, sizeof res->message, "%s",
+    snprintf(res->message, sizeof res->message, "%s%.200s",
+             res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
              : a->errbuf[0] ? a->errbuf
                             : curl_easy_strerror(code));

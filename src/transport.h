@@ -41,6 +41,7 @@ typedef struct rsl_header {
 typedef struct rsl_response {
   long status;           /* 0 when no HTTP response */
   rsl_error_class error; /* RSL_ERR_NONE when status is set */
+  int local;             /* failed on our side (out of fds), not the peer's */
   char message[256];     /* what failed, for humans */
   rsl_header *headers;
   size_t header_count;

@@ -43,18 +43,25 @@ Client.__index = Client
 -- opts: policy (a name, a FILE.lua or a policy loaded with
 -- resilua.policy.load; default "default"), policy_path (list of folders),
 -- name (default: the policy's name).
+-- A policy given by name or file is hot-reloaded (resilua.policy.slot);
+-- a policy object is used as it is.
 function M.client(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("resilua.client: expected a table of options", 2) end
-  local p, err = opts.policy, nil
-  if type(p) ~= "table" then
-    p, err = policy.load(p or "default", opts.policy_path and policy.path(opts.policy_path))
-    if not p then error("resilua.client: " .. err, 2) end
+  local slot, err
+  if type(opts.policy) == "table" then
+    slot = { current = opts.policy }
+  else
+    slot, err = policy.slot(opts.policy or "default", opts.policy_path and policy.path(opts.policy_path))
+    if not slot then error("resilua.client: " .. err, 2) end
   end
-  local name = opts.name or p.name
+  local name = opts.name or slot.current.name
   shared[name] = shared[name] or core.client(name)
-  return setmetatable({ name = name, policy = p, state = shared[name] }, Client)
+  return setmetatable({ name = name, slot = slot, state = shared[name] }, Client)
 end
+
+--- The policy version in force (it changes when its file is reloaded).
+function Client:policy() return self.slot.current end
 
 local function split(r)
   if r.outcome == "ok" then
@@ -72,22 +79,24 @@ function Client:call(req)
   if type(req.url) ~= "string" then error("call: request.url must be a string", 2) end
   local co = in_go()
   if co then
-    local ok, err = pcall(core.call, self.state, self.policy.core, req, function(r) resume(co, r) end)
+    local ok, err = pcall(core.call, self.state, self.slot.current.core, req,
+                          function(r) resume(co, r) end)
     if not ok then error("call: " .. err, 2) end
     return split(coroutine.yield())
   end
   local result
-  local ok, err = pcall(core.call, self.state, self.policy.core, req, function(r) result = r end)
+  local ok, err = pcall(core.call, self.state, self.slot.current.core, req,
+                        function(r) result = r end)
   if not ok then error("call: " .. err, 2) end
   while not result do core.step() end
   return split(result)
 end
 
 --- Breaker state for a URL under this client's policy: state, failures.
-function Client:breaker(url) return self.state:breaker(self.policy.core, url) end
+function Client:breaker(url) return self.state:breaker(self.slot.current.core, url) end
 
 --- Retry budget: tokens left, max_tokens (nil without a budget).
-function Client:budget() return self.state:budget(self.policy.core) end
+function Client:budget() return self.state:budget(self.slot.current.core) end
 
 --- Runs f(...) concurrently on the loop.
 function M.go(f, ...)

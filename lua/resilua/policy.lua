@@ -322,4 +322,47 @@ function M.load(name, policy_path)
   return p, err
 end
 
+-- Hot reload.  A slot holds the version in force for one policy file;
+-- clients read slot.current when a call starts, so a call in flight keeps
+-- the version it started with (the core holds a ref on it).
+local slots = {}  -- policy file -> slot
+local watch       -- one inotify watch over every folder that holds a slot
+
+--- Loads the slot's file again; swaps it in only when it loads and
+-- validates (a broken edit keeps the old version; both are logged).
+function M.reload(slot)
+  local p, err = M.load(slot.path, slot.policy_path)
+  if p then slot.current = p end
+  return p ~= nil, err
+end
+
+local function reload_changed(dir, name)
+  for _, slot in pairs(slots) do
+    if slot.dir == dir and slot.file == name then M.reload(slot) end
+  end
+end
+
+--- The slot of a policy (by name or file), loaded and watched on first
+-- use: edits to its file (also saves by rename) and SIGHUP reload it.
+-- Returns the slot { path, current } or nil, message.
+function M.slot(name, policy_path)
+  policy_path = policy_path or M.path()
+  local path = M.find(name, policy_path)
+  if path and slots[path] then return slots[path] end
+  local p, err = M.load(name, policy_path)
+  if not p then return nil, err end
+  local slot = { path = p.path, dir = p.path:match("^(.*)/[^/]*$") or ".",
+                 file = p.path:match("[^/]*$"), policy_path = policy_path, current = p }
+  if not watch then
+    watch = core.watch(reload_changed)
+    core.on_hangup(function()
+      for _, s in pairs(slots) do M.reload(s) end
+    end)
+  end
+  local ok, werr = watch:add(slot.dir)
+  if not ok then io.stderr:write("resilua: cannot watch ", werr, ": no hot reload\n") end
+  slots[p.path] = slot
+  return slot
+end
+
 return M

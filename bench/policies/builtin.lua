@@ -1,0 +1,2 @@
+-- bench: the default recipe through the core's built-in rules (no decide).
+return { name = "bench-builtin" }

@@ -1,0 +1,398 @@
+--- bench/run.lua — `make bench`: prints figures, never fails on slowness.
+--
+--   1. ns per policy decision through core.decide: a Lua `decide` (the
+--      C -> Lua -> C round trip) against the built-in rules, with baselines;
+--   2. calls/s of 64 coroutines against `resilua serve` (the model stub) on
+--      127.0.0.1, and wrk against the same upstream when it is installed;
+--   3. RSS with 1,000 calls in flight against an upstream that delays them.
+--
+-- Runs inside the binary: `build/bin/resilua run bench/run.lua`.  Parts 2
+-- and 3 run in child processes (bench/load.lua, bench/inflight.lua) so that
+-- each starts from a fresh heap; upstreams are separate `resilua serve`
+-- processes, stopped with SIGTERM, and wrapped in `timeout` so that none
+-- outlives a bench killed halfway.  Everything it starts and every temporary
+-- file is cleaned up on the way out, errors included.
+local resilua = require "resilua"
+local core = require "resilua.core"
+local cjson = require "cjson"
+
+local LOAD_SECONDS = 5        -- part 2: measured window (after a 0.5 s warm-up)
+local LOAD_WARMUP_S = 0.5
+local LOAD_CONC = 64
+local INFLIGHT_N = 1000       -- part 3
+local INFLIGHT_SAMPLE_S = 1   -- when RSS is read; the upstream answers after 2 s
+local SAFETY_S = 150          -- no child lives longer than this (timeout(1))
+
+local here = (arg and arg[0] or "bench/run.lua"):match("^(.*)/[^/]*$") or "."
+local bin = core.self_path() or "build/bin/resilua"
+
+--- Small process and file helpers ------------------------------------------
+
+local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
+
+local function argv(list)
+  local out = {}
+  for i, w in ipairs(list) do out[i] = q(w) end
+  return table.concat(out, " ")
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function sh_ok(cmd)
+  local ok = os.execute(cmd)
+  return ok == true
+end
+
+local function sleep(s) resilua.sleep(s) end
+
+local HAVE_TIMEOUT = sh_ok("command -v timeout >/dev/null 2>&1")
+local function guarded(list, secs)
+  if HAVE_TIMEOUT then return ("timeout -k 5 %d %s"):format(secs or SAFETY_S, argv(list)) end
+  return argv(list)
+end
+
+local tmpdir
+local procs = {}   -- background processes still to stop
+
+local function tmp(name) return tmpdir .. "/" .. name end
+
+--- Starts argv in the background (stdout, stderr to files); a watcher shell
+-- records its exit status.  Returns { pid, out, err, status }.
+local function spawn(name, list)
+  local p = { name = name, out = tmp(name .. ".out"), err = tmp(name .. ".err"),
+              pidf = tmp(name .. ".pid"), status = tmp(name .. ".status") }
+  os.execute(("( (exec %s) >%s 2>%s </dev/null & echo $! >%s.tmp; mv %s.tmp %s; wait $!; "
+              .. "echo $? >%s.tmp; mv %s.tmp %s ) >/dev/null 2>&1 &")
+    :format(guarded(list), q(p.out), q(p.err), q(p.pidf), q(p.pidf), q(p.pidf),
+            q(p.status), q(p.status), q(p.status)))
+  for _ = 1, 500 do
+    p.pid = tonumber(read_file(p.pidf) or "")
+    if p.pid then break end
+    sleep(0.01)
+  end
+  if not p.pid then error("could not start " .. name) end
+  procs[#procs + 1] = p
+  return p
+end
+
+local function exit_status(p) return tonumber(read_file(p.status) or "") end
+
+-- The process that does the work: the child of timeout(1), or p itself.
+local function worker_pid(p)
+  if not HAVE_TIMEOUT then return p.pid end
+  local kids = read_file(("/proc/%d/task/%d/children"):format(p.pid, p.pid)) or ""
+  return tonumber(kids:match("%d+")) or p.pid
+end
+
+--- SIGTERM, then SIGKILL after timeout_s.  Returns the exit status or nil.
+local function stop(p, timeout_s)
+  if p.stopped then return p.exit end
+  p.stopped = true
+  local worker = worker_pid(p)
+  if not exit_status(p) then
+    os.execute(("kill -TERM %d 2>/dev/null"):format(p.pid))
+    local deadline = core.now_ms() + (timeout_s or 10) * 1000
+    while not exit_status(p) and core.now_ms() < deadline do sleep(0.02) end
+    if not exit_status(p) then
+      os.execute(("kill -KILL %d %d 2>/dev/null"):format(p.pid, worker))
+      for _ = 1, 100 do
+        if exit_status(p) then break end
+        sleep(0.02)
+      end
+    end
+  end
+  p.exit = exit_status(p)
+  return p.exit
+end
+
+--- Starts `resilua serve` on 127.0.0.1:0 (with `script` if given) and waits
+-- for its `listening on` line.  Returns the process with .url.
+local function start_upstream(name, script)
+  local p = spawn(name, { bin, "serve", "--listen", "127.0.0.1:0", script })
+  local deadline = core.now_ms() + 20000
+  repeat
+    local hostport = (read_file(p.out) or ""):match("listening on (%S+:%d+)\n")
+    if hostport then
+      p.url = "http://" .. hostport
+      p.worker = worker_pid(p)
+      return p
+    end
+    if exit_status(p) then break end
+    sleep(0.02)
+  until core.now_ms() > deadline
+  error(("resilua serve did not start: %s"):format(read_file(p.err) or ""))
+end
+
+--- Runs a bench child script with the binary; returns its decoded JSON line.
+local function run_child(name, script, args, secs)
+  local list = { bin, "run", here .. "/" .. script }
+  for _, a in ipairs(args) do list[#list + 1] = tostring(a) end
+  local out, err = tmp(name .. ".out"), tmp(name .. ".err")
+  local ok = os.execute(("%s >%s 2>%s </dev/null"):format(guarded(list, secs), q(out), q(err)))
+  local line = (read_file(out) or ""):match("[^\n]+")
+  local decoded = line and select(2, pcall(cjson.decode, line))
+  if not ok or type(decoded) ~= "table" then
+    error(("%s failed: %s%s"):format(script, read_file(err) or "", read_file(out) or ""), 0)
+  end
+  return decoded
+end
+
+--- Output -----------------------------------------------------------------
+
+local function row(label, value, note)
+  io.stdout:write(("  %-48s %18s%s\n"):format(label, value, note and ("   " .. note) or ""))
+  io.stdout:flush()
+end
+local function section(title)
+  io.stdout:write("\n", title, "\n")
+  io.stdout:flush()
+end
+local function fmt(x, decimals)
+  if x == nil then return "n/a" end
+  return ("%." .. (decimals or 0) .. "f"):format(x)
+end
+
+--- Part 1: policy decisions ------------------------------------------------
+
+-- ns per iteration of f(n) (which runs n iterations): calibrated to about
+-- 0.2 s a repetition, median of 5 repetitions.
+local function ns_per(f)
+  local n = 1000
+  while true do
+    local t = core.now_ms()
+    f(n)
+    local ms = core.now_ms() - t
+    if ms >= 50 then
+      n = math.max(1000, math.floor(n * 200 / ms))
+      break
+    end
+    n = n * 4
+  end
+  local samples = {}
+  for i = 1, 5 do
+    collectgarbage("collect")
+    local t = core.now_ms()
+    f(n)
+    samples[i] = (core.now_ms() - t) * 1e6 / n
+  end
+  table.sort(samples)
+  return samples[3], n, samples[1], samples[5]
+end
+
+local function part_decide()
+  local policy = resilua.policy
+  local lua_p = assert(policy.load(here .. "/policies/lua_decide.lua"))
+  local builtin_p = assert(policy.load(here .. "/policies/builtin.lua"))
+  local decide = core.decide
+  local A = { attempt = 1, status = 503 }
+
+  -- Both must agree before we time them.
+  local d1, d2 = decide(lua_p.core, A), decide(builtin_p.core, A)
+  assert(d1.retry == true and d2.retry == true, "both policies must retry a 503")
+  assert(decide(lua_p.core, { attempt = 1, status = 404 }).retry == false)
+
+  local empty = function() end
+  local base_ns = ns_per(function(n)
+    for _ = 1, n do empty(lua_p.core, A) end
+  end)
+  local builtin_ns, n_builtin = ns_per(function(n)
+    local c = builtin_p.core
+    for _ = 1, n do decide(c, A) end
+  end)
+  local lua_ns, n_lua, lua_min, lua_max = ns_per(function(n)
+    local c = lua_p.core
+    for _ = 1, n do decide(c, A) end
+  end)
+  -- The decide body alone, called from Lua with an `a` like the one the
+  -- core builds (same fields): what the policy itself costs, no bridge.
+  local fn = lua_p.table.decide
+  local a_full = { attempt = 1, method = "GET", url = "http://127.0.0.1/", status = 503,
+                   headers = {}, latency_ms = 0, elapsed_ms = 0, remaining_ms = 10000,
+                   prev_delay_ms = 200, max_attempts = 4, policy = lua_p.table }
+  local body_ns = ns_per(function(n)
+    for _ = 1, n do fn(a_full) end
+  end)
+
+  section(("1. policy decision: core.decide(policy.core, {attempt=1, status=503}), "
+           .. "median of 5 runs of ~0.2 s"))
+  row("empty Lua function call (loop baseline)", fmt(base_ns, 1) .. " ns/iter")
+  row("built-in rules (policy without decide)", fmt(builtin_ns) .. " ns/decision",
+      ("n=%d"):format(n_builtin))
+  row("Lua decide (resilua.backoff)", fmt(lua_ns) .. " ns/decision",
+      ("n=%d, runs %.0f-%.0f"):format(n_lua, lua_min, lua_max))
+  row("ratio Lua decide / built-in", fmt(lua_ns / builtin_ns, 2) .. " x")
+  row("C -> Lua -> C round trip (Lua - built-in)", fmt(lua_ns - builtin_ns) .. " ns/decision")
+  row("  of which the decide body, called from Lua", fmt(body_ns) .. " ns/call")
+  row("  so the bridge itself (build a, pcall, read)", fmt(lua_ns - builtin_ns - body_ns) .. " ns/decision")
+  io.stdout:write("  note: both core.decide rows also pay the harness: reading the Lua table into\n"
+               .. "  an attempt (~12 lookups) and returning a 4-field result table; the Lua row\n"
+               .. "  minus the built-in row cancels it.  The bridge builds `a` (~14 fields plus\n"
+               .. "  a headers table), sets the instruction-limit hook, pcalls, validates the\n"
+               .. "  returned table.  Real calls pay it only after a failed attempt.\n")
+end
+
+--- Part 2: calls/s ---------------------------------------------------------
+
+local function get_stats(url)
+  local client = resilua.client{ policy = here .. "/policies/load.lua" }
+  local res = client:call{ url = url .. "/_stats" }
+  return res and select(2, pcall(cjson.decode, res.body)) or nil
+end
+
+local function parse_wrk(text)
+  local r = { rps = tonumber(text:match("Requests/sec:%s*([%d%.]+)")),
+              requests = tonumber(text:match("(%d+) requests in")),
+              non2xx = tonumber(text:match("Non%-2xx or 3xx responses:%s*(%d+)")),
+              socket_errors = text:match("Socket errors:%s*([^\n]+)") }
+  local function ms(v, unit)
+    v = tonumber(v)
+    if not v then return nil end
+    return unit == "us" and v / 1000 or unit == "s" and v * 1000 or v
+  end
+  r.p50_ms = ms(text:match("\n%s*50%%%s+([%d%.]+)(%a+)"))
+  r.p99_ms = ms(text:match("\n%s*99%%%s+([%d%.]+)(%a+)"))
+  return r
+end
+
+local function part_load()
+  local up = start_upstream("stub", nil)
+  section(("2. throughput: closed loop, %d concurrent GETs, resilua serve (model stub) on "
+           .. "127.0.0.1, %g s (+%g s warm-up)"):format(LOAD_CONC, LOAD_SECONDS, LOAD_WARMUP_S))
+  local before = get_stats(up.url)
+  local ok, r = pcall(run_child, "load", "load.lua",
+                      { up.url .. "/predict", LOAD_SECONDS, LOAD_CONC, here .. "/policies/load.lua",
+                        up.worker, LOAD_WARMUP_S }, 60)
+  if not ok then
+    stop(up)
+    error(r, 0)
+  end
+  local after = get_stats(up.url)
+  row(("resilua run, %d coroutines (client:call)"):format(LOAD_CONC),
+      fmt(r.calls_per_s) .. " calls/s",
+      ("%d ok, %d errors in %.2f s"):format(r.ok_calls, r.errors, r.window_s))
+  if r.errors > 0 then
+    for why, count in pairs(r.outcomes) do row("  errors: " .. why, tostring(count)) end
+  end
+  row("  latency p50 / p99 / max", ("%s / %s / %s ms"):format(fmt(r.p50_ms, 2), fmt(r.p99_ms, 2),
+                                                             fmt(r.max_ms, 1)))
+  row("  CPU: client / upstream", ("%s%% / %s%%"):format(fmt(r.client_cpu * 100),
+                                                        fmt(r.upstream_cpu and r.upstream_cpu * 100)),
+      "of one core each")
+  row("  client CPU per call", r.ok_calls > 0 and fmt(r.client_cpu * r.window_s / r.ok_calls * 1e6, 1)
+      .. " us" or "n/a")
+  if before and after then
+    row("  upstream saw (/_stats requests)", ("%d"):format(after.requests - before.requests),
+        ("calls made, warm-up included: %d"):format(r.calls_total))
+    -- A client that keeps its connections opens LOAD_CONC of them.
+    local opened = after.connections - before.connections
+    row("  connections opened by the client", ("%d"):format(opened),
+        opened > 2 * LOAD_CONC and ("expected ~%d: connections are being churned"):format(LOAD_CONC)
+        or ("expected ~%d"):format(LOAD_CONC))
+  end
+
+  if sh_ok("command -v wrk >/dev/null 2>&1") then
+    local secs = math.max(1, math.floor(LOAD_SECONDS + 0.5))
+    local cmd = ("wrk -t1 -c%d -d%ds --latency %s"):format(LOAD_CONC, secs, q(up.url .. "/predict"))
+    local out = tmp("wrk.out")
+    os.execute(("%s >%s 2>&1 </dev/null"):format(HAVE_TIMEOUT and ("timeout -k 5 60 " .. cmd) or cmd,
+                                                 q(out)))
+    local text = read_file(out) or ""
+    local w = parse_wrk(text)
+    if w.rps then
+      row(("wrk -t1 -c%d -d%ds, same upstream"):format(LOAD_CONC, secs), fmt(w.rps) .. " req/s",
+          ("%s requests%s%s"):format(tostring(w.requests or "?"),
+            w.non2xx and (", " .. w.non2xx .. " non-2xx") or "",
+            w.socket_errors and (", socket errors: " .. w.socket_errors) or ""))
+      row("  latency p50 / p99", ("%s / %s ms"):format(fmt(w.p50_ms, 2), fmt(w.p99_ms, 2)))
+      row("resilua / wrk", fmt(r.calls_per_s / w.rps, 2) .. " x")
+    else
+      row("wrk", "no result", (text:gsub("\n", " "):sub(1, 60)))
+    end
+  else
+    row("wrk (peer, same upstream)", "not installed", "Debian package wrk")
+  end
+
+  local code = stop(up)
+  if code ~= 0 then row("  upstream exit status after SIGTERM", tostring(code), "expected 0") end
+end
+
+--- Part 3: RSS with calls in flight -------------------------------------------
+
+local function part_inflight()
+  local up = start_upstream("delay", here .. "/upstream_delay.lua")
+  local ok, r = pcall(run_child, "inflight", "inflight.lua",
+                      { up.url, INFLIGHT_N, here .. "/policies/load.lua", INFLIGHT_SAMPLE_S }, 60)
+  local code = stop(up)
+  if not ok then error(r, 0) end
+  local function mib(kib) return kib and fmt(kib / 1024, 1) .. " MiB" or "n/a" end
+  section(("3. memory: %d go'd calls in flight (upstream delays every answer 2000 ms), "
+           .. "VmRSS at t=%g s"):format(INFLIGHT_N, INFLIGHT_SAMPLE_S))
+  local hard = tonumber(r.nofile_hard)
+  row("fd limit (soft / hard)", ("%s / %s"):format(r.nofile_soft, r.nofile_hard),
+      (hard and hard < INFLIGHT_N + 100) and "hard limit below ~1,100: calls may fail for lack of fds"
+      or nil)
+  row("RSS before the calls", mib(r.rss_before_kib),
+      ("Lua heap %.1f MiB, %d fds"):format(r.lua_before_kib / 1024, r.fds_before or -1))
+  row(("RSS with %d calls in flight"):format(INFLIGHT_N - r.done_at_sample), mib(r.rss_inflight_kib),
+      ("Lua heap %.1f MiB, %d fds"):format(r.lua_inflight_kib / 1024, r.fds_inflight or -1))
+  row("  per call in flight", fmt((r.rss_inflight_kib - r.rss_before_kib) / INFLIGHT_N, 1) .. " KiB")
+  row("  peak RSS (VmHWM, whole run)", mib(r.hwm_kib))
+  local fails = {}
+  for why, count in pairs(r.failures) do fails[#fails + 1] = why .. " x" .. count end
+  row("calls succeeded", ("%d / %d"):format(r.ok, r.n),
+      ("in %.2f s%s"):format(r.elapsed_s, #fails > 0 and ("; failed: " .. table.concat(fails, ", ")) or ""))
+  if r.done_at_sample > 0 then
+    row("  WARNING: calls already ended at the sample", tostring(r.done_at_sample))
+  end
+  if code ~= 0 then row("  upstream exit status after SIGTERM", tostring(code), "expected 0") end
+end
+
+--- Main -----------------------------------------------------------------------
+
+local function cpus()
+  local p = io.popen("nproc 2>/dev/null")
+  local n = p:read("l")
+  p:close()
+  return n or "?"
+end
+
+local function main()
+  local p = io.popen("mktemp -d /tmp/resilua-bench.XXXXXX")
+  tmpdir = p:read("l")
+  p:close()
+  assert(tmpdir and tmpdir ~= "", "mktemp -d failed")
+  resilua.log(false)
+  local load = (read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
+  io.stdout:write(("resilua bench — `make bench` (%s run %s/run.lua)\n"
+                   .. "resilua %s, %s CPUs, load average %s at start (figures are noisy on a busy machine)\n")
+                  :format(bin, here, core.version, cpus(), load))
+  io.stdout:flush()
+  local t = core.now_ms()
+  local failed = 0
+  -- Each part on its own: one that breaks does not hide the others.
+  for _, part in ipairs({ part_decide, part_load, part_inflight }) do
+    local ok, err = xpcall(part, debug.traceback)
+    if not ok then
+      failed = failed + 1
+      io.stdout:flush()
+      io.stderr:write("\nbench: a part failed: ", tostring(err), "\n")
+    end
+  end
+  io.stdout:write(("\ntotal %.1f s\n"):format((core.now_ms() - t) / 1000))
+  return failed
+end
+
+local ok, failed = xpcall(main, debug.traceback)
+for _, proc in ipairs(procs) do pcall(stop, proc) end
+if tmpdir and tmpdir:match("^/tmp/resilua%-bench%.") then os.execute("rm -rf " .. q(tmpdir)) end
+if not ok then
+  io.stderr:write("bench: ", tostring(failed), "\n")
+  return 1
+end
+return failed == 0 and 0 or 1
