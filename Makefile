@@ -90,7 +90,10 @@ test-asan:
 	  cat $(ASAN_DIR)/reports/*; echo "sanitizer findings: see above" >&2; exit 1; \
 	else echo "sanitizers: no findings"; fi
 
-bench: all
+# wrk is the peer the figures are compared with.
+bench:
+	$(Q)tools/deps.sh wrk
+	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(BIN) run bench/run.lua
 
 demo: deps

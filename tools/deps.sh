@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages resilua needs to build and test, when they
 # are missing (apt-get update once, then apt-get install -y).  A no-op when
-# everything is there.
+# everything is there.  Extra package names may be given (make bench: wrk).
 set -euo pipefail
 PACKAGES=(gcc make pkg-config liblua5.4-dev lua5.4 libcurl4-openssl-dev
-          lua-cjson lua-busted libhttp-parser-dev curl)
+          lua-cjson lua-busted libhttp-parser-dev curl "$@")
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
