@@ -44,10 +44,12 @@ local function now_ms()
 end
 
 -- Saves src into path the way editors do: write a temporary file, rename.
+-- Returns the time just before the save.
 local function save(path, src)
+  local t = now_ms()
   helpers.write_file(path .. ".tmp", src)
   assert(os.rename(path .. ".tmp", path))
-  return now_ms()
+  return t
 end
 
 describe("hot reload", function()
