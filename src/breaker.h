@@ -1,8 +1,26 @@
 /*
- * breaker — circuit breakers on consecutive failures, keyed (per host by
- * default).  closed → open after `failures` consecutive failed attempts;
- * open → half-open once `open_ms` passed; half-open admits `half_open`
- * probes at a time; a probe success closes, a probe failure reopens.
+ * breaker — circuit breakers, keyed (per host by default), of two kinds:
+ *
+ * - consecutive (the default): closed → open after `failures` consecutive
+ *   failed attempts; half-open admits `half_open` probes at a time; the
+ *   first probe result decides: a success closes, a failure reopens.
+ * - rate (resilience4j's CircuitBreaker, Polly's advanced breaker): the
+ *   last `window_size` attempts (count window) or those of the last
+ *   `window_ms` (time window, RSL_BREAKER_BUCKETS buckets that slide one
+ *   bucket at a time) are kept; once the window holds `minimum_calls`
+ *   (capped at window_size for a count window, as resilience4j does), it
+ *   opens when failures/calls >= failure_rate or, with slow_call_ms > 0,
+ *   slow/calls >= slow_call_rate (slow: latency > slow_call_ms, failed or
+ *   not).  Half-open admits `half_open` probes in all; their results are
+ *   judged with the same thresholds: it reopens as soon as the probes'
+ *   failures (or slow calls) reach the rate whatever the rest return, and
+ *   closes when all `half_open` results are in below it (so with the
+ *   default failure_rate all must succeed only when half_open = 1).
+ *
+ * Both kinds: open → half-open once the open duration passed.  The n-th
+ * opening in a row (n counts openings since the breaker last closed) stays
+ * open open_ms[min(n, open_ms_count) - 1]: a growing break duration.
+ * Windows are cleared on every state change.
  * Uses: nothing.  Time is passed in, so the machine is testable alone.
  */
 #ifndef RSL_BREAKER_H
@@ -16,19 +34,52 @@ typedef enum {
   RSL_BREAKER_HALF_OPEN,
 } rsl_breaker_state;
 
+typedef enum {
+  RSL_BREAKER_CONSECUTIVE,
+  RSL_BREAKER_RATE,
+} rsl_breaker_kind;
+
+#define RSL_BREAKER_OPEN_STEPS 32 /* open durations kept (n = 1..32) */
+#define RSL_BREAKER_BUCKETS 10    /* of a time window */
+#define RSL_BREAKER_MAX_WINDOW 100000 /* calls in a count window */
+
 typedef struct rsl_breaker_conf {
-  int failures;   /* consecutive failures that open it */
-  double open_ms; /* how long it stays open before probing */
-  int half_open;  /* probes admitted at a time when half-open */
+  rsl_breaker_kind kind;
+  int failures; /* consecutive: failures that open it */
+  /* How long it stays open, by opening in a row: a plain value in the
+   * struct (no pointer) so a breaker can outlive the policy it came from. */
+  double open_ms[RSL_BREAKER_OPEN_STEPS];
+  int open_ms_count; /* >= 1 */
+  int half_open;     /* probes: at a time (consecutive), in all (rate) */
+  /* rate only */
+  int time_window;   /* 0: count window of window_size calls */
+  int window_size;
+  double window_ms;
+  int minimum_calls;
+  double failure_rate;   /* 0..1 */
+  double slow_call_ms;   /* 0: no slow-call check */
+  double slow_call_rate; /* 0..1 */
 } rsl_breaker_conf;
+
+typedef struct rsl_breaker_bucket {
+  long long epoch; /* floor(time / bucket width); -1: empty */
+  int calls, failures, slow;
+} rsl_breaker_bucket;
 
 typedef struct rsl_breaker {
   char *key; /* owned */
   rsl_breaker_conf conf;
   rsl_breaker_state state;
   int consecutive_failures;
-  int probes_in_flight;
+  int probes_in_flight; /* consecutive: at a time; rate: admitted in all */
   double opened_at_ms;
+  int opens;  /* openings since it last closed: picks the open duration */
+  int forced; /* held open by rsl_breaker_force until forced otherwise */
+  /* rate: the count window (a ring of outcome bits) or the time window */
+  unsigned char *ring; /* owned; window_size entries, bit 0 failed, 1 slow */
+  int ring_next, ring_len, ring_failures, ring_slow;
+  rsl_breaker_bucket buckets[RSL_BREAKER_BUCKETS];
+  int probe_results, probe_failures, probe_slow; /* rate, half-open */
 } rsl_breaker;
 
 /* A state change, reported so the caller can log it; from == to: none. */
@@ -42,11 +93,23 @@ const char *rsl_breaker_state_name(rsl_breaker_state s);
  * half-open probe, to be passed back to record/release), 0 no. */
 int rsl_breaker_admit(rsl_breaker *b, double now_ms, int *probe,
                       rsl_breaker_change *change);
-/* Records the result of an admitted attempt. */
-void rsl_breaker_record(rsl_breaker *b, int probe, int success, double now_ms,
+/* Records the result of an admitted attempt that took latency_ms. */
+void rsl_breaker_record(rsl_breaker *b, int probe, int success,
+                        double latency_ms, double now_ms,
                         rsl_breaker_change *change);
 /* An admitted attempt ended with no result (cancelled). */
 void rsl_breaker_release(rsl_breaker *b, int probe);
+
+/* Forces the state: "open" holds it open (no probes) until forced again;
+ * "closed" closes it with an empty window; "reset" also forgets how many
+ * times it opened.  0, or -1 on an unknown name. */
+int rsl_breaker_force(rsl_breaker *b, const char *to, double now_ms,
+                      rsl_breaker_change *change);
+
+/* The failures and calls in the window now (rate), or the consecutive
+ * failures and 0 (consecutive). */
+void rsl_breaker_counts(rsl_breaker *b, double now_ms, int *failures,
+                        int *calls);
 
 /* A set of breakers by key; owns them. */
 typedef struct rsl_breakers {
@@ -55,7 +118,8 @@ typedef struct rsl_breakers {
 } rsl_breakers;
 
 /* The breaker for key, created closed with conf when new; NULL on ENOMEM.
- * The pointer stays valid until rsl_breakers_free. */
+ * The pointer stays valid until rsl_breakers_free.  An existing breaker
+ * keeps the conf it was created with (its window is sized by it). */
 rsl_breaker *rsl_breakers_get(rsl_breakers *set, const char *key,
                               const rsl_breaker_conf *conf);
 void rsl_breakers_free(rsl_breakers *set);

@@ -40,6 +40,7 @@ struct rsl_call {
   rsl_timer timer;      /* the wait before the next attempt */
   uint64_t started_ns;
   double prev_delay_ms;
+  double quota_paid; /* what the last retry took from a quota budget */
   rsl_call_result result;
 };
 
@@ -108,9 +109,15 @@ rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
 
 rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
   if (!conf->budget_enabled) return NULL;
-  if (!c->has_budget) {
-    rsl_budget_init(&c->budget, conf->budget_max_tokens,
-                    conf->budget_token_ratio);
+  /* The state carries over reloads, unless the kind of budget changed. */
+  if (!c->has_budget || c->budget.kind != conf->budget_kind) {
+    if (conf->budget_kind == RSL_BUDGET_QUOTA)
+      rsl_budget_init_quota(&c->budget, conf->budget_max_tokens,
+                            conf->budget_retry_cost, conf->budget_timeout_cost,
+                            conf->budget_success_refund);
+    else
+      rsl_budget_init(&c->budget, conf->budget_max_tokens,
+                      conf->budget_token_ratio);
     c->has_budget = 1;
   }
   return &c->budget;
@@ -202,15 +209,25 @@ void rsl_call_cancel_all(rsl_call_env *env) {
   while (env->calls) call_free(env->calls);
 }
 
+/* Logs a transition and runs the policy's on_change hook; a failing hook
+ * changes nothing but the event, which carries its error. */
 static void log_breaker_change(rsl_call *call, rsl_breaker_change ch) {
   if (ch.from == ch.to) return;
+  char *hook_err = NULL;
+  int hook_rc = rsl_policy_breaker_changed(
+      call->policy, call->breaker->key, rsl_breaker_state_name(ch.from),
+      rsl_breaker_state_name(ch.to), &hook_err);
   rsl_event e;
   rsl_event_begin(&e, "breaker");
   rsl_event_str(&e, "key", call->breaker->key);
   rsl_event_str(&e, "from", rsl_breaker_state_name(ch.from));
   rsl_event_str(&e, "to", rsl_breaker_state_name(ch.to));
   rsl_event_str(&e, "client", call->client->name);
+  rsl_event_str(&e, "policy_version", rsl_policy_version(call->policy));
+  if (hook_rc < 0)
+    rsl_event_str(&e, "hook_error", hook_err ? hook_err : "out of memory");
   rsl_event_emit(&e, call->env->log);
+  free(hook_err);
 }
 
 static void finish(rsl_call *call, rsl_outcome outcome) {
@@ -358,7 +375,11 @@ static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
              d->delay_ms, remaining);
     return RSL_OUTCOME_DEADLINE;
   }
-  if (budget && !rsl_budget_allows_retry(budget)) {
+  /* Last: a quota budget takes the retry's cost here, so nothing may
+   * refuse the retry after it. */
+  if (budget && !rsl_budget_take_retry(budget, !res->status &&
+                                                   res->error == RSL_ERR_TIMEOUT,
+                                       &call->quota_paid)) {
     snprintf(d->reason, sizeof d->reason, "budget %.1f/%.0f tokens",
              budget->tokens, budget->max_tokens);
     return RSL_OUTCOME_BUDGET;
@@ -382,14 +403,15 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   } else {
     if (call->breaker) {
       rsl_breaker_change ch;
-      rsl_breaker_record(call->breaker, call->probe, !failure, rsl_now_ms(),
-                         &ch);
+      rsl_breaker_record(call->breaker, call->probe, !failure,
+                         res->latency_ms, rsl_now_ms(), &ch);
       log_breaker_change(call, ch);
     }
     if (budget) rsl_budget_record(budget, !failure);
   }
 
   if (is_success(res->status)) {
+    if (budget) rsl_budget_call_succeeded(budget, call->quota_paid);
     log_attempt(call, "ok", NULL);
     finish(call, RSL_OUTCOME_OK);
     return;

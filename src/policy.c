@@ -26,6 +26,7 @@ struct rsl_policy {
   lua_State *L;   /* main thread */
   int table_ref;  /* the normalized table, given to decide as a.policy */
   int decide_ref; /* LUA_NOREF without decide */
+  int on_change_ref; /* breaker.on_change, LUA_NOREF without one */
   char decide_where[128]; /* "file:line" of decide, for error messages */
 };
 
@@ -46,6 +47,7 @@ void rsl_policy_unref(rsl_policy *p) {
   if (!p || --p->refs > 0) return;
   luaL_unref(p->L, LUA_REGISTRYINDEX, p->table_ref);
   luaL_unref(p->L, LUA_REGISTRYINDEX, p->decide_ref);
+  luaL_unref(p->L, LUA_REGISTRYINDEX, p->on_change_ref);
   conf_free(&p->conf);
   free(p->name);
   free(p->version);
@@ -81,6 +83,14 @@ static double num_field(lua_State *L, int idx, const char *key, double lo,
   return v;
 }
 
+/* t[key], or dflt when it is nil. */
+static double opt_num_field(lua_State *L, int idx, const char *key,
+                            double dflt, double lo, double hi) {
+  int got = lua_getfield(L, idx, key);
+  lua_pop(L, 1);
+  return got == LUA_TNIL ? dflt : num_field(L, idx, key, lo, hi);
+}
+
 static char *str_field(lua_State *L, int idx, const char *key) {
   field(L, idx, key, LUA_TSTRING, 0);
   char *s = strdup(lua_tostring(L, -1));
@@ -101,6 +111,69 @@ static int section(lua_State *L, int idx, const char *key) {
 }
 
 #define MAX_MS 86400000.0 /* a day: anything longer is a typo */
+
+/* open_ms: a number, or the list of durations by opening in a row that
+ * policy.lua computes from a function (the core never calls Lua there). */
+static void read_open_ms(lua_State *L, int s, rsl_breaker_conf *b) {
+  if (lua_getfield(L, s, "open_ms") != LUA_TTABLE) {
+    lua_pop(L, 1);
+    b->open_ms[0] = num_field(L, s, "open_ms", 0, MAX_MS);
+    b->open_ms_count = 1;
+    return;
+  }
+  int list = lua_gettop(L);
+  lua_Integer n = (lua_Integer)lua_rawlen(L, list);
+  if (n < 1 || n > RSL_BREAKER_OPEN_STEPS)
+    luaL_error(L, "policy field 'breaker.open_ms': 1 to %d durations",
+               RSL_BREAKER_OPEN_STEPS);
+  for (lua_Integer i = 1; i <= n; i++) {
+    lua_rawgeti(L, list, i);
+    double v = lua_tonumber(L, -1);
+    if (!lua_isnumber(L, -1) || !(v >= 0 && v <= MAX_MS))
+      luaL_error(L, "policy field 'breaker.open_ms[%d]': expected ms in "
+                 "[0, %f]", (int)i, MAX_MS);
+    b->open_ms[i - 1] = v;
+    lua_pop(L, 1);
+  }
+  b->open_ms_count = (int)n;
+  lua_pop(L, 1);
+}
+
+static void read_breaker(lua_State *L, int s, rsl_breaker_conf *b) {
+  read_open_ms(L, s, b);
+  b->half_open = (int)num_field(L, s, "half_open", 1, 1e6);
+  field(L, s, "kind", LUA_TSTRING, 1);
+  const char *kind = lua_tostring(L, -1);
+  if (kind && strcmp(kind, "rate") == 0) {
+    b->kind = RSL_BREAKER_RATE;
+  } else if (kind && strcmp(kind, "consecutive") != 0) {
+    luaL_error(L, "policy field 'breaker.kind': unknown '%s'", kind);
+  }
+  lua_pop(L, 1);
+  if (b->kind != RSL_BREAKER_RATE) {
+    b->failures = (int)num_field(L, s, "failures", 1, 1e6);
+    return;
+  }
+  field(L, s, "window", LUA_TSTRING, 0);
+  b->time_window = strcmp(lua_tostring(L, -1), "time") == 0;
+  if (!b->time_window && strcmp(lua_tostring(L, -1), "count") != 0)
+    luaL_error(L, "policy field 'breaker.window': expected count or time");
+  lua_pop(L, 1);
+  if (b->time_window)
+    b->window_ms = num_field(L, s, "window_ms", RSL_BREAKER_BUCKETS, MAX_MS);
+  else
+    b->window_size =
+        (int)num_field(L, s, "window_size", 1, RSL_BREAKER_MAX_WINDOW);
+  b->minimum_calls = (int)num_field(L, s, "minimum_calls", 1, 1e6);
+  b->failure_rate = num_field(L, s, "failure_rate", 0.01, 1);
+  b->slow_call_rate = num_field(L, s, "slow_call_rate", 0.01, 1);
+  if (field(L, s, "slow_call_ms", LUA_TNUMBER, 1) == LUA_TNUMBER) {
+    lua_pop(L, 1);
+    b->slow_call_ms = num_field(L, s, "slow_call_ms", 1, MAX_MS);
+  } else {
+    lua_pop(L, 1);
+  }
+}
 
 static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   c->max_attempts = (int)num_field(L, t, "max_attempts", 1, 100);
@@ -170,9 +243,7 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   if (section(L, t, "breaker")) {
     int s = lua_gettop(L);
     c->breaker_enabled = 1;
-    c->breaker.failures = (int)num_field(L, s, "failures", 1, 1e6);
-    c->breaker.open_ms = num_field(L, s, "open_ms", 0, MAX_MS);
-    c->breaker.half_open = (int)num_field(L, s, "half_open", 1, 1e6);
+    read_breaker(L, s, &c->breaker);
     field(L, s, "key", LUA_TSTRING, 0);
     const char *key = lua_tostring(L, -1);
     c->breaker_key = strcmp(key, "url") == 0      ? RSL_BREAKER_KEY_URL
@@ -186,6 +257,20 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
     c->budget_enabled = 1;
     c->budget_max_tokens = num_field(L, s, "max_tokens", 1, 1e9);
     c->budget_token_ratio = num_field(L, s, "token_ratio", 0, 1e9);
+    /* kind = "quota": the AWS retry quota; its costs default to the SDKs'
+     * (5 a retry, 10 after a timeout, 1 back for a call without retries). */
+    c->budget_kind = RSL_BUDGET_BUCKET;
+    if (field(L, s, "kind", LUA_TSTRING, 1) == LUA_TSTRING) {
+      const char *kind = lua_tostring(L, -1);
+      if (strcmp(kind, "quota") == 0) c->budget_kind = RSL_BUDGET_QUOTA;
+      else if (strcmp(kind, "bucket") != 0)
+        luaL_error(L, "policy field 'budget.kind': unknown '%s'", kind);
+    }
+    lua_pop(L, 1);
+    c->budget_retry_cost = opt_num_field(L, s, "retry_cost", 5, 0, 1e9);
+    c->budget_timeout_cost = opt_num_field(L, s, "timeout_cost", 10, 0, 1e9);
+    c->budget_success_refund =
+        opt_num_field(L, s, "success_refund", 1, 0, 1e9);
     lua_pop(L, 1);
   }
 }
@@ -221,12 +306,17 @@ int rsl_policy_push_new(lua_State *L, int idx) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   p->L = lua_tothread(L, -1);
   lua_pop(L, 1);
-  p->table_ref = p->decide_ref = LUA_NOREF;
+  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
   box->p = p;
 
   p->name = str_field(L, idx, "name");
   p->version = str_field(L, idx, "version");
   read_conf(L, idx, &p->conf);
+  int top = lua_gettop(L);
+  if (lua_getfield(L, idx, "breaker") == LUA_TTABLE &&
+      lua_getfield(L, -1, "on_change") == LUA_TFUNCTION)
+    p->on_change_ref = luaL_ref(L, LUA_REGISTRYINDEX); /* pops it */
+  lua_settop(L, top);
   if (field(L, idx, "decide", LUA_TFUNCTION, 1) == LUA_TFUNCTION) {
     lua_Debug ar;
     lua_pushvalue(L, -1);
@@ -421,6 +511,45 @@ int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
   } else {
     d->exhausted = 0;
     rc = read_decision(L, p, d, err);
+  }
+  lua_settop(L, top);
+  return rc;
+}
+
+/* --- breaker hook -------------------------------------------------------- */
+
+/* Pushes the hook and its arguments inside rsl_luacall, so that even an
+ * out-of-memory error while pushing is caught. */
+static int call_on_change(lua_State *L) {
+  const rsl_policy *p = lua_touserdata(L, 1);
+  const char *key = lua_touserdata(L, 2), *from = lua_touserdata(L, 3),
+             *to = lua_touserdata(L, 4);
+  lua_settop(L, 0);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, p->on_change_ref);
+  lua_pushstring(L, key);
+  lua_pushstring(L, from);
+  lua_pushstring(L, to);
+  lua_call(L, 3, 0);
+  return 0;
+}
+
+int rsl_policy_breaker_changed(rsl_policy *p, const char *key,
+                               const char *from, const char *to, char **err) {
+  *err = NULL;
+  if (p->on_change_ref == LUA_NOREF) return 0;
+  lua_State *L = p->L;
+  int top = lua_gettop(L);
+  if (!lua_checkstack(L, 8)) return -1;
+  lua_pushcfunction(L, call_on_change);
+  lua_pushlightuserdata(L, p);
+  lua_pushlightuserdata(L, (void *)key);
+  lua_pushlightuserdata(L, (void *)from);
+  lua_pushlightuserdata(L, (void *)to);
+  int rc = 0;
+  if (rsl_luacall(L, 4, 0, RSL_POLICY_INSTRUCTION_LIMIT) != LUA_OK) {
+    const char *msg = lua_tostring(L, -1);
+    *err = strndup(msg, strcspn(msg, "\n"));
+    rc = -1;
   }
   lua_settop(L, top);
   return rc;

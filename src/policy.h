@@ -15,6 +15,7 @@
 #include <stddef.h>
 
 #include "breaker.h"
+#include "budget.h"
 #include "jitter.h"
 #include "transport.h"
 
@@ -42,7 +43,9 @@ typedef struct rsl_policy_conf {
   rsl_breaker_conf breaker;
   rsl_breaker_key breaker_key;
   int budget_enabled;
+  rsl_budget_kind budget_kind;
   double budget_max_tokens, budget_token_ratio;
+  double budget_retry_cost, budget_timeout_cost, budget_success_refund;
   size_t max_response_bytes;
 } rsl_policy_conf;
 
@@ -91,6 +94,12 @@ int rsl_policy_push_new(struct lua_State *L, int idx);
 void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);
 /* The version held by the userdata at idx (raises if it is not one). */
 rsl_policy *rsl_policy_check(struct lua_State *L, int idx);
+
+/* Calls the policy's breaker.on_change(key, from, to), if it has one, under
+ * the policy instruction limit.  0, or -1 when it failed: *err then holds a
+ * malloc'd message (or NULL when out of memory), owned by the caller. */
+int rsl_policy_breaker_changed(rsl_policy *p, const char *key,
+                               const char *from, const char *to, char **err);
 
 /* The built-in rules alone (what `decide` overrides). */
 void rsl_policy_decide_builtin(const rsl_policy_conf *c,

@@ -259,7 +259,11 @@ static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   case CURLE_OK:
     return RSL_ERR_NONE;
   case CURLE_OPERATION_TIMEDOUT:
+    /* A reused keep-alive connection reads a connect time of 0, but it was
+     * connected: the request went out (pretransfer time set). */
     curl_easy_getinfo(a->easy, CURLINFO_CONNECT_TIME_T, &connect_us);
+    if (connect_us == 0)
+      curl_easy_getinfo(a->easy, CURLINFO_PRETRANSFER_TIME_T, &connect_us);
     return connect_us > 0 ? RSL_ERR_TIMEOUT : RSL_ERR_CONNECT;
   case CURLE_COULDNT_CONNECT:
   case CURLE_COULDNT_RESOLVE_PROXY:

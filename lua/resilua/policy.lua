@@ -45,11 +45,22 @@ local RULES = {
   idempotency = { "section", optional = true, fields = {
     header = { "token" }, methods = { "list", "token" } } },
   breaker = { "section", optional = true, fields = {
-    failures = { "integer", 1, 1000000 }, open_ms = ms(),
+    kind = { "choice", consecutive = true, rate = true },  -- rate: resilience4j / Polly
+    failures = { "integer", 1, 1000000 },
+    open_ms = { "duration" },  -- ms, a list of ms, or function(n) -> ms for the n-th opening
     half_open = { "integer", 1, 1000000 },
-    key = { "choice", host = true, url = true, global = true } } },
+    key = { "choice", host = true, url = true, global = true },
+    window = { "choice", count = true, time = true },
+    window_size = { "integer", 1, 100000 }, window_ms = ms(10),
+    minimum_calls = { "integer", 1, 1000000 },
+    failure_rate = { "number", 0.01, 1 },
+    slow_call_ms = ms(1), slow_call_rate = { "number", 0.01, 1 },
+    on_change = { "function" } } },  -- on_change(key, from, to) on every transition
   budget = { "section", optional = true, fields = {
-    max_tokens = { "number", 1, 1e9 }, token_ratio = { "number", 0, 1e9 } } },
+    kind = { "choice", bucket = true, quota = true },  -- quota: the AWS SDKs' retry quota
+    max_tokens = { "number", 1, 1e9 }, token_ratio = { "number", 0, 1e9 },
+    retry_cost = { "number", 0, 1e9 }, timeout_cost = { "number", 0, 1e9 },
+    success_refund = { "number", 0, 1e9 } } },
 }
 
 --- Edit distance, for "did you mean".
@@ -86,6 +97,8 @@ local function line_of(src, key)
   return nil
 end
 
+local OPEN_STEPS = 32  -- RSL_BREAKER_OPEN_STEPS: durations the core keeps
+
 local function check_value(rule, v, what)
   local kind = rule[1]
   if kind == "integer" or kind == "number" then
@@ -104,6 +117,20 @@ local function check_value(rule, v, what)
       for k in pairs(choices) do if type(k) == "string" and k ~= "choices" then names[#names + 1] = k end end
       table.sort(names)
       return ("%s must be one of %s, got %s"):format(what, table.concat(names, ", "), tostring(v))
+    end
+  elseif kind == "duration" then
+    -- A break duration: ms, a list of ms by opening in a row (the last
+    -- repeats), or function(n) -> ms, resolved at load (see open_steps).
+    if type(v) == "table" then
+      if #v < 1 or #v > OPEN_STEPS then
+        return ("%s must list 1 to %d durations"):format(what, OPEN_STEPS)
+      end
+      for i, d in ipairs(v) do
+        local err = check_value(ms(), d, ("%s[%d]"):format(what, i))
+        if err then return err end
+      end
+    elseif type(v) ~= "function" then
+      return check_value(ms(), v, what)
     end
   elseif kind == "token" then
     if type(v) ~= "string" or not v:match("^[%w!#$%%&'*+.^_`|~-]+$") then
@@ -201,15 +228,22 @@ end
 
 --- A fresh environment for one policy: safe libraries only, `require`
 -- limited to resilua helpers and the policy path, globals declared only.
-local function sandbox(policy_path)
+local function sandbox(policy_path, chain, file)
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _G[name] end
   env.string, env.table, env.math, env.utf8 =
     frozen_copy(string), frozen_copy(table), frozen_copy(math), frozen_copy(utf8)
   env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
   local loaded = {}
+  -- resilua.policy as a policy sees it: extend() bound to this policy path.
+  local policy_view = setmetatable({
+    extend = function(base, overrides)
+      return M.extend(base, overrides, policy_path, chain, file)
+    end,
+  }, { __index = M })
   env.require = function(name)
     if type(name) ~= "string" then error("require: expected a module name", 2) end
+    if name == "resilua.policy" then return policy_view end
     if SANDBOX_MODULES[name] then return require(name) end
     if loaded[name] ~= nil then return loaded[name] end
     local path = M.find(name, policy_path)
@@ -275,6 +309,65 @@ function M.find(name, policy_path)
   end
 end
 
+-- The quota's costs mean nothing to a token bucket: say so rather than
+-- ignore them.
+local QUOTA_ONLY = { "retry_cost", "timeout_cost", "success_refund" }
+local function check_budget_kind(b)
+  if type(b) ~= "table" or b.kind == "quota" then return end
+  for _, k in ipairs(QUOTA_ONLY) do
+    if b[k] ~= nil then return ("budget.%s needs budget.kind = \"quota\""):format(k), k end
+  end
+end
+
+-- A rate breaker's fields, and the defaults it takes (resilience4j's,
+-- with a 60 s time window); the consecutive kind keeps M.DEFAULTS.breaker.
+local RATE_ONLY = { "window", "window_size", "window_ms", "minimum_calls", "failure_rate",
+                    "slow_call_ms", "slow_call_rate" }
+local RATE_DEFAULTS = { window = "count", minimum_calls = 100, failure_rate = 0.5,
+                        slow_call_rate = 1.0 }
+local WINDOW_DEFAULTS = { count = { window_size = 100 }, time = { window_ms = 60000 } }
+
+-- Fields that belong to another breaker kind or window: message, key.
+local function check_breaker_kind(b)
+  if type(b) ~= "table" then return end
+  if b.kind ~= "rate" then
+    for _, k in ipairs(RATE_ONLY) do
+      if b[k] ~= nil then return ("breaker.%s needs breaker.kind = \"rate\""):format(k), k end
+    end
+    return
+  end
+  if b.failures ~= nil then
+    return "breaker.failures is for the consecutive kind; a rate breaker uses failure_rate", "failures"
+  end
+  local window = b.window or "count"
+  local other = window == "count" and "window_ms" or "window_size"
+  if b[other] ~= nil then
+    return ("breaker.%s does not apply to a %s window"):format(other, window), other
+  end
+end
+
+-- Fills a rate breaker's defaults and turns a function open_ms into the
+-- list of durations for openings 1..OPEN_STEPS (the core keeps the last
+-- for later ones): the C breaker never calls Lua.  Returns nil or a message.
+local function finish_breaker(b)
+  if type(b) ~= "table" then return end
+  if b.kind == "rate" then
+    b.failures = nil  -- merged from M.DEFAULTS; says nothing to this kind
+    for k, v in pairs(RATE_DEFAULTS) do if b[k] == nil then b[k] = v end end
+    for k, v in pairs(WINDOW_DEFAULTS[b.window]) do if b[k] == nil then b[k] = v end end
+  end
+  if type(b.open_ms) ~= "function" then return end
+  local f, steps = b.open_ms, {}
+  for n = 1, OPEN_STEPS do
+    local ok, d = core.pcall(1000000, f, n)
+    if not ok then return ("breaker.open_ms(%d) failed: %s"):format(n, (tostring(d):gsub("\n.*", ""))) end
+    local err = check_value(ms(), d, ("breaker.open_ms(%d)"):format(n))
+    if err then return err end
+    steps[n] = d
+  end
+  b.open_ms = steps
+end
+
 --- Validates a policy table; returns the normalized table or nil, message
 -- with path:line.
 function M.validate(t, path, src)
@@ -282,10 +375,70 @@ function M.validate(t, path, src)
     return nil, ("%s: a policy must return a table, got %s"):format(path, type(t))
   end
   local err, key = check_fields(t, RULES, "")
+  if not err then err, key = check_budget_kind(t.budget) end
+  if not err then err, key = check_breaker_kind(t.breaker) end
   if err then
     return nil, ("%s:%d: %s"):format(path, line_of(src or "", tostring(key)) or 1, err)
   end
-  return normalize(t)
+  local norm = normalize(t)
+  err = finish_breaker(norm.breaker)
+  if err then
+    return nil, ("%s:%d: %s"):format(path, line_of(src or "", "open_ms") or 1, err)
+  end
+  return norm
+end
+
+-- A list (or an empty table) replaces; a section (string keys) merges.
+local function is_section(v)
+  return type(v) == "table" and next(v) ~= nil and v[1] == nil
+end
+
+local function deep_merge(base, overrides)
+  local out = copy(base)
+  for k, v in pairs(overrides) do
+    if is_section(v) and is_section(out[k]) then
+      out[k] = deep_merge(out[k], v)
+    else
+      out[k] = copy(v)
+    end
+  end
+  return out
+end
+
+--- A policy built on another: `return require("resilua.policy").extend(
+-- "default", { max_attempts = 3 })` in a policy file.  Loads BASE_NAME
+-- from the policy path (in a sandbox of its own), checks it, and returns
+-- it deep-merged with overrides: sections merge field by field, lists and
+-- plain values replace, `false` turns a section off.  The base's `name`
+-- and `tests` describe the base, so they are not inherited.  The loader
+-- validates the result as usual.  Internal arguments: `chain` holds the
+-- base files being loaded above this one (against cycles), `file` the
+-- policy file that calls extend (for messages: a policy's `return
+-- extend(...)` is a tail call, so error levels cannot find it).
+function M.extend(base_name, overrides, policy_path, chain, file)
+  local function fail(msg) error(("%s: extend: %s"):format(file or "?", msg), 0) end
+  if type(base_name) ~= "string" then fail("expected a base policy name") end
+  if overrides ~= nil and type(overrides) ~= "table" then fail("overrides must be a table") end
+  policy_path = policy_path or M.path()
+  local path = M.find(base_name, policy_path)
+  if not path then
+    fail(("base policy '%s' not found (looked in %s)"):format(base_name, table.concat(policy_path, ", ")))
+  end
+  if chain and chain[path] then fail(("%s is already being extended (a cycle)"):format(path)) end
+  local sub = copy(chain or {})
+  sub[path] = true
+  local f = assert(io.open(path, "rb"))
+  local src = f:read("a")
+  f:close()
+  local chunk, err = load(src, "@" .. path, "t", sandbox(policy_path, sub, path))
+  if not chunk then error(err, 0) end
+  local base = chunk()
+  local _, verr = M.validate(base, path, src)
+  if verr then fail(verr) end
+  local out = deep_merge(base, overrides or {})
+  if overrides == nil or overrides.name == nil then out.name = nil end
+  if overrides == nil or overrides.tests == nil then out.tests = nil end
+  return out
 end
 
 --- Loads a policy by name or file.  Returns a policy object
@@ -302,7 +455,7 @@ local function load_policy(name, policy_path)
   if not f then return nil, open_err end
   local src = f:read("a")
   f:close()
-  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path))
+  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path))
   if not chunk then return nil, syntax_err end
   local ok, t = core.pcall(100 * 1000000, chunk)
   if not ok then return nil, t end
@@ -332,7 +485,9 @@ local watch       -- one inotify watch over every folder that holds a slot
 -- validates (a broken edit keeps the old version; both are logged).
 function M.reload(slot)
   local p, err = M.load(slot.path, slot.policy_path)
-  if p then slot.current = p end
+  -- The same source is the same version: keep the one in force (and the
+  -- state its functions hold).
+  if p and p.version ~= slot.current.version then slot.current = p end
   return p ~= nil, err
 end
 

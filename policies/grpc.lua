@@ -1,0 +1,145 @@
+-- grpc — gRPC client retries as gRFC A6 defines them
+-- (https://github.com/grpc/proposal/blob/master/A6-client-retries.md),
+-- over HTTP:
+--
+-- - retryPolicy: maxAttempts (values over 5 are treated as 5, as A6 says),
+--   initialBackoff, maxBackoff, backoffMultiplier.  The delay before retry
+--   n is random(0, min(initialBackoff * backoffMultiplier^(n-1), maxBackoff)).
+-- - retryableStatusCodes: gRPC codes, mapped to what stands for them over
+--   plain HTTP (CODES below).  The HTTP statuses follow Google's
+--   google.rpc.Code <-> HTTP mapping (UNAVAILABLE = 503, RESOURCE_EXHAUSTED
+--   = 429, DEADLINE_EXCEEDED = 504, ...), plus 502, which gRPC itself reads
+--   as UNAVAILABLE (doc/http-grpc-status-mapping.md); a connection that
+--   fails or resets is UNAVAILABLE, a per-try timeout DEADLINE_EXCEEDED.
+-- - Retry throttling (maxTokens, tokenRatio) is resilua's token-bucket
+--   budget, which implements exactly A6's rule (-1 per failure, +tokenRatio
+--   per success, retry only while tokens > maxTokens / 2).
+-- - Server pushback: a `grpc-retry-pushback-ms` header with a non-negative
+--   integer means "retry after exactly that many ms" (instead of backoff);
+--   a negative or malformed value means "do not retry".  Pushback never
+--   makes a non-retryable code retryable.
+--
+-- Not modelled: hedging, transparent retries, and A6's reset of the
+-- backoff exponent after a pushback (decide sees only the attempt number).
+-- gRPC has no per-try timeout and no breaker, so neither does this policy.
+local backoff = require "resilua.backoff"
+
+-- gRPC's defaults are for you to set; these are the values of A6's examples.
+local RETRY_POLICY = {
+  maxAttempts = 4,
+  initialBackoff_ms = 100,
+  maxBackoff_ms = 1000,
+  backoffMultiplier = 2,
+  retryableStatusCodes = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" },
+}
+local RETRY_THROTTLING = { maxTokens = 10, tokenRatio = 0.1 }
+local DEADLINE_MS = 10000
+
+-- gRPC code -> the HTTP statuses and error classes that stand for it here.
+local CODES = {
+  CANCELLED           = { status = { 499 } },
+  UNKNOWN             = { status = {} },
+  INVALID_ARGUMENT    = { status = { 400 } },
+  DEADLINE_EXCEEDED   = { status = { 504 }, errors = { "timeout" } },
+  NOT_FOUND           = { status = { 404 } },
+  ALREADY_EXISTS      = { status = {} },            -- 409 is ABORTED's
+  PERMISSION_DENIED   = { status = { 403 } },
+  RESOURCE_EXHAUSTED  = { status = { 429 } },
+  FAILED_PRECONDITION = { status = {} },            -- 400 is INVALID_ARGUMENT's
+  ABORTED             = { status = { 409 } },
+  OUT_OF_RANGE        = { status = {} },
+  UNIMPLEMENTED       = { status = { 501 } },
+  INTERNAL            = { status = { 500 } },
+  UNAVAILABLE         = { status = { 502, 503 }, errors = { "connect", "reset", "dns" } },
+  DATA_LOSS           = { status = {} },
+  UNAUTHENTICATED     = { status = { 401 } },
+}
+
+local retryable = {}
+local retry_status, retry_errors = {}, {}
+for _, name in ipairs(RETRY_POLICY.retryableStatusCodes) do
+  local code = assert(CODES[name], "unknown gRPC code " .. name)
+  retryable[name] = true
+  for _, s in ipairs(code.status) do retry_status[#retry_status + 1] = s end
+  for _, e in ipairs(code.errors or {}) do retry_errors[#retry_errors + 1] = e end
+end
+
+-- The gRPC code an attempt stands for (nil when none does).
+local function code_of(a)
+  for name, code in pairs(CODES) do
+    for _, s in ipairs(code.status) do
+      if a.status == s then return name end
+    end
+    for _, e in ipairs(code.errors or {}) do
+      if a.error == e then return name end
+    end
+  end
+end
+
+local MAX_DELAY_MS = 86400000  -- the core's limit on a delay
+
+local function decide(a)
+  local code = code_of(a)
+  local what = a.status and ("status " .. a.status) or ("error " .. tostring(a.error))
+  if not (code and retryable[code]) then
+    return { retry = false, reason = ("%s (%s) is not retryable"):format(what, code or "no gRPC code") }
+  end
+  local pushback = a.headers and a.headers["grpc-retry-pushback-ms"]
+  if pushback then
+    local ms = pushback:match("^%s*(%-?%d+)%s*$")
+    ms = ms and tonumber(ms)
+    if not ms or ms < 0 then
+      return { retry = false, reason = ("server pushback '%s': do not retry"):format(pushback) }
+    end
+    return { retry = true, delay_ms = math.min(ms, MAX_DELAY_MS),
+             reason = ("server pushback %d ms"):format(ms) }
+  end
+  local cap = math.min(RETRY_POLICY.initialBackoff_ms
+                       * RETRY_POLICY.backoffMultiplier ^ (a.attempt - 1),
+                       RETRY_POLICY.maxBackoff_ms)
+  return { retry = true, delay_ms = backoff.full(cap, 1, cap),   -- random(0, cap)
+           reason = ("%s (%s) is retryable, backoff up to %.0f ms"):format(what, code, cap) }
+end
+
+return {
+  name = "grpc",
+  max_attempts = math.min(RETRY_POLICY.maxAttempts, 5),
+  per_try_timeout_ms = DEADLINE_MS,   -- gRPC's deadline covers the whole RPC
+  deadline_ms = DEADLINE_MS,
+  backoff = { base_ms = RETRY_POLICY.initialBackoff_ms, max_ms = RETRY_POLICY.maxBackoff_ms,
+              jitter = "full" },
+  retry_on = { status = retry_status, errors = retry_errors },
+  retry_after = false,                -- gRPC pushes back with its own header
+  breaker = false,
+  budget = { max_tokens = RETRY_THROTTLING.maxTokens, token_ratio = RETRY_THROTTLING.tokenRatio },
+  decide = decide,
+
+  tests = {
+    { name = "UNAVAILABLE (503) is retried within initialBackoff",
+      attempt = { attempt = 1, status = 503 }, expect = { retry = true, delay_ms = { 0, 100 } } },
+    { name = "the backoff grows by backoffMultiplier",
+      attempt = { attempt = 3, status = 503 }, expect = { retry = true, delay_ms = { 0, 400 } } },
+    { name = "the backoff is capped at maxBackoff",
+      attempt = { attempt = 5, status = 502 }, expect = { retry = true, delay_ms = { 0, 1000 } } },
+    { name = "RESOURCE_EXHAUSTED (429) is retried",
+      attempt = { attempt = 1, status = 429 }, expect = { retry = true } },
+    { name = "a refused connection is UNAVAILABLE",
+      attempt = { attempt = 1, error = "connect" }, expect = { retry = true } },
+    { name = "INTERNAL (500) is not retried",
+      attempt = { attempt = 1, status = 500 }, expect = { retry = false } },
+    { name = "DEADLINE_EXCEEDED (timeout) is not retried",
+      attempt = { attempt = 1, error = "timeout" }, expect = { retry = false } },
+    { name = "pushback sets the delay",
+      attempt = { attempt = 1, status = 503, headers = { ["grpc-retry-pushback-ms"] = "250" } },
+      expect = { retry = true, delay_ms = { 250, 250 } } },
+    { name = "a negative pushback stops the retries",
+      attempt = { attempt = 1, status = 503, headers = { ["grpc-retry-pushback-ms"] = "-1" } },
+      expect = { retry = false } },
+    { name = "a malformed pushback stops the retries",
+      attempt = { attempt = 1, status = 503, headers = { ["grpc-retry-pushback-ms"] = "soon" } },
+      expect = { retry = false } },
+    { name = "pushback does not make INTERNAL retryable",
+      attempt = { attempt = 1, status = 500, headers = { ["grpc-retry-pushback-ms"] = "10" } },
+      expect = { retry = false } },
+  },
+}
