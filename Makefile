@@ -95,6 +95,7 @@ bench:
 	$(Q)tools/deps.sh wrk
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(BIN) run bench/run.lua
+	$(Q)$(BIN) run bench/batch.lua
 
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all

@@ -392,6 +392,23 @@ static int core_self_path(lua_State *L) {
   return 1;
 }
 
+/* core.fsync(file) -> true | nil, message: the file's data reaches the
+ * disk (io has no fsync; the batch ledger needs one). */
+static int core_fsync(lua_State *L) {
+  luaL_Stream *stream = luaL_checkudata(L, 1, LUA_FILEHANDLE);
+  if (!stream->closef) return luaL_argerror(L, 1, "file is closed");
+  if (fflush(stream->f) != 0 || fsync(fileno(stream->f)) != 0)
+    return luaL_fileresult(L, 0, NULL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.isatty(fd) -> whether the descriptor is a terminal (progress bars). */
+static int core_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
 /* --- policies and clients ------------------------------------------------ */
 
 static int core_policy(lua_State *L) { return rsl_policy_push_new(L, 1); }
@@ -423,16 +440,55 @@ static int core_client(lua_State *L) {
   return 1;
 }
 
-/* client:breaker(policy, url) -> state, consecutive failures | nil */
+/* client:breaker(policy, url) -> state, consecutive failures | nil; a rate
+ * breaker: state, failures in the window, calls in the window. */
 static int client_breaker(lua_State *L) {
   rsl_client *c = check_client(L, 1);
   rsl_policy *p = rsl_policy_check(L, 2);
   rsl_breaker *b =
       rsl_client_breaker(c, rsl_policy_conf_of(p), luaL_checkstring(L, 3));
   if (!b) return 0;
+  int failures, calls;
+  rsl_breaker_counts(b, rsl_now_ms(), &failures, &calls);
   lua_pushstring(L, rsl_breaker_state_name(b->state));
-  lua_pushinteger(L, b->consecutive_failures);
-  return 2;
+  lua_pushinteger(L, failures);
+  if (b->conf.kind != RSL_BREAKER_RATE) return 2;
+  lua_pushinteger(L, calls);
+  return 3;
+}
+
+/* client:force_breaker(policy, url, "open" | "closed" | "reset") -> state
+ * | nil (no breaker for url).  A change is logged like any other. */
+static int client_force_breaker(lua_State *L) {
+  static const char *const TARGETS[] = {"open", "closed", "reset", NULL};
+  rsl_client *c = check_client(L, 1);
+  rsl_policy *p = rsl_policy_check(L, 2);
+  const char *url = luaL_checkstring(L, 3);
+  const char *to = TARGETS[luaL_checkoption(L, 4, NULL, TARGETS)];
+  rsl_breaker *b = rsl_client_breaker(c, rsl_policy_conf_of(p), url);
+  if (!b) return 0;
+  rsl_breaker_change ch;
+  rsl_breaker_force(b, to, rsl_now_ms(), &ch);
+  if (ch.from != ch.to) {
+    char *hook_err = NULL;
+    int hook_rc = rsl_policy_breaker_changed(
+        p, b->key, rsl_breaker_state_name(ch.from),
+        rsl_breaker_state_name(ch.to), &hook_err);
+    rsl_event e;
+    rsl_event_begin(&e, "breaker");
+    rsl_event_str(&e, "key", b->key);
+    rsl_event_str(&e, "from", rsl_breaker_state_name(ch.from));
+    rsl_event_str(&e, "to", rsl_breaker_state_name(ch.to));
+    rsl_event_str(&e, "client", c->name);
+    rsl_event_str(&e, "forced", to);
+    rsl_event_str(&e, "policy_version", rsl_policy_version(p));
+    if (hook_rc < 0)
+      rsl_event_str(&e, "hook_error", hook_err ? hook_err : "out of memory");
+    rsl_event_emit(&e, rsl_core_runtime(L)->calls.log);
+    free(hook_err);
+  }
+  lua_pushstring(L, rsl_breaker_state_name(b->state));
+  return 1;
 }
 
 /* client:budget(policy) -> tokens, max_tokens | nil */
@@ -636,6 +692,8 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"on_hangup", core_on_hangup},
     {"watch", core_watch},
     {"self_path", core_self_path},
+    {"fsync", core_fsync},
+    {"isatty", core_isatty},
     {"policy", core_policy},
     {"client", core_client},
     {"call", core_call},
@@ -651,6 +709,7 @@ static const luaL_Reg WATCH_METHODS[] = {
 
 static const luaL_Reg CLIENT_METHODS[] = {
     {"breaker", client_breaker},
+    {"force_breaker", client_force_breaker},
     {"budget", client_budget},
     {NULL, NULL},
 };

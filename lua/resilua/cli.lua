@@ -9,7 +9,7 @@ local core = require "resilua.core"
 local M = {}
 
 local EXIT = { ok = 0, script_error = 1, usage = 2, failed = 3, gave_up = 4, deadline = 4,
-               budget = 4, breaker_open = 5, policy_error = 2 }
+               budget = 4, breaker_open = 5, policy_error = 2, some_failed = 6 }
 M.EXIT = EXIT
 
 local USAGE = [[
@@ -21,13 +21,16 @@ Commands:
   serve [--listen HOST:PORT] [SCRIPT.lua]
                               the scriptable upstream
   check POLICY...             load and validate policies; run their self-tests
+  batch --in FILE --out FILE URL
+                              batch inference: resumable, each item done once
 
 Options:
   -h, --help                  this text; `resilua COMMAND --help` for one command
   --version                   print the version
 
 Exit codes: 0 ok, 1 script error, 2 usage or configuration error,
-3 failed (not retriable), 4 gave up (attempts, deadline or budget), 5 breaker open.
+3 failed (not retriable), 4 gave up (attempts, deadline or budget), 5 breaker open,
+6 a batch finished with some items failed.
 ]]
 
 local CALL_USAGE = [[
@@ -67,6 +70,38 @@ usage: resilua check [--policy-path DIR] POLICY...
 Loads and validates each policy (by name on the policy path, or FILE.lua)
 and runs its self-tests (a `tests` list in the policy).  Prints one line
 per policy.  Exit code 0 when all pass, 2 otherwise.
+]]
+
+local BATCH_USAGE = [[
+usage: resilua batch --in ITEMS.jsonl --out RESULTS.jsonl [options] URL
+
+Sends one call per input item (JSON Lines, each with an id) under a retry
+policy, CONCURRENCY at a time.  Transient failures are retried; while the
+breaker is open or the retry budget refuses, items wait instead of failing.
+Each item's Idempotency-Key is derived from its id, so a rerun is the same
+request.  Finished items go to an append-only ledger; a rerun with the same
+ledger (after a crash, say) skips them.  RESULTS.jsonl is written at the
+end, atomically: one line per id, then one per invalid input line.
+
+Options:
+  --in FILE               input items, JSON Lines (required)
+  --out FILE              results, JSON Lines (required)
+  --ledger FILE           progress ledger (default: OUT.ledger)
+  --no-ledger             keep no ledger (no resume; for measuring its cost)
+  --report FILE           also write the report as JSON
+  --id-field NAME         the id's field (default: id)
+  --concurrency N         calls in flight (default 16)
+  --chunk N               fsync the ledger every N items (default 100)
+  --request FILE.lua      builds each request: return function(item) return
+                          { method=, url=, headers=, body= } end
+                          (default: POST the item as JSON)
+  -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
+  --log FILE              event log (default: none; batches are long)
+  --seed N  --quiet       reproducible jitter; no progress bar
+  -h, --help              this text
+
+Exit codes: 0 every item ok, 2 usage or an input/output error (before any
+request), 6 some items failed (see the report).
 ]]
 
 local function fail(cmd, msg)
@@ -253,6 +288,67 @@ function M.check(args)
   return all_ok and EXIT.ok or EXIT.usage
 end
 
+function M.batch(args)
+  local opts, pos = parse(args, 2, {
+    ["--in"] = "value", ["--out"] = "value", ["--ledger"] = "value", ["--no-ledger"] = "flag",
+    ["--report"] = "value",
+    ["--id-field"] = "value", ["--concurrency"] = "value", ["--chunk"] = "value",
+    ["--request"] = "value", ["--header"] = "list", ["--method"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+  }, { ["-X"] = "--method", ["-H"] = "--header", ["-h"] = "--help" })
+  if not opts then return fail("batch", pos .. " (see resilua batch --help)") end
+  if opts["--help"] then io.stdout:write(BATCH_USAGE) return EXIT.ok end
+  for _, flag in ipairs({ "--in", "--out" }) do
+    if not opts[flag] then return fail("batch", ("missing %s (see resilua batch --help)"):format(flag)) end
+  end
+  if #pos ~= 1 then return fail("batch", "expected one URL (see resilua batch --help)") end
+  if not opts["--log"] then core.log(false) end
+  local code = setup_log("batch", opts)
+  if code then return code end
+  local numbers = {}
+  for _, flag in ipairs({ "--concurrency", "--chunk" }) do
+    if opts[flag] then
+      numbers[flag] = math.tointeger(tonumber(opts[flag]))
+      if not numbers[flag] or numbers[flag] < 1 then
+        return fail("batch", ("%s: expected an integer >= 1, got %s"):format(flag, opts[flag]))
+      end
+    end
+  end
+  local headers = {}
+  for _, h in ipairs(opts["--header"] or {}) do
+    local name, value = h:match("^([^:%s]+):%s*(.*)$")
+    if not name then return fail("batch", ("-H: expected 'Name: value', got '%s'"):format(h)) end
+    headers[name] = value
+  end
+  local build
+  if opts["--request"] then
+    local chunk, err = loadfile(opts["--request"], "t")
+    if not chunk then return fail("batch", "--request: " .. err) end
+    local ok, fn = core.pcall(0, chunk)
+    if not ok or type(fn) ~= "function" then
+      return fail("batch", "--request: " .. (ok and "must return a function(item)" or fn))
+    end
+    build = function(item)
+      local req = fn(item)
+      if type(req) ~= "table" then error("--request: the function must return a request table", 0) end
+      return req
+    end
+  end
+  local batch = require "resilua.batch"
+  local report, err = batch.run{
+    input = opts["--in"], output = opts["--out"], url = pos[1],
+    ledger = not opts["--no-ledger"] and opts["--ledger"],
+    report = opts["--report"], id_field = opts["--id-field"], method = opts["--method"],
+    concurrency = numbers["--concurrency"], chunk = numbers["--chunk"], headers = headers,
+    build = build, quiet = opts["--quiet"], policy = opts["--policy"],
+    policy_path = opts["--policy-path"],
+  }
+  if not report then return fail(nil, err) end
+  if not opts["--quiet"] then io.stderr:write(batch.format(report)) end
+  return (report.failed + report.invalid) > 0 and EXIT.some_failed or EXIT.ok
+end
+
 function M.serve(args)
   local serve = require "resilua.serve"
   local opts, pos = parse(args, 2, { ["--listen"] = "value", ["--help"] = "flag" },
@@ -273,7 +369,8 @@ function M.main(args)
     print("resilua " .. core.version)
     return EXIT.ok
   end
-  local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check })[cmd]
+  local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
+                     batch = M.batch })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end

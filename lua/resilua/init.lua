@@ -92,8 +92,22 @@ function Client:call(req)
   return split(result)
 end
 
---- Breaker state for a URL under this client's policy: state, failures.
+--- Breaker state for a URL under this client's policy: state, consecutive
+-- failures; a rate breaker: state, failures and calls in its window.
+-- nil without a breaker.
 function Client:breaker(url) return self.state:breaker(self.slot.current.core, url) end
+
+--- Forces the URL's breaker: "open" holds it open (no probes) until forced
+-- again, "closed" closes it with an empty window, "reset" also forgets how
+-- often it opened (the growing open_ms starts over).  Returns the new
+-- state, or nil without a breaker.
+function Client:force_breaker(url, to)
+  if type(url) ~= "string" then error("force_breaker: url must be a string", 2) end
+  if to ~= "open" and to ~= "closed" and to ~= "reset" then
+    error("force_breaker: expected \"open\", \"closed\" or \"reset\", got " .. tostring(to), 2)
+  end
+  return self.state:force_breaker(self.slot.current.core, url, to)
+end
 
 --- Retry budget: tokens left, max_tokens (nil without a budget).
 function Client:budget() return self.state:budget(self.slot.current.core) end
@@ -146,5 +160,8 @@ function M.log(target) return core.log(target) end
 
 --- Seeds the jitter PRNG: the same seed, the same delays.
 function M.seed(n) core.seed(n) end
+
+--- Batch inference (see resilua.batch): returns the report, or nil, message.
+function M.batch(opts) return require("resilua.batch").run(opts) end
 
 return M

@@ -1,0 +1,73 @@
+--- bench/batch.lua — `make bench`, part 4: items/s of `resilua batch` against
+-- `resilua load`'s stand-in (bench/load.lua: 64 coroutines, closed loop) at
+-- the same concurrency on the same upstream (the model stub), and the cost
+-- of the ledger (with vs --no-ledger).  Prints figures; never fails on
+-- slowness.  Runs inside the binary: `build/bin/resilua run bench/batch.lua`.
+local core = require "resilua.core"
+local cjson = require "cjson"
+
+local ITEMS, CONC, LOAD_SECONDS = 20000, 64, 3
+local here = (arg and arg[0] or "bench/batch.lua"):match("^(.*)/[^/]*$") or "."
+local bin = core.self_path() or "build/bin/resilua"
+local tmp = io.popen("mktemp -d /tmp/resilua-bench.XXXXXX"):read("l")
+
+local function sh(cmd)
+  local p = io.popen(cmd)
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
+local server_pid
+local function cleanup()
+  if server_pid then os.execute("kill " .. server_pid .. " 2>/dev/null") end
+  os.execute("rm -rf " .. tmp)
+end
+
+local ok, err = pcall(function()
+  server_pid = sh(("timeout 120 %s serve --listen 127.0.0.1:0 >%s/serve.out 2>&1 & echo $!")
+    :format(bin, tmp)):match("%d+")
+  local addr
+  for _ = 1, 200 do
+    local f = io.open(tmp .. "/serve.out")
+    addr = f and f:read("a"):match("listening on (%S+)")
+    if f then f:close() end
+    if addr then break end
+    os.execute("sleep 0.05")
+  end
+  assert(addr, "the upstream did not start")
+  local url = "http://" .. addr .. "/predict"
+
+  local items = assert(io.open(tmp .. "/items.jsonl", "wb"))
+  for i = 1, ITEMS do items:write(('{"id": %d, "text": "item %d"}\n'):format(i, i)) end
+  items:close()
+
+  local function batch(extra, tag)
+    local report = ("%s/report-%s.json"):format(tmp, tag)
+    sh(("%s batch --quiet --in %s/items.jsonl --out %s/out-%s.jsonl --report %s --concurrency %d "
+        .. "--policy %s/policies/load.lua %s %s 2>&1"):format(bin, tmp, tmp, tag, report, CONC, here, extra, url))
+    local f = assert(io.open(report))
+    local r = cjson.decode(f:read("a"))
+    f:close()
+    return r.items_per_s, r.succeeded
+  end
+  -- Each run sends new ids (a fresh output, a fresh ledger); the upstream
+  -- replays keys it has seen, so each run gets its own id range.
+  local without, ok1 = batch("--no-ledger", "noledger")
+  os.execute(("sed -i 's/\"id\": /\"id\": 1000000/' %s/items.jsonl"):format(tmp))
+  local with, ok2 = batch("--ledger " .. tmp .. "/ledger.jsonl", "ledger")
+  local load = cjson.decode(sh(("%s run %s/load.lua %s %d %d %s/policies/load.lua"):format(
+    bin, here, url, LOAD_SECONDS, CONC, here)):match("{.*}"))
+
+  print(("4. batch: %d items (POST JSON, Idempotency-Key per id), concurrency %d, model stub"):format(ITEMS, CONC))
+  print(("  resilua batch --no-ledger            %9.0f items/s   %d ok"):format(without, ok1))
+  print(("  resilua batch (ledger, fsync/100)    %9.0f items/s   %d ok"):format(with, ok2))
+  print(("  ledger cost (with / without)         %9.2f x"):format(with / without))
+  print(("  closed-loop load, same concurrency   %9.0f calls/s  (bench/load.lua, GET)"):format(load.calls_per_s))
+  print(("  batch / load                         %9.2f x"):format(with / load.calls_per_s))
+end)
+cleanup()
+if not ok then
+  io.stderr:write("bench/batch.lua: ", tostring(err), "\n")
+  return 1
+end

@@ -1,0 +1,322 @@
+--- resilua.batch — batch inference that retries only what is transient,
+-- never does an item twice, and resumes after a crash.
+--
+-- Each input line (JSON with an id) becomes one call under the policy, with
+-- an Idempotency-Key derived from the id, so a rerun is the same request to
+-- a server that deduplicates.  Every finished item is appended to a ledger
+-- and flushed (fsync'd once per chunk); a rerun skips what the ledger holds.
+-- The results file is written once, at the end, to a temporary file that is
+-- renamed into place: a crash never leaves a torn or duplicated line in it.
+-- When the breaker is open or the retry budget refuses, the item waits and
+-- goes again with the same key instead of failing.
+local resilua = require "resilua"
+local core = require "resilua.core"
+local cjson = require("cjson").new()
+local cjson_safe = require "cjson.safe"
+
+local M = {}
+
+M.EXIT_OK, M.EXIT_USAGE, M.EXIT_SOME_FAILED = 0, 2, 6
+
+local PAUSE_MIN_S, PAUSE_MAX_S = 0.05, 1.0 -- waits while breaker/budget refuse
+
+--- A deterministic Idempotency-Key for an id: FNV-1a of the id, shaped as a
+-- UUID (version 8, "custom"), so the key is the same on every run.
+function M.key_for(id)
+  local function fnv(s, h)
+    for i = 1, #s do h = (h ~ s:byte(i)) * 0x100000001b3 end
+    return h
+  end
+  local s = tostring(id)
+  local a, b = fnv(s, 0xcbf29ce484222325), fnv(s, 0x84222325cbf29ce4)
+  local hex = ("%016x%016x"):format(a, b)
+  return ("%s-%s-8%s-%x%s-%s"):format(hex:sub(1, 8), hex:sub(9, 12), hex:sub(14, 16),
+    8 + tonumber(hex:sub(17, 17), 16) % 4, hex:sub(18, 20), hex:sub(21, 32))
+end
+
+local function percentile(sorted, p)
+  if #sorted == 0 then return nil end
+  return sorted[math.max(1, math.ceil(p * #sorted))]
+end
+
+-- Reads the ledger: id -> the result line.  A torn last line (killed while
+-- writing) is ignored; its item runs again with the same key.
+local function read_ledger(path)
+  local done, torn = {}, false
+  local f = io.open(path, "rb")
+  if not f then return done, false end
+  local data = f:read("a")
+  f:close()
+  for line in data:gmatch("[^\n]+") do
+    local r = cjson_safe.decode(line)
+    if type(r) == "table" and r.id ~= nil then done[tostring(r.id)] = line end
+  end
+  torn = #data > 0 and data:sub(-1) ~= "\n"
+  return done, torn
+end
+
+-- lua-cjson decodes every number as a float; ids and counts read better,
+-- and format as users expect ("3", not "3.0"), as integers.
+local function integers(v)
+  if type(v) == "number" then return math.tointeger(v) or v end
+  if type(v) == "table" then
+    for k, x in pairs(v) do v[k] = integers(x) end
+  end
+  return v
+end
+
+-- Reads the input: items in order, and what is wrong with the rest.
+local function read_input(path, id_field)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local items, invalid, duplicates, seen = {}, {}, {}, {}
+  local n = 0
+  for line in f:lines() do
+    n = n + 1
+    if line:match("%S") then
+      local item, jerr = cjson_safe.decode(line)
+      item = integers(item)
+      local id = type(item) == "table" and item[id_field]
+      if type(item) ~= "table" then
+        invalid[#invalid + 1] = { line = n, error = "bad JSON: " .. tostring(jerr or "not an object") }
+      elseif (type(id) ~= "string" and type(id) ~= "number") or id == "" then
+        invalid[#invalid + 1] = { line = n, error = ("no '%s' (a string or a number)"):format(id_field) }
+      elseif seen[tostring(id)] then
+        duplicates[#duplicates + 1] = { line = n, id = id, first_line = seen[tostring(id)] }
+      else
+        seen[tostring(id)] = n
+        items[#items + 1] = { id = id, key = tostring(id), item = item, line = n }
+      end
+    end
+  end
+  f:close()
+  return { items = items, invalid = invalid, duplicates = duplicates, lines = n }
+end
+
+local function default_request(item, opts)
+  return { method = opts.method or "POST", url = opts.url, body = cjson.encode(item),
+           headers = { ["Content-Type"] = "application/json" } }
+end
+
+local function progress(done, total, failed, t0)
+  local width = 30
+  local filled = total > 0 and math.floor(width * done / total) or width
+  local elapsed = (core.now_ms() - t0) / 1000
+  io.stderr:write(("\r[%s%s] %d/%d  %d failed  %.0f items/s "):format(
+    ("#"):rep(filled), ("."):rep(width - filled), done, total, failed,
+    elapsed > 0 and done / elapsed or 0))
+end
+
+--- Runs a batch.  opts: input, output, url, policy (name/file, default
+-- "default"), policy_path, concurrency (16), chunk (100), ledger
+-- (output .. ".ledger"; false: none, and no resume), report (a JSON
+-- file), id_field ("id"), method,
+-- headers, build (function(item) -> request table), quiet.
+-- Returns the report table, or nil and a message (nothing was sent).
+function M.run(opts)
+  assert(type(opts) == "table", "batch: expected a table of options")
+  for _, k in ipairs({ "input", "output", "url" }) do
+    if type(opts[k]) ~= "string" then return nil, ("batch: '%s' is required"):format(k) end
+  end
+  local concurrency = math.tointeger(opts.concurrency or 16)
+  local chunk = math.tointeger(opts.chunk or 100)
+  if not concurrency or concurrency < 1 then return nil, "batch: concurrency must be an integer >= 1" end
+  if not chunk or chunk < 1 then return nil, "batch: chunk must be an integer >= 1" end
+  local id_field = opts.id_field or "id"
+  local ledger_path = opts.ledger
+  if ledger_path == nil then ledger_path = opts.output .. ".ledger" end
+  local build = opts.build or default_request
+
+  local input, ierr = read_input(opts.input, id_field)
+  if not input then return nil, "batch: --in: " .. ierr end
+  -- Everything we will write must be writable before the first request.
+  local tmp_path = opts.output .. ".tmp"
+  local probe, perr = io.open(tmp_path, "wb")
+  if not probe then return nil, "batch: --out: " .. perr end
+  probe:close()
+  if opts.report then
+    local rf, rerr = io.open(opts.report, "ab")
+    if not rf then return nil, "batch: --report: " .. rerr end
+    rf:close()
+  end
+  local done, ledger = {}, nil
+  if ledger_path then
+    local torn
+    done, torn = read_ledger(ledger_path)
+    local lerr
+    ledger, lerr = io.open(ledger_path, "ab")
+    if not ledger then return nil, "batch: --ledger: " .. lerr end
+    if torn then ledger:write("\n") end -- end the torn line; it is ignored on read
+    local synced, serr = core.fsync(ledger)
+    if not synced then ledger:close() return nil, "batch: --ledger: " .. tostring(serr) end
+  end
+
+  local client_ok, client = pcall(resilua.client, { policy = opts.policy or "default",
+                                                   policy_path = opts.policy_path })
+  if not client_ok then
+    if ledger then ledger:close() end
+    return nil, "batch: " .. tostring(client)
+  end
+
+  local queue, skipped = {}, 0
+  for _, it in ipairs(input.items) do
+    if done[it.key] then skipped = skipped + 1 else queue[#queue + 1] = it end
+  end
+  local total = #queue
+  local t0 = core.now_ms()
+  local finished, failed, since_sync, write_error = 0, 0, 0, nil
+  local show_progress = not opts.quiet and core.isatty(2)
+  local next_item = 1
+
+  local function record(it, res, err, attempts, latency_ms)
+    local r = { id = it.id, ok = res ~= nil, attempts = attempts, latency_ms = latency_ms }
+    local final = res or err
+    r.status = final.status
+    r.outcome = res and "ok" or err.outcome
+    if res then
+      r.response = cjson_safe.decode(res.body or "") or res.body
+    else
+      r.error = err.error or err.message
+    end
+    local line = cjson.encode(r)
+    done[it.key] = line
+    finished = finished + 1
+    if not r.ok then failed = failed + 1 end
+    if ledger then
+      local okw, werr = ledger:write(line, "\n")
+      if okw then okw, werr = ledger:flush() end
+      since_sync = since_sync + 1
+      if okw and since_sync >= chunk then
+        okw, werr = core.fsync(ledger)
+        since_sync = 0
+      end
+      if not okw then write_error = write_error or werr end
+    end
+    if show_progress then progress(finished, total, failed, t0) end
+  end
+
+  local function process(it)
+    local req = build(it.item, opts)
+    req.url = req.url or opts.url
+    req.headers = req.headers or {}
+    for k, v in pairs(opts.headers or {}) do req.headers[k] = v end
+    req.headers["Idempotency-Key"] = M.key_for(it.id)
+    local attempts, pause, started = 0, PAUSE_MIN_S, core.now_ms()
+    local max_attempts = client:policy().table.max_attempts
+    while true do
+      local res, err = client:call(req)
+      attempts = attempts + (res or err).attempts
+      local paused = err and (err.outcome == "breaker_open" or err.outcome == "budget")
+      if not paused or attempts >= max_attempts and err.outcome == "budget" then
+        return record(it, res, err, attempts, core.now_ms() - started)
+      end
+      -- The dependency needs a rest: wait, then the same request, same key.
+      resilua.sleep(pause)
+      pause = math.min(pause * 2, PAUSE_MAX_S)
+    end
+  end
+
+  for _ = 1, math.min(concurrency, #queue) do
+    resilua.go(function()
+      while next_item <= #queue and not write_error do
+        local it = queue[next_item]
+        next_item = next_item + 1
+        process(it)
+      end
+    end)
+  end
+  local waited, errs = resilua.wait()
+  if show_progress then io.stderr:write("\n") end
+  if ledger then
+    core.fsync(ledger)
+    ledger:close()
+  end
+  if not waited then return nil, "batch: " .. tostring(errs[1]) end
+  if write_error then return nil, "batch: --ledger: " .. tostring(write_error) end
+
+  -- The results, in input order, one line per id, then the invalid lines.
+  local out = assert(io.open(tmp_path, "wb"))
+  local report = { total = #input.items + #input.invalid, succeeded = 0, failed = 0,
+                   skipped = skipped, invalid = #input.invalid, duplicates = #input.duplicates,
+                   outcomes = {}, attempts = {}, failed_status = {} }
+  local latencies = {}
+  for _, it in ipairs(input.items) do
+    local line = done[it.key]
+    out:write(line, "\n")
+    local r = cjson.decode(line)
+    report.outcomes[r.outcome] = (report.outcomes[r.outcome] or 0) + 1
+    local a = tostring(math.tointeger(r.attempts) or r.attempts)
+    report.attempts[a] = (report.attempts[a] or 0) + 1
+    if r.ok then
+      report.succeeded = report.succeeded + 1
+    else
+      report.failed = report.failed + 1
+      if r.status then
+        local s = tostring(math.tointeger(r.status))
+        report.failed_status[s] = (report.failed_status[s] or 0) + 1
+      end
+    end
+    latencies[#latencies + 1] = r.latency_ms
+  end
+  for _, bad in ipairs(input.invalid) do
+    out:write(cjson.encode({ line = bad.line, ok = false, outcome = "invalid_input", error = bad.error }), "\n")
+  end
+  local okw, werr = out:write("")
+  if okw then okw, werr = core.fsync(out) end
+  out:close()
+  if not okw then return nil, "batch: --out: " .. tostring(werr) end
+  local renamed, rerr = os.rename(tmp_path, opts.output)
+  if not renamed then return nil, "batch: --out: " .. tostring(rerr) end
+
+  table.sort(latencies)
+  local elapsed_s = (core.now_ms() - t0) / 1000
+  report.invalid_lines = input.invalid
+  report.duplicate_ids = input.duplicates
+  report.outcomes.invalid_input = #input.invalid > 0 and #input.invalid or nil
+  report.latency_ms = { p50 = percentile(latencies, 0.5), p90 = percentile(latencies, 0.9),
+                        p99 = percentile(latencies, 0.99), max = latencies[#latencies] }
+  report.elapsed_s = elapsed_s
+  report.items_per_s = elapsed_s > 0 and total / elapsed_s or 0
+  if opts.report then
+    local rtmp = opts.report .. ".tmp"
+    local rf = assert(io.open(rtmp, "wb"))
+    rf:write(cjson.encode(report), "\n")
+    rf:close()
+    assert(os.rename(rtmp, opts.report))
+  end
+  return report
+end
+
+--- The report as a terminal table.
+function M.format(report)
+  local lines = {
+    ("items         %d (%d done before, %d invalid, %d duplicate ids)"):format(
+      report.total, report.skipped, report.invalid, report.duplicates),
+    ("succeeded     %d"):format(report.succeeded),
+    ("failed        %d"):format(report.failed + report.invalid),
+  }
+  local names = {}
+  for k in pairs(report.outcomes) do names[#names + 1] = k end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    if k ~= "ok" then lines[#lines + 1] = ("  %-11s %d"):format(k, report.outcomes[k]) end
+  end
+  local statuses = {}
+  for s, n in pairs(report.failed_status) do statuses[#statuses + 1] = ("%s×%d"):format(s, n) end
+  table.sort(statuses)
+  if #statuses > 0 then lines[#lines + 1] = "  by status   " .. table.concat(statuses, " ") end
+  local attempts = {}
+  for a, n in pairs(report.attempts) do attempts[#attempts + 1] = { tonumber(a), n } end
+  table.sort(attempts, function(x, y) return x[1] < y[1] end)
+  local parts = {}
+  for _, a in ipairs(attempts) do parts[#parts + 1] = ("%d:%d"):format(a[1], a[2]) end
+  lines[#lines + 1] = "attempts      " .. table.concat(parts, "  ")
+  local l = report.latency_ms
+  if l.p50 then
+    lines[#lines + 1] = ("latency ms    p50 %.1f  p90 %.1f  p99 %.1f  max %.1f"):format(l.p50, l.p90, l.p99, l.max)
+  end
+  lines[#lines + 1] = ("throughput    %.1f items/s over %.2f s"):format(report.items_per_s, report.elapsed_s)
+  return table.concat(lines, "\n") .. "\n"
+end
+
+return M
