@@ -14,12 +14,17 @@
 #include <string.h>
 
 #define MAX_IDLE_CONNECTIONS 1024
+#define MAX_SPARE_HANDLES 256 /* easy handles kept for reuse */
 
 struct rsl_transport {
   rsl_loop *loop;
   CURLM *multi;
   rsl_timer timer; /* curl's single timeout */
   rsl_attempt *attempts; /* running, doubly linked, for free() */
+  /* Finished easy handles, reset and kept: creating one per attempt was
+   * a good share of the client's allocations. */
+  CURL *spare[MAX_SPARE_HANDLES];
+  int spare_count;
 };
 
 struct rsl_attempt {
@@ -173,7 +178,12 @@ static void attempt_free(rsl_attempt *a) {
   else t->attempts = a->next;
   if (a->next) a->next->prev = a->prev;
   curl_multi_remove_handle(t->multi, a->easy);
-  curl_easy_cleanup(a->easy);
+  if (t->spare_count < MAX_SPARE_HANDLES) {
+    curl_easy_reset(a->easy);
+    t->spare[t->spare_count++] = a->easy;
+  } else {
+    curl_easy_cleanup(a->easy);
+  }
   curl_slist_free_all(a->header_list);
   rsl_response_free(&a->res);
   free(a);
@@ -182,6 +192,7 @@ static void attempt_free(rsl_attempt *a) {
 void rsl_transport_free(rsl_transport *t) {
   if (!t) return;
   while (t->attempts) attempt_free(t->attempts);
+  while (t->spare_count) curl_easy_cleanup(t->spare[--t->spare_count]);
   curl_multi_cleanup(t->multi); /* closes sockets through socket_cb */
   rsl_timer_stop(t->loop, &t->timer);
   free(t);
@@ -364,7 +375,8 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
                        rsl_attempt_done cb, void *ud, rsl_attempt **out,
                        const char **err) {
   rsl_attempt *a = calloc(1, sizeof *a);
-  if (!a || !(a->easy = curl_easy_init())) {
+  if (a) a->easy = t->spare_count ? t->spare[--t->spare_count] : curl_easy_init();
+  if (!a || !a->easy) {
     free(a);
     *err = "out of memory";
     return -1;

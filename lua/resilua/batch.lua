@@ -45,7 +45,11 @@ local function read_ledger(path)
   local done, torn = {}, false
   local f = io.open(path, "rb")
   if not f then return done, false end
-  local data = f:read("a")
+  -- Read what the file holds, not "until EOF": a device such as /dev/full
+  -- never ends, and it is no ledger anyway (the fsync that follows says so).
+  local size = f:seek("end") or 0
+  f:seek("set")
+  local data = size > 0 and f:read(size) or ""
   f:close()
   for line in data:gmatch("[^\n]+") do
     local r = cjson_safe.decode(line)
@@ -148,7 +152,10 @@ function M.run(opts)
     if not ledger then return nil, "batch: --ledger: " .. lerr end
     if torn then ledger:write("\n") end -- end the torn line; it is ignored on read
     local synced, serr = core.fsync(ledger)
-    if not synced then ledger:close() return nil, "batch: --ledger: " .. tostring(serr) end
+    if not synced then
+      ledger:close()
+      return nil, ("batch: --ledger: %s: cannot sync: %s"):format(ledger_path, tostring(serr))
+    end
   end
 
   local client_ok, client = pcall(resilua.client, { policy = opts.policy or "default",
