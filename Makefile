@@ -96,6 +96,7 @@ bench:
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(BIN) run bench/run.lua
 	$(Q)$(BIN) run bench/batch.lua
+	$(Q)$(BIN) run bench/reload.lua
 
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all

@@ -172,7 +172,7 @@ describe("decide", function()
                              latency_ms = 5, elapsed_ms = 10, remaining_ms = 90,
                              budget = 7, breaker = "closed" }).reason
     assert.equal("attempt,breaker,budget,elapsed_ms,headers,latency_ms,max_attempts,method,"
-                 .. "policy,prev_delay_ms,remaining_ms,retry_after_ms,status,url|yes|seer|closed|7", seen)
+                 .. "policy,prev_delay_ms,remaining_ms,retry_after_ms,server,status,url|yes|seer|closed|7", seen)
   end)
 end)
 

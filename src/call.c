@@ -16,11 +16,13 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <time.h>
 
 struct rsl_call {
   rsl_call_env *env;
   rsl_client *client;
   rsl_policy *policy;
+  rsl_policy *shadow; /* the candidate asked beside it, or NULL */
   const rsl_policy_conf *conf; /* the policy's, for brevity */
   rsl_call_done cb;
   void *ud;
@@ -33,6 +35,7 @@ struct rsl_call {
   char *body;
   size_t body_len;
   char idempotency_key[37]; /* empty when none is sent */
+  int has_key; /* our key or the caller's is sent (409/422 rules) */
 
   rsl_breaker *breaker; /* NULL without one; owned by the client */
   int probe;            /* the attempt in flight is a half-open probe */
@@ -109,9 +112,15 @@ rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
 
 rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
   if (!conf->budget_enabled) return NULL;
-  /* The state carries over reloads, unless the kind of budget changed. */
-  if (!c->has_budget || c->budget.kind != conf->budget_kind) {
-    if (conf->budget_kind == RSL_BUDGET_QUOTA)
+  /* The state carries over reloads, unless the kind of budget changed (or
+   * a ratio's ttl_ms: its slots would stand for other spans of time). */
+  if (!c->has_budget || c->budget.kind != conf->budget_kind ||
+      (conf->budget_kind == RSL_BUDGET_RATIO &&
+       c->budget.ttl_ms != conf->budget_ttl_ms)) {
+    if (conf->budget_kind == RSL_BUDGET_RATIO)
+      rsl_budget_init_ratio(&c->budget, conf->budget_ratio,
+                            conf->budget_ttl_ms, conf->budget_min_per_s);
+    else if (conf->budget_kind == RSL_BUDGET_QUOTA)
       rsl_budget_init_quota(&c->budget, conf->budget_max_tokens,
                             conf->budget_retry_cost, conf->budget_timeout_cost,
                             conf->budget_success_refund);
@@ -119,6 +128,11 @@ rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
       rsl_budget_init(&c->budget, conf->budget_max_tokens,
                       conf->budget_token_ratio);
     c->has_budget = 1;
+  }
+  if (conf->budget_kind == RSL_BUDGET_RATIO) {
+    /* A reloaded ratio applies to the requests already counted. */
+    c->budget.ratio = conf->budget_ratio;
+    c->budget.min_per_s = conf->budget_min_per_s;
   }
   return &c->budget;
 }
@@ -201,6 +215,7 @@ static void call_free(rsl_call *call) {
   free(call->body);
   rsl_response_free(&call->result.last);
   rsl_policy_unref(call->policy);
+  if (call->shadow) rsl_policy_unref(call->shadow);
   rsl_client_unref(call->client);
   free(call);
 }
@@ -329,6 +344,11 @@ static void send_attempt(void *ud) {
   };
   const char *err = NULL;
   call->result.attempts++;
+  if (call->result.attempts == 1) {
+    /* A ratio budget earns its retries from first attempts. */
+    rsl_budget *budget = rsl_client_budget(call->client, c);
+    if (budget) rsl_budget_request(budget, rsl_now_ms());
+  }
   int rc = rsl_transport_send(call->env->transport, &req, on_attempt_done,
                               call, &call->attempt, &err);
   call->headers[call->header_count] = NULL; /* key_line dies here */
@@ -341,16 +361,17 @@ static void send_attempt(void *ud) {
   }
 }
 
-/* Applies the core's limits to the policy's decision; returns the outcome
- * when the call must stop, or -1 to retry. */
-static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
-  const rsl_policy_conf *c = call->conf;
-  const rsl_response *res = &call->result.last;
+/* The core's stateless limits under conf c: attempts, Retry-After and the
+ * deadline (elapsed: the call's time so far).  Returns the outcome when
+ * the call must stop, or -1 to retry.  Touches no shared state, so a
+ * shadow policy's decision goes through it too. */
+static int limit_decision(const rsl_policy_conf *c, const rsl_response *res,
+                          int attempts, double elapsed, rsl_decision *d) {
   if (!d->retry)
-    return d->exhausted || call->result.attempts >= c->max_attempts
+    return d->exhausted || attempts >= c->max_attempts
                ? RSL_OUTCOME_GAVE_UP
                : RSL_OUTCOME_FAILED;
-  if (call->result.attempts >= c->max_attempts) {
+  if (attempts >= c->max_attempts) {
     snprintf(d->reason, sizeof d->reason, "max_attempts %d reached",
              c->max_attempts);
     return RSL_OUTCOME_GAVE_UP;
@@ -368,13 +389,23 @@ static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
                res->retry_after_ms);
     }
   }
-  double remaining = c->deadline_ms - elapsed_ms(call);
+  double remaining = c->deadline_ms - elapsed;
   if (d->delay_ms >= remaining) {
     snprintf(d->reason, sizeof d->reason,
              "deadline: waiting %.0f ms would pass the %.0f ms left",
              d->delay_ms, remaining);
     return RSL_OUTCOME_DEADLINE;
   }
+  return -1;
+}
+
+/* Applies the core's limits to the policy's decision; returns the outcome
+ * when the call must stop, or -1 to retry. */
+static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
+  const rsl_response *res = &call->result.last;
+  int outcome = limit_decision(call->conf, res, call->result.attempts,
+                               elapsed_ms(call), d);
+  if (outcome >= 0 || !d->retry) return outcome;
   /* Last: a quota budget takes the retry's cost here, so nothing may
    * refuse the retry after it. */
   if (budget && !rsl_budget_take_retry(budget, !res->status &&
@@ -387,6 +418,74 @@ static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
   return -1;
 }
 
+/* --- shadow rollout ------------------------------------------------------ */
+
+#define SHADOW_DELAY_SLACK_MS 1.0 /* rounding, not a disagreement */
+
+static const char *shadow_decision_name(int rc, int outcome) {
+  return rc < 0 ? "error" : outcome < 0 ? "retry" : "stop";
+}
+
+/* Asks the candidate (call->shadow) about the attempt the live policy has
+ * just decided, and logs a `shadow` event when the two disagree.  Both
+ * decisions go through the core's stateless limits, each under its own
+ * policy (max_attempts, Retry-After and its cap, deadline_ms); the budget
+ * and the breaker are left out of both sides, as the candidate must not
+ * spend shared state.  The candidate draws the same random numbers the
+ * live decision drew (`drawn`: the PRNG before it), so the same backoff
+ * settings give the same delay and jitter cancels out; two retries
+ * disagree when their delays differ by more than SHADOW_DELAY_SLACK_MS.
+ * A candidate that fails (raises, runs past the instruction limit, returns
+ * a bad value) is logged with decision "error" and changes nothing. */
+static void shadow_compare(rsl_call *call, const rsl_attempt_info *info,
+                           const rsl_decision *live_raw,
+                           const rsl_prng *drawn) {
+  const rsl_policy_conf *sc = rsl_policy_conf_of(call->shadow);
+  const rsl_response *res = &call->result.last;
+  rsl_decision live = *live_raw, cand = {0};
+  int live_out = limit_decision(call->conf, res, info->attempt,
+                                info->elapsed_ms, &live);
+  rsl_attempt_info si = *info;
+  si.remaining_ms = sc->deadline_ms - info->elapsed_ms;
+  rsl_prng after = *call->env->prng; /* the live stream goes on from here */
+  *call->env->prng = *drawn;
+  char *err = NULL;
+  int rc = rsl_policy_decide(call->shadow, &si, &cand, &err);
+  *call->env->prng = after;
+  int cand_out = rc < 0 ? -1
+                        : limit_decision(sc, res, info->attempt,
+                                         info->elapsed_ms, &cand);
+  double gap = live.delay_ms - cand.delay_ms;
+  if (rc == 0 && (live_out < 0) == (cand_out < 0) &&
+      (live_out >= 0 || (gap <= SHADOW_DELAY_SLACK_MS &&
+                         -gap <= SHADOW_DELAY_SLACK_MS)))
+    return;
+  if (rc < 0)
+    snprintf(cand.reason, sizeof cand.reason, "policy error: %s",
+             err ? err : "out of memory");
+  free(err);
+  rsl_event e;
+  rsl_event_begin(&e, "shadow");
+  rsl_event_str(&e, "call_id", call->result.call_id);
+  rsl_event_int(&e, "attempt", info->attempt);
+  rsl_event_str(&e, "method", call->method);
+  rsl_event_url(&e, "url", call->url);
+  if (res->status) rsl_event_int(&e, "status", res->status);
+  else rsl_event_str(&e, "error", rsl_error_class_name(res->error));
+  rsl_event_str(&e, "policy", rsl_policy_name(call->policy));
+  rsl_event_str(&e, "policy_version", rsl_policy_version(call->policy));
+  rsl_event_str(&e, "decision", shadow_decision_name(0, live_out));
+  rsl_event_num(&e, "delay_ms", live_out < 0 ? live.delay_ms : 0);
+  rsl_event_str(&e, "reason", live.reason);
+  rsl_event_str(&e, "shadow_policy", rsl_policy_name(call->shadow));
+  rsl_event_str(&e, "shadow_version", rsl_policy_version(call->shadow));
+  rsl_event_str(&e, "shadow_decision", shadow_decision_name(rc, cand_out));
+  rsl_event_num(&e, "shadow_delay_ms",
+                rc == 0 && cand_out < 0 ? cand.delay_ms : 0);
+  rsl_event_str(&e, "shadow_reason", cand.reason);
+  rsl_event_emit(&e, call->env->log);
+}
+
 static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_call *call = ud;
   const rsl_policy_conf *c = call->conf;
@@ -395,6 +494,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   call->result.last = *res;
   int failure = is_dependency_failure(res);
   rsl_budget *budget = rsl_client_budget(call->client, c);
+  if (budget) rsl_budget_tick(budget, rsl_now_ms());
 
   if (res->local) {
     /* Our own shortage (no fds): it says nothing of the dependency, so it
@@ -417,6 +517,14 @@ static void on_attempt_done(void *ud, rsl_response *res) {
     return;
   }
 
+  /* The server's hints (a.server).  Their wait (retry-after-ms and the
+   * like, pushback, a hit rate limit's reset) is enforced as Retry-After
+   * is; a.retry_after_ms stays the Retry-After header's own value. */
+  rsl_hints hints;
+  struct timespec wall;
+  clock_gettime(CLOCK_REALTIME, &wall);
+  rsl_hints_parse(&hints, res, (double)wall.tv_sec);
+  call->result.last.retry_after_ms = hints.wait_ms;
   double elapsed = elapsed_ms(call);
   rsl_attempt_info info = {
       .attempt = call->result.attempts,
@@ -430,9 +538,12 @@ static void on_attempt_done(void *ud, rsl_response *res) {
                                : NULL,
       .prev_delay_ms = call->prev_delay_ms,
       .prng = call->env->prng,
+      .hints = &hints,
+      .has_idempotency_key = call->has_key,
   };
   rsl_decision d = {0};
   char *err = NULL;
+  rsl_prng drawn = *call->env->prng; /* the shadow draws the same numbers */
   if (rsl_policy_decide(call->policy, &info, &d, &err) < 0) {
     snprintf(d.reason, sizeof d.reason, "policy error: %s",
              err ? err : "out of memory");
@@ -442,7 +553,9 @@ static void on_attempt_done(void *ud, rsl_response *res) {
     finish(call, RSL_OUTCOME_POLICY_ERROR);
     return;
   }
+  rsl_decision live_raw = d;
   int outcome = enforce(call, &d, budget);
+  if (call->shadow) shadow_compare(call, &info, &live_raw, &drawn);
   if (outcome >= 0) {
     d.delay_ms = 0;
     log_attempt(call, "stop", &d);
@@ -488,8 +601,8 @@ static char *copy_or_null(const char *s, size_t n, int *failed) {
 }
 
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
-                   const rsl_call_request *req, rsl_call_done cb, void *ud,
-                   const char **err) {
+                   rsl_policy *shadow, const rsl_call_request *req,
+                   rsl_call_done cb, void *ud, const char **err) {
   if (!is_token(req->method) || strlen(req->method) > 32) {
     *err = "bad method: not an HTTP token";
     return -1;
@@ -519,6 +632,8 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
   client->refs++;
   call->policy = policy;
   rsl_policy_ref(policy);
+  call->shadow = shadow;
+  if (shadow) rsl_policy_ref(shadow);
   call->conf = rsl_policy_conf_of(policy);
   call->cb = cb;
   call->ud = ud;
@@ -551,6 +666,9 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
   }
   random_hex(call->result.call_id, 8);
   if (wants_idempotency_key(call->conf, req)) uuid4(call->idempotency_key);
+  call->has_key = call->idempotency_key[0] ||
+                  (call->conf->idempotency_header &&
+                   has_header(req, call->conf->idempotency_header));
   call->breaker = rsl_client_breaker(client, call->conf, call->url);
   call->prev_delay_ms = call->conf->base_ms;
   call->started_ns = rsl_now_ns();

@@ -82,11 +82,13 @@ typedef struct rsl_call_result {
 typedef void (*rsl_call_done)(void *ud, rsl_call_result *result);
 
 /* Starts a call.  0, or -1 with *err (static text) on a request that can
- * never be sent (bad URL, bad method).  The call holds refs on client and
- * policy until it ends. */
+ * never be sent (bad URL, bad method).  The call holds refs on client,
+ * policy and shadow until it ends.  shadow (or NULL) is a candidate policy
+ * asked beside the live one after every failed attempt: it never changes
+ * the call; each disagreement is a `shadow` event (see call.c). */
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
-                   const rsl_call_request *req, rsl_call_done cb, void *ud,
-                   const char **err);
+                   rsl_policy *shadow, const rsl_call_request *req,
+                   rsl_call_done cb, void *ud, const char **err);
 
 /* Ends every call in flight without calling back (at shutdown). */
 void rsl_call_cancel_all(rsl_call_env *env);

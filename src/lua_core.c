@@ -17,6 +17,9 @@
 #include <string.h>
 #include <unistd.h>
 #include <limits.h>
+#include <time.h>
+
+#include <curl/curl.h>
 
 #include "luacall.h"
 #include "watch.h"
@@ -496,20 +499,41 @@ static int client_budget(lua_State *L) {
   rsl_client *c = check_client(L, 1);
   rsl_budget *b = rsl_client_budget(c, rsl_policy_conf_of(rsl_policy_check(L, 2)));
   if (!b) return 0;
+  rsl_budget_tick(b, rsl_now_ms()); /* a ratio's window slides with time */
   lua_pushnumber(L, b->tokens);
   lua_pushnumber(L, b->max_tokens);
   return 2;
 }
 
+#define DECIDE_MAX_HEADERS 64
+#define DECIDE_HEADER_NAME_MAX 128 /* longer names are left out */
+
+/* A described response's Retry-After in ms, as transport.c reads a real
+ * one (delta-seconds or an HTTP-date), or -1. */
+static double described_retry_after_ms(const char *raw, double now_s) {
+  if (!raw) return -1;
+  size_t n = strlen(raw);
+  if (n && n <= 12 && strspn(raw, "0123456789") == n)
+    return strtod(raw, NULL) * 1000.0;
+  time_t at = curl_getdate(raw, NULL);
+  if (at < 0) return -1;
+  return (double)at > now_s ? ((double)at - now_s) * 1000.0 : 0;
+}
+
 /* core.decide(policy, a) -> { retry, delay_ms, reason, exhausted }: the
  * policy's decision for an attempt described by a table (fields of
- * contract 1's `a`), without any network.  For self-tests and test kits. */
+ * contract 1's `a`), without any network.  For self-tests and test kits.
+ * a.headers (any case) yield a.server as a real response's would;
+ * a.idempotency_key (a string or true) says the request carried one. */
 static int core_decide(lua_State *L) {
   rsl_policy *p = rsl_policy_check(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
+  luaL_checkstack(L, 24, "core.decide"); /* the fields read below stay */
   rsl_response res = {.retry_after_ms = -1};
-  rsl_header headers[64];
-  rsl_attempt_info a = {.res = &res, .budget_tokens = -1,
+  rsl_header headers[DECIDE_MAX_HEADERS];
+  char names[DECIDE_MAX_HEADERS][DECIDE_HEADER_NAME_MAX];
+  rsl_hints hints;
+  rsl_attempt_info a = {.res = &res, .budget_tokens = -1, .hints = &hints,
                         .prng = &rsl_core_runtime(L)->prng};
   lua_getfield(L, 2, "attempt");
   a.attempt = (int)luaL_optinteger(L, -1, 1);
@@ -543,9 +567,19 @@ static int core_decide(lua_State *L) {
   a.prev_delay_ms = luaL_optnumber(L, -1, rsl_policy_conf_of(p)->base_ms);
   if (lua_getfield(L, 2, "headers") == LUA_TTABLE) {
     lua_pushnil(L);
-    while (lua_next(L, -2) && res.header_count < 64) {
-      if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING) {
-        headers[res.header_count].name = (char *)lua_tostring(L, -2);
+    while (lua_next(L, -2)) {
+      size_t len = 0;
+      const char *name = lua_type(L, -2) == LUA_TSTRING
+                             ? lua_tolstring(L, -2, &len) : NULL;
+      if (name && len < DECIDE_HEADER_NAME_MAX &&
+          lua_type(L, -1) == LUA_TSTRING &&
+          res.header_count < DECIDE_MAX_HEADERS) {
+        /* lower-case, as the transport stores names */
+        char *lower = names[res.header_count];
+        for (size_t i = 0; i <= len; i++)
+          lower[i] = (char)(name[i] >= 'A' && name[i] <= 'Z' ? name[i] + 32
+                                                             : name[i]);
+        headers[res.header_count].name = lower;
         headers[res.header_count].value = (char *)lua_tostring(L, -1);
         res.header_count++;
       }
@@ -553,6 +587,15 @@ static int core_decide(lua_State *L) {
     }
   }
   res.headers = headers;
+  double now_s = (double)time(NULL);
+  if (res.retry_after_ms < 0)
+    res.retry_after_ms =
+        described_retry_after_ms(rsl_response_header(&res, "retry-after"),
+                                 now_s);
+  rsl_hints_parse(&hints, &res, now_s);
+  int key_type = lua_getfield(L, 2, "idempotency_key");
+  a.has_idempotency_key =
+      key_type == LUA_TSTRING || (key_type == LUA_TBOOLEAN && lua_toboolean(L, -1));
   rsl_decision d = {0};
   char *err = NULL;
   if (rsl_policy_decide(p, &a, &d, &err) < 0) {
@@ -642,13 +685,15 @@ static size_t read_headers(lua_State *L, int t, const char **lines) {
   return (size_t)n;
 }
 
-/* core.call(client, policy, {method, url, headers, body}, callback) */
+/* core.call(client, policy, {method, url, headers, body}, callback
+ *           [, shadow]): shadow is a candidate policy asked in shadow. */
 static int core_call(lua_State *L) {
   rsl_runtime *rt = rsl_core_runtime(L);
   rsl_client *client = check_client(L, 1);
   rsl_policy *policy = rsl_policy_check(L, 2);
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 4, LUA_TFUNCTION);
+  rsl_policy *shadow = lua_isnoneornil(L, 5) ? NULL : rsl_policy_check(L, 5);
   const char *lines[MAX_REQUEST_HEADERS];
   rsl_call_request req = {0};
   lua_getfield(L, 3, "url");
@@ -667,8 +712,8 @@ static int core_call(lua_State *L) {
   req.headers = lines;
   rsl_waiter *w = waiter_new(L, rt, 4);
   const char *err = NULL;
-  if (rsl_call_start(&rt->calls, client, policy, &req, on_call_done, w,
-                     &err) < 0) {
+  if (rsl_call_start(&rt->calls, client, policy, shadow, &req, on_call_done,
+                     w, &err) < 0) {
     waiter_free(w);
     return luaL_error(L, "%s", err);
   }

@@ -263,6 +263,7 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
     if (field(L, s, "kind", LUA_TSTRING, 1) == LUA_TSTRING) {
       const char *kind = lua_tostring(L, -1);
       if (strcmp(kind, "quota") == 0) c->budget_kind = RSL_BUDGET_QUOTA;
+      else if (strcmp(kind, "ratio") == 0) c->budget_kind = RSL_BUDGET_RATIO;
       else if (strcmp(kind, "bucket") != 0)
         luaL_error(L, "policy field 'budget.kind': unknown '%s'", kind);
     }
@@ -271,6 +272,11 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
     c->budget_timeout_cost = opt_num_field(L, s, "timeout_cost", 10, 0, 1e9);
     c->budget_success_refund =
         opt_num_field(L, s, "success_refund", 1, 0, 1e9);
+    /* kind = "ratio": Finagle's RetryBudget defaults (20 % over 10 s, 10
+     * retries a second always allowed). */
+    c->budget_ratio = opt_num_field(L, s, "ratio", 0.2, 0, 1000);
+    c->budget_ttl_ms = opt_num_field(L, s, "ttl_ms", 10000, 1000, 60 * 60e3);
+    c->budget_min_per_s = opt_num_field(L, s, "min_per_s", 10, 0, 1e6);
     lua_pop(L, 1);
   }
 }
@@ -347,12 +353,80 @@ void rsl_policy_decide_builtin(const rsl_policy_conf *c,
     snprintf(d->reason, sizeof d->reason, "error %s %s retry_on",
              rsl_error_class_name(res->error), retriable ? "in" : "not in");
   }
+  /* Server signals, in rising order of authority (README, "Server
+   * signals"): a 409 to a keyed request means our first attempt is still
+   * running there, so the same key may go again; x-should-retry is the
+   * server's own verdict; a malformed or negative gRPC pushback means "do
+   * not retry" (gRFC A6); and a 422 to a keyed request means the key was
+   * used with another payload, which no retry can fix. */
+  const rsl_hints *h = a->hints;
+  if (res->status == 409 && a->has_idempotency_key) {
+    retriable = 1;
+    snprintf(d->reason, sizeof d->reason,
+             "status 409 with idempotency key: first attempt still running");
+  }
+  if (h && h->should_retry == 0) {
+    retriable = 0;
+    snprintf(d->reason, sizeof d->reason, "x-should-retry: false");
+  } else if (h && h->should_retry == 1 && !retriable) {
+    retriable = 1;
+    snprintf(d->reason, sizeof d->reason, "x-should-retry: true");
+  }
+  if (h && h->pushback_stop) {
+    retriable = 0;
+    snprintf(d->reason, sizeof d->reason,
+             "grpc-retry-pushback-ms: server says do not retry");
+  }
+  if (res->status == 422 && a->has_idempotency_key) {
+    retriable = 0;
+    snprintf(d->reason, sizeof d->reason,
+             "status 422 with idempotency key: key reused with another "
+             "payload");
+  }
   d->retry = retriable;
   d->exhausted = 0;
   d->delay_ms = retriable ? rsl_backoff_ms(a->prng, c->jitter, c->base_ms,
                                            c->max_ms, a->attempt,
                                            a->prev_delay_ms)
                           : 0;
+  /* gRFC A6: a valid pushback replaces the backoff for this retry. */
+  if (retriable && h && h->pushback_ms >= 0) {
+    d->delay_ms = h->pushback_ms;
+    snprintf(d->reason, sizeof d->reason, "grpc-retry-pushback-ms %.0f",
+             h->pushback_ms);
+  }
+}
+
+/* Sets t[key] = v (t on top) when v is present (>= 0). */
+static void set_num(lua_State *L, const char *key, double v) {
+  if (v < 0) return;
+  lua_pushnumber(L, v);
+  lua_setfield(L, -2, key);
+}
+
+/* a.server: the hints, normalised (hints.h); an empty table without any. */
+static void push_server(lua_State *L, const rsl_hints *h) {
+  lua_createtable(L, 0, 10);
+  if (!h) return;
+  set_num(L, "retry_after_ms", h->retry_after_ms);
+  if (h->retry_after_from) {
+    lua_pushstring(L, h->retry_after_from);
+    lua_setfield(L, -2, "retry_after_from");
+  }
+  set_num(L, "reset_ms", h->reset_ms);
+  set_num(L, "remaining", h->remaining);
+  set_num(L, "quota", h->quota);
+  set_num(L, "window_s", h->window_s);
+  set_num(L, "pushback_ms", h->pushback_ms);
+  if (h->pushback_stop) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "pushback_stop");
+  }
+  if (h->should_retry >= 0) {
+    lua_pushboolean(L, h->should_retry);
+    lua_setfield(L, -2, "should_retry");
+  }
+  set_num(L, "wait_ms", h->wait_ms);
 }
 
 void rsl_policy_push_headers(lua_State *L, const rsl_response *res) {
@@ -386,6 +460,8 @@ static void push_attempt(lua_State *L, const rsl_policy *p,
   }
   rsl_policy_push_headers(L, res);
   lua_setfield(L, -2, "headers");
+  push_server(L, a->hints);
+  lua_setfield(L, -2, "server");
   lua_pushnumber(L, res->latency_ms);
   lua_setfield(L, -2, "latency_ms");
   lua_pushnumber(L, a->elapsed_ms);

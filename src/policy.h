@@ -16,6 +16,7 @@
 
 #include "breaker.h"
 #include "budget.h"
+#include "hints.h"
 #include "jitter.h"
 #include "transport.h"
 
@@ -46,6 +47,7 @@ typedef struct rsl_policy_conf {
   rsl_budget_kind budget_kind;
   double budget_max_tokens, budget_token_ratio;
   double budget_retry_cost, budget_timeout_cost, budget_success_refund;
+  double budget_ratio, budget_ttl_ms, budget_min_per_s; /* kind = ratio */
   size_t max_response_bytes;
 } rsl_policy_conf;
 
@@ -61,6 +63,8 @@ typedef struct rsl_attempt_info {
   const char *breaker;  /* state name, or NULL without a breaker */
   double prev_delay_ms; /* decorrelated jitter's memory */
   rsl_prng *prng;
+  const rsl_hints *hints; /* the server's retry hints (a.server); NULL: none */
+  int has_idempotency_key; /* the request carries the policy's key header */
 } rsl_attempt_info;
 
 typedef struct rsl_decision {

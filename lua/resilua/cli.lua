@@ -21,6 +21,7 @@ Commands:
   serve [--listen HOST:PORT] [SCRIPT.lua]
                               the scriptable upstream
   check POLICY...             load and validate policies; run their self-tests
+  check --shadow LOG.jsonl    summarise the shadow events of a log
   batch --in FILE --out FILE URL
                               batch inference: resumable, each item done once
 
@@ -66,10 +67,16 @@ returns (default 0), 1 when it raises an error.
 
 local CHECK_USAGE = [[
 usage: resilua check [--policy-path DIR] POLICY...
+       resilua check --shadow LOG.jsonl
 
 Loads and validates each policy (by name on the policy path, or FILE.lua)
 and runs its self-tests (a `tests` list in the policy).  Prints one line
 per policy.  Exit code 0 when all pass, 2 otherwise.
+
+With --shadow, summarises the `shadow` events of an event log (a client
+with a candidate policy in shadow): disagreements by (live decision,
+candidate decision), by status or error class, and their share of the
+attempts that were decided.  Exit code 0, 2 when the log cannot be read.
 ]]
 
 local BATCH_USAGE = [[
@@ -263,11 +270,69 @@ local function self_test(p)
   return #tests
 end
 
+--- Lines "  key  n" sorted by count (then key), for the shadow summary.
+local function print_counts(title, counts, total)
+  local keys = {}
+  for k in pairs(counts) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    if counts[a] ~= counts[b] then return counts[a] > counts[b] end
+    return a < b
+  end)
+  print(title)
+  for _, k in ipairs(keys) do
+    print(("  %-28s %6d  %5.1f%%"):format(k, counts[k], 100 * counts[k] / total))
+  end
+end
+
+--- `check --shadow LOG`: a summary of a log's shadow events.
+local function shadow_summary(path)
+  local f, err = io.open(path, "rb")
+  if not f then return fail("check", "--shadow: " .. err) end
+  local cjson = require "cjson.safe"
+  local decided, attempts, bad = 0, 0, 0
+  local shadows, by_pair, by_what, pairs_seen = 0, {}, {}, {}
+  for line in f:lines() do
+    local e = cjson.decode(line)
+    if type(e) ~= "table" then
+      bad = bad + (line:match("%S") and 1 or 0)
+    elseif e.event == "attempt" then
+      attempts = attempts + 1
+      if e.decision ~= "ok" then decided = decided + 1 end
+    elseif e.event == "shadow" then
+      shadows = shadows + 1
+      local pair = ("%s -> %s"):format(tostring(e.decision), tostring(e.shadow_decision))
+      if e.decision == "retry" and e.shadow_decision == "retry" then pair = pair .. " (delay)" end
+      by_pair[pair] = (by_pair[pair] or 0) + 1
+      local what = e.status and ("HTTP %d"):format(e.status) or tostring(e.error)
+      by_what[what] = (by_what[what] or 0) + 1
+      local versions = ("%s %s vs %s %s"):format(tostring(e.policy), tostring(e.policy_version),
+                                                  tostring(e.shadow_policy), tostring(e.shadow_version))
+      pairs_seen[versions] = (pairs_seen[versions] or 0) + 1
+    end
+  end
+  f:close()
+  print(("shadow: %d disagreement%s in %d decided attempt%s (%.1f%%); %d attempts in all")
+    :format(shadows, shadows == 1 and "" or "s", decided, decided == 1 and "" or "s",
+            decided > 0 and 100 * shadows / decided or 0, attempts))
+  if bad > 0 then print(("  (%d line%s not JSON, skipped)"):format(bad, bad == 1 and "" or "s")) end
+  if shadows > 0 then
+    print_counts("by decision (live -> candidate):", by_pair, shadows)
+    print_counts("by status/error:", by_what, shadows)
+    print_counts("by policies (live version vs candidate version):", pairs_seen, shadows)
+  end
+  return EXIT.ok
+end
+
 function M.check(args)
-  local opts, pos = parse(args, 2, { ["--policy-path"] = "list", ["--help"] = "flag" },
+  local opts, pos = parse(args, 2, { ["--policy-path"] = "list", ["--help"] = "flag",
+                                     ["--shadow"] = "value" },
                           { ["-h"] = "--help" })
   if not opts then return fail("check", pos) end
   if opts["--help"] then io.stdout:write(CHECK_USAGE) return EXIT.ok end
+  if opts["--shadow"] then
+    if #pos > 0 then return fail("check", "--shadow takes a log, not policies") end
+    return shadow_summary(opts["--shadow"])
+  end
   if #pos == 0 then return fail("check", "no policy given (see resilua check --help)") end
   local policy = require "resilua.policy"
   local path = policy.path(opts["--policy-path"])

@@ -42,26 +42,36 @@ Client.__index = Client
 -- every client with the same `name` shares.
 -- opts: policy (a name, a FILE.lua or a policy loaded with
 -- resilua.policy.load; default "default"), policy_path (list of folders),
--- name (default: the policy's name).
+-- name (default: the policy's name), shadow (a candidate policy, given
+-- like `policy`: asked beside it after every failed attempt, it never
+-- changes a call; each disagreement is a `shadow` event).
 -- A policy given by name or file is hot-reloaded (resilua.policy.slot);
 -- a policy object is used as it is.
+local function slot_of(spec, opts)
+  if type(spec) == "table" then return { current = spec } end
+  return policy.slot(spec, opts.policy_path and policy.path(opts.policy_path))
+end
+
 function M.client(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("resilua.client: expected a table of options", 2) end
-  local slot, err
-  if type(opts.policy) == "table" then
-    slot = { current = opts.policy }
-  else
-    slot, err = policy.slot(opts.policy or "default", opts.policy_path and policy.path(opts.policy_path))
-    if not slot then error("resilua.client: " .. err, 2) end
+  local slot, err = slot_of(opts.policy or "default", opts)
+  if not slot then error("resilua.client: " .. err, 2) end
+  local shadow
+  if opts.shadow ~= nil then
+    shadow, err = slot_of(opts.shadow, opts)
+    if not shadow then error("resilua.client: shadow: " .. err, 2) end
   end
   local name = opts.name or slot.current.name
   shared[name] = shared[name] or core.client(name)
-  return setmetatable({ name = name, slot = slot, state = shared[name] }, Client)
+  return setmetatable({ name = name, slot = slot, shadow = shadow, state = shared[name] }, Client)
 end
 
 --- The policy version in force (it changes when its file is reloaded).
 function Client:policy() return self.slot.current end
+
+--- The shadow policy's version in force, or nil without one.
+function Client:shadow_policy() return self.shadow and self.shadow.current end
 
 local function split(r)
   if r.outcome == "ok" then
@@ -77,16 +87,17 @@ end
 function Client:call(req)
   if type(req) ~= "table" then error("call: expected a request table", 2) end
   if type(req.url) ~= "string" then error("call: request.url must be a string", 2) end
+  local shadow = self.shadow and self.shadow.current.core
   local co = in_go()
   if co then
     local ok, err = pcall(core.call, self.state, self.slot.current.core, req,
-                          function(r) resume(co, r) end)
+                          function(r) resume(co, r) end, shadow)
     if not ok then error("call: " .. err, 2) end
     return split(coroutine.yield())
   end
   local result
   local ok, err = pcall(core.call, self.state, self.slot.current.core, req,
-                        function(r) result = r end)
+                        function(r) result = r end, shadow)
   if not ok then error("call: " .. err, 2) end
   while not result do core.step() end
   return split(result)

@@ -57,10 +57,13 @@ local RULES = {
     slow_call_ms = ms(1), slow_call_rate = { "number", 0.01, 1 },
     on_change = { "function" } } },  -- on_change(key, from, to) on every transition
   budget = { "section", optional = true, fields = {
-    kind = { "choice", bucket = true, quota = true },  -- quota: the AWS SDKs' retry quota
+    -- quota: the AWS SDKs' retry quota; ratio: Finagle/Linkerd retry ratio
+    kind = { "choice", bucket = true, quota = true, ratio = true },
     max_tokens = { "number", 1, 1e9 }, token_ratio = { "number", 0, 1e9 },
     retry_cost = { "number", 0, 1e9 }, timeout_cost = { "number", 0, 1e9 },
-    success_refund = { "number", 0, 1e9 } } },
+    success_refund = { "number", 0, 1e9 },
+    ratio = { "number", 0, 1000 }, ttl_ms = { "number", 1000, 3600000 },
+    min_per_s = { "number", 0, 1e6 } } },
 }
 
 --- Edit distance, for "did you mean".
@@ -309,13 +312,17 @@ function M.find(name, policy_path)
   end
 end
 
--- The quota's costs mean nothing to a token bucket: say so rather than
--- ignore them.
-local QUOTA_ONLY = { "retry_cost", "timeout_cost", "success_refund" }
+-- A kind's own fields mean nothing to the others (a quota's costs to a
+-- token bucket, a ratio's window to a quota): say so rather than ignore them.
+local KIND_ONLY = { retry_cost = "quota", timeout_cost = "quota", success_refund = "quota",
+                    ratio = "ratio", ttl_ms = "ratio", min_per_s = "ratio" }
 local function check_budget_kind(b)
-  if type(b) ~= "table" or b.kind == "quota" then return end
-  for _, k in ipairs(QUOTA_ONLY) do
-    if b[k] ~= nil then return ("budget.%s needs budget.kind = \"quota\""):format(k), k end
+  if type(b) ~= "table" then return end
+  for _, k in ipairs({ "retry_cost", "timeout_cost", "success_refund", "ratio", "ttl_ms",
+                       "min_per_s" }) do
+    if b[k] ~= nil and b.kind ~= KIND_ONLY[k] then
+      return ("budget.%s needs budget.kind = \"%s\""):format(k, KIND_ONLY[k]), k
+    end
   end
 end
 
