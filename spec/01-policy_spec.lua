@@ -10,11 +10,7 @@ local log = dir .. "/events.jsonl"
 setup(function() resilua.log(log) end)
 teardown(function() resilua.log("-") end)
 
-local function policy_file(name, src)
-  local path = dir .. "/" .. name .. ".lua"
-  helpers.write_file(path, src)
-  return path
-end
+local policy_file = helpers.policy_writer(dir)
 
 local function decide(p, a) return core.decide(p.core, a) end
 

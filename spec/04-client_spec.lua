@@ -7,11 +7,7 @@ local helpers = require "helpers"
 local dir = helpers.tmpdir()
 local log = dir .. "/events.jsonl"
 
-local function policy(name, src)
-  local path = ("%s/%s.lua"):format(dir, name)
-  helpers.write_file(path, src)
-  return path
-end
+local policy = helpers.policy_writer(dir)
 
 describe("the Lua API", function()
   local server

@@ -14,11 +14,7 @@ local log = dir .. "/events.jsonl"
 setup(function() resilua.log(log) end)
 teardown(function() resilua.log("-") end)
 
-local function policy_file(name, src)
-  local path = dir .. "/" .. name .. ".lua"
-  helpers.write_file(path, src)
-  return path
-end
+local policy_file = helpers.policy_writer(dir)
 
 local function load(name) return assert(policy.load(name, { dir, "policies" })) end
 
@@ -109,6 +105,43 @@ describe("the shipped policies", function()
       end
     end)
   end
+
+  -- The same policy, whole calls played through the core's call machine on
+  -- a virtual clock (resilua.testing): what a team's own spec can do.
+  describe("grpc, played with resilua.testing", function()
+    local testing = require "resilua.testing"
+
+    it("waits exactly the pushback, then retries", function()
+      local r = testing.play("grpc", {
+        { status = 503, headers = { ["grpc-retry-pushback-ms"] = "1500" } }, { status = 200 } })
+      assert.equal("ok", r.outcome)
+      assert.equal(1500, r.attempts[1].delay_ms)
+      assert.equal(1510, r.attempts[2].t_ms)
+    end)
+
+    it("stops at a negative pushback, and on DEADLINE_EXCEEDED", function()
+      local r = testing.play("grpc", { { status = 503, headers = { ["grpc-retry-pushback-ms"] = "-1" } } })
+      assert.equal("failed", r.outcome)
+      assert.equal(1, #r.attempts)
+      assert.matches("pushback", r.attempts[1].reason)
+      r = testing.play("grpc", { { error = "timeout" } })
+      assert.equal("failed", r.outcome)
+    end)
+
+    it("backs off exponentially up to maxAttempts, then throttles the next call", function()
+      local r = testing.play_calls("grpc", { { { status = 503 } }, { { status = 503 } } })
+      local first = r.calls[1]
+      assert.equal("gave_up", first.outcome)
+      assert.equal(4, #first.attempts)
+      for i, cap in ipairs({ 100, 200, 400 }) do
+        local d = first.attempts[i].delay_ms
+        assert.is_true(d >= 0 and d <= cap, ("retry %d: %s not in [0, %d]"):format(i, d, cap))
+      end
+      -- A6 throttling: 4 failures leave 6 of 10 tokens; one more leaves 5,
+      -- and a retry needs more than half.
+      assert.equal("budget", r.calls[2].outcome)
+    end)
+  end)
 
   it("have the shapes their sources give", function()
     local t = load("no-retry").table

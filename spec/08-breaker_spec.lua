@@ -9,11 +9,7 @@ local policy_mod = require "resilua.policy"
 local dir = helpers.tmpdir()
 local log = dir .. "/events.jsonl"
 
-local function policy(name, src)
-  local path = ("%s/%s.lua"):format(dir, name)
-  helpers.write_file(path, src)
-  return path
-end
+local policy = helpers.policy_writer(dir)
 
 -- One attempt per call, no budget: each call is one breaker sample.
 local function rate_policy(name, breaker)

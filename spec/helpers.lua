@@ -61,6 +61,12 @@ function M.write_file(path, content)
   return path
 end
 
+--- A function(name, src) that writes DIR/name.lua and returns its path:
+-- how specs make policy files.
+function M.policy_writer(dir)
+  return function(name, src) return M.write_file(("%s/%s.lua"):format(dir, name), src) end
+end
+
 --- The file's content, or nil if it cannot be read.
 function M.read_file(path)
   local f = io.open(path, "rb")
