@@ -140,7 +140,24 @@ rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
 /* --- helpers ------------------------------------------------------------- */
 
 static double elapsed_ms(const rsl_call *call) {
-  return (double)(rsl_now_ns() - call->started_ns) / 1e6;
+  return (double)(rsl_loop_now_ns(call->env->loop) - call->started_ns) / 1e6;
+}
+
+static double now_ms(const rsl_call *call) {
+  return rsl_loop_now_ms(call->env->loop);
+}
+
+static int send_through(rsl_call_env *env, const rsl_request *req,
+                        rsl_attempt_done cb, void *ud, rsl_attempt **out,
+                        const char **err) {
+  if (env->sender)
+    return env->sender->send(env->sender_impl, req, cb, ud, out, err);
+  return rsl_transport_send(env->transport, req, cb, ud, out, err);
+}
+
+static void cancel_through(rsl_call_env *env, rsl_attempt *a) {
+  if (env->sender) env->sender->cancel(env->sender_impl, a);
+  else rsl_transport_cancel(env->transport, a);
 }
 
 static void random_hex(char *out, size_t bytes) {
@@ -205,7 +222,7 @@ static void call_free(rsl_call *call) {
   if (call->next) call->next->prev = call->prev;
   rsl_timer_stop(env->loop, &call->timer);
   if (call->attempt) {
-    rsl_transport_cancel(env->transport, call->attempt);
+    cancel_through(env, call->attempt);
     if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
   }
   for (size_t i = 0; i < call->header_count; i++) free(call->headers[i]);
@@ -309,7 +326,7 @@ static void send_attempt(void *ud) {
   }
   if (call->breaker) {
     rsl_breaker_change ch;
-    int admitted = rsl_breaker_admit(call->breaker, rsl_now_ms(), &call->probe,
+    int admitted = rsl_breaker_admit(call->breaker, now_ms(call), &call->probe,
                                      &ch);
     log_breaker_change(call, ch);
     if (!admitted) {
@@ -347,10 +364,10 @@ static void send_attempt(void *ud) {
   if (call->result.attempts == 1) {
     /* A ratio budget earns its retries from first attempts. */
     rsl_budget *budget = rsl_client_budget(call->client, c);
-    if (budget) rsl_budget_request(budget, rsl_now_ms());
+    if (budget) rsl_budget_request(budget, now_ms(call));
   }
-  int rc = rsl_transport_send(call->env->transport, &req, on_attempt_done,
-                              call, &call->attempt, &err);
+  int rc = send_through(call->env, &req, on_attempt_done, call,
+                        &call->attempt, &err);
   call->headers[call->header_count] = NULL; /* key_line dies here */
   if (rc < 0) {
     call->attempt = NULL;
@@ -494,7 +511,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   call->result.last = *res;
   int failure = is_dependency_failure(res);
   rsl_budget *budget = rsl_client_budget(call->client, c);
-  if (budget) rsl_budget_tick(budget, rsl_now_ms());
+  if (budget) rsl_budget_tick(budget, now_ms(call));
 
   if (res->local) {
     /* Our own shortage (no fds): it says nothing of the dependency, so it
@@ -504,7 +521,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
     if (call->breaker) {
       rsl_breaker_change ch;
       rsl_breaker_record(call->breaker, call->probe, !failure,
-                         res->latency_ms, rsl_now_ms(), &ch);
+                         res->latency_ms, now_ms(call), &ch);
       log_breaker_change(call, ch);
     }
     if (budget) rsl_budget_record(budget, !failure);
@@ -671,7 +688,7 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
                    has_header(req, call->conf->idempotency_header));
   call->breaker = rsl_client_breaker(client, call->conf, call->url);
   call->prev_delay_ms = call->conf->base_ms;
-  call->started_ns = rsl_now_ns();
+  call->started_ns = rsl_loop_now_ns(env->loop);
   if (rsl_timer_start(env->loop, &call->timer, 0) < 0) {
     call_free(call);
     goto oom;

@@ -29,11 +29,25 @@ const char *rsl_outcome_name(rsl_outcome o);
 
 typedef struct rsl_call rsl_call;
 
+/* How calls send their attempts.  The real transport is the default; a
+ * test kit plugs in a scripted one (resilua.testing), so the same state
+ * machine runs against canned outcomes.  An rsl_attempt is opaque here:
+ * each sender hands out its own handles. */
+typedef struct rsl_sender {
+  int (*send)(void *impl, const rsl_request *req, rsl_attempt_done cb,
+              void *ud, rsl_attempt **out, const char **err);
+  void (*cancel)(void *impl, rsl_attempt *a);
+} rsl_sender;
+
 /* What every call shares: the runtime's pieces (borrowed) and the list of
- * calls in flight (so they can all be cancelled at shutdown). */
+ * calls in flight (so they can all be cancelled at shutdown).  Calls read
+ * time only through loop (rsl_loop_now_ns), so a virtual loop moves their
+ * deadlines, breakers and budgets too. */
 typedef struct rsl_call_env {
   rsl_loop *loop;
-  rsl_transport *transport;
+  rsl_transport *transport; /* used when sender is NULL */
+  const rsl_sender *sender; /* NULL: the transport */
+  void *sender_impl;        /* the sender's first argument */
   rsl_log *log;
   rsl_prng *prng;
   rsl_call *calls;

@@ -15,7 +15,24 @@
 struct rsl_log {
   int fd;       /* -1 when disabled */
   int owns_fd;
+  int memory;   /* lines are kept in buf instead (rsl_log_open_memory) */
+  char *buf;
+  size_t len, cap;
 };
+
+int rsl_log_open_memory(rsl_log **out) {
+  rsl_log *log = calloc(1, sizeof *log);
+  if (!log) return -ENOMEM;
+  log->fd = -1;
+  log->memory = 1;
+  *out = log;
+  return 0;
+}
+
+const char *rsl_log_memory(const rsl_log *log, size_t *len) {
+  *len = log && log->memory ? log->len : 0;
+  return log && log->buf ? log->buf : "";
+}
 
 int rsl_log_open(rsl_log **out, const char *path) {
   rsl_log *log = calloc(1, sizeof *log);
@@ -39,10 +56,28 @@ int rsl_log_open(rsl_log **out, const char *path) {
 void rsl_log_free(rsl_log *log) {
   if (!log) return;
   if (log->owns_fd) close(log->fd);
+  free(log->buf);
   free(log);
 }
 
-int rsl_log_enabled(const rsl_log *log) { return log && log->fd >= 0; }
+int rsl_log_enabled(const rsl_log *log) {
+  return log && (log->fd >= 0 || log->memory);
+}
+
+/* Keeps a line in a memory log; a line that does not fit is dropped whole,
+ * as an unwritable log drops it. */
+static void keep_line(rsl_log *log, const char *line, size_t n) {
+  if (log->len + n > log->cap) {
+    size_t cap = log->cap ? log->cap : 4096;
+    while (cap < log->len + n) cap *= 2;
+    char *buf = realloc(log->buf, cap);
+    if (!buf) return;
+    log->buf = buf;
+    log->cap = cap;
+  }
+  memcpy(log->buf + log->len, line, n);
+  log->len += n;
+}
 
 static void append(rsl_event *e, const char *s, size_t n) {
   if (e->failed) return;
@@ -176,7 +211,9 @@ void rsl_event_null(rsl_event *e, const char *k) {
 
 void rsl_event_emit(rsl_event *e, rsl_log *log) {
   append(e, "}\n", 2);
-  if (!e->failed && rsl_log_enabled(log)) {
+  if (!e->failed && rsl_log_enabled(log) && log->memory) {
+    keep_line(log, e->buf, e->len);
+  } else if (!e->failed && rsl_log_enabled(log)) {
     size_t off = 0;
     while (off < e->len) {
       ssize_t n = write(log->fd, e->buf + off, e->len - off);

@@ -15,6 +15,10 @@ typedef struct rsl_log rsl_log;
  * *out is owned by the caller (rsl_log_free).  0 or -errno. */
 int rsl_log_open(rsl_log **out, const char *path);
 void rsl_log_free(rsl_log *log);
+/* A log that keeps its lines in memory (for the test kit's plays). */
+int rsl_log_open_memory(rsl_log **out);
+/* A memory log's lines so far (*len bytes, not NUL-terminated). */
+const char *rsl_log_memory(const rsl_log *log, size_t *len);
 int rsl_log_enabled(const rsl_log *log);
 
 /* One event being built.  Fields are appended in order; on out-of-memory

@@ -46,6 +46,16 @@ double rsl_now_ms(void);
 
 /* Creates a loop; *out is owned by the caller (rsl_loop_free). 0 or -errno. */
 int rsl_loop_new(rsl_loop **out);
+/* Creates a loop on a virtual clock that starts at start_ns: timers only
+ * (no fds or signals: rsl_io_set and rsl_loop_signals give -ENOTSUP), and
+ * each step jumps the clock to the next timer instead of waiting.  Used to
+ * run the call machine in simulated time (resilua.testing). */
+int rsl_loop_new_virtual(rsl_loop **out, uint64_t start_ns);
+int rsl_loop_is_virtual(const rsl_loop *loop);
+/* The loop's clock: monotonic time, or a virtual loop's simulated time.
+ * Everything that schedules on a loop reads time through this. */
+uint64_t rsl_loop_now_ns(const rsl_loop *loop);
+double rsl_loop_now_ms(const rsl_loop *loop);
 void rsl_loop_free(rsl_loop *loop);
 
 /* Registers, changes (events == 0 unregisters) or removes fd readiness. */

@@ -510,7 +510,7 @@ static int client_budget(lua_State *L) {
 
 /* A described response's Retry-After in ms, as transport.c reads a real
  * one (delta-seconds or an HTTP-date), or -1. */
-static double described_retry_after_ms(const char *raw, double now_s) {
+double rsl_described_retry_after_ms(const char *raw, double now_s) {
   if (!raw) return -1;
   size_t n = strlen(raw);
   if (n && n <= 12 && strspn(raw, "0123456789") == n)
@@ -590,7 +590,7 @@ static int core_decide(lua_State *L) {
   double now_s = (double)time(NULL);
   if (res.retry_after_ms < 0)
     res.retry_after_ms =
-        described_retry_after_ms(rsl_response_header(&res, "retry-after"),
+        rsl_described_retry_after_ms(rsl_response_header(&res, "retry-after"),
                                  now_s);
   rsl_hints_parse(&hints, &res, now_s);
   int key_type = lua_getfield(L, 2, "idempotency_key");
@@ -782,5 +782,6 @@ int luaopen_resilua_core(lua_State *L) {
   lua_pushstring(L, RSL_VERSION);
   lua_setfield(L, -2, "version");
   rsl_lua_server_open(L);
+  rsl_lua_testing_open(L);
   return 1;
 }

@@ -37,5 +37,11 @@ int luaopen_resilua_core(lua_State *L);
 
 /* Adds the server bindings (lua_server.c) to the table on top of the stack. */
 void rsl_lua_server_open(lua_State *L);
+/* Adds core.play (lua_testing.c), the engine of resilua.testing. */
+void rsl_lua_testing_open(lua_State *L);
+
+/* A described response's Retry-After (delta-seconds or an HTTP date, as
+ * the transport reads a real one) in ms from now_s, or -1. */
+double rsl_described_retry_after_ms(const char *raw, double now_s);
 
 #endif
