@@ -507,6 +507,9 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_call *call = ud;
   const rsl_policy_conf *c = call->conf;
   call->attempt = NULL;
+  int k = call->result.attempts - 1;
+  if (k >= 0 && k < RSL_CALL_MAX_ATTEMPTS)
+    call->result.attempt_ms[k] = (float)res->latency_ms;
   rsl_response_free(&call->result.last);
   call->result.last = *res;
   int failure = is_dependency_failure(res);

@@ -82,12 +82,16 @@ typedef struct rsl_call_request {
   size_t body_len;
 } rsl_call_request;
 
+/* Attempts whose latency a result keeps: policies allow at most 100. */
+#define RSL_CALL_MAX_ATTEMPTS 100
+
 typedef struct rsl_call_result {
   rsl_outcome outcome;
   rsl_response last; /* the last attempt's response (status 0 if none) */
   char message[512];
   int attempts;
   double elapsed_ms;
+  float attempt_ms[RSL_CALL_MAX_ATTEMPTS]; /* each attempt's latency */
   char call_id[17];
 } rsl_call_result;
 

@@ -641,6 +641,16 @@ static void push_result(lua_State *L, void *arg) {
   lua_setfield(L, -2, "elapsed_ms");
   lua_pushstring(L, r->call_id);
   lua_setfield(L, -2, "call_id");
+  /* Each attempt's latency, so a load run gets attempt percentiles
+   * without the event log. */
+  int n =
+      r->attempts < RSL_CALL_MAX_ATTEMPTS ? r->attempts : RSL_CALL_MAX_ATTEMPTS;
+  lua_createtable(L, n, 0);
+  for (int i = 0; i < n; i++) {
+    lua_pushnumber(L, r->attempt_ms[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "attempt_ms");
   if (r->message[0]) {
     lua_pushstring(L, r->message);
     lua_setfield(L, -2, "message");
@@ -783,5 +793,6 @@ int luaopen_resilua_core(lua_State *L) {
   lua_setfield(L, -2, "version");
   rsl_lua_server_open(L);
   rsl_lua_testing_open(L);
+  rsl_lua_hist_open(L);
   return 1;
 }

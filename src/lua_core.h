@@ -39,6 +39,7 @@ int luaopen_resilua_core(lua_State *L);
 void rsl_lua_server_open(lua_State *L);
 /* Adds core.play (lua_testing.c), the engine of resilua.testing. */
 void rsl_lua_testing_open(lua_State *L);
+void rsl_lua_hist_open(lua_State *L);
 
 /* A described response's Retry-After (delta-seconds or an HTTP date, as
  * the transport reads a real one) in ms from now_s, or -1. */

@@ -24,6 +24,8 @@ Commands:
   check --shadow LOG.jsonl    summarise the shadow events of a log
   batch --in FILE --out FILE URL
                               batch inference: resumable, each item done once
+  load (--rate R | --concurrency C) [options] URL
+                              open- or closed-loop load; latency and retry summary
 
 Options:
   -h, --help                  this text; `resilua COMMAND --help` for one command
@@ -109,6 +111,45 @@ Options:
 
 Exit codes: 0 every item ok, 2 usage or an input/output error (before any
 request), 6 some items failed (see the report).
+]]
+
+local LOAD_USAGE = [[
+usage: resilua load (--rate R | --concurrency C) [options] URL
+
+Puts load on URL under a retry policy and prints what happened: calls,
+outcomes, success rate, attempts and retry amplification (attempts per
+call), latency percentiles for calls and for attempts, status and error
+counts, the achieved rate and, open loop, how late the starts were.
+
+Open loop (--rate): calls start on schedule whatever happens to earlier
+ones, and a call's latency counts from its intended start, so an upstream
+(or a client) that falls behind shows in the figures instead of slowing
+the load down.  Closed loop (--concurrency): C calls in flight, each
+starting when the previous one ends.  Failed and timed-out calls are
+counted and kept in the latency figures (and in their own row).
+
+Options:
+  --rate R                 open loop: R calls/s
+  --concurrency C          closed loop: C calls in flight (default 10 when
+                           --rate is not given)
+  --duration D             how long to start calls: 10s, 500ms, 2m or
+                           seconds (default 10s); calls in flight at the
+                           end are waited for
+  --max-in-flight N        open loop: a due call is dropped (and counted)
+                           when N are in flight (default 10000)
+  -X, --request METHOD     HTTP method (default GET, or POST with -d)
+  -H, --header 'Name: v'   add a request header (repeatable)
+  -d, --data DATA          request body; @FILE reads a file
+  --policy NAME|FILE.lua   retry policy (default: default)
+  --policy-path DIR        where to look for policies by name (repeatable)
+  --seed N                 seed the jitter PRNG
+  --log FILE|-             event log (default: none)
+  --json                   print the summary as one JSON object
+  --quiet                  no progress lines on stderr
+  -h, --help               this text
+
+Exit codes: 0 the run completed (whatever the calls' outcomes), 2 usage
+or configuration error.
 ]]
 
 local function fail(cmd, msg)
@@ -414,6 +455,87 @@ function M.batch(args)
   return (report.failed + report.invalid) > 0 and EXIT.some_failed or EXIT.ok
 end
 
+function M.load(args)
+  local opts, pos = parse(args, 2, {
+    ["--rate"] = "value", ["--concurrency"] = "value", ["--duration"] = "value",
+    ["--max-in-flight"] = "value",
+    ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--json"] = "flag", ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+  }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help" })
+  if not opts then return fail("load", pos .. " (see resilua load --help)") end
+  if opts["--help"] then io.stdout:write(LOAD_USAGE) return EXIT.ok end
+  if #pos ~= 1 then
+    return fail("load", (#pos == 0 and "missing URL" or "expected one URL, got " .. #pos)
+                .. " (see resilua load --help)")
+  end
+  local load = require "resilua.load"
+  if opts["--rate"] and opts["--concurrency"] then
+    return fail("load", "--rate and --concurrency: give one (open or closed loop)")
+  end
+  local rate, conc, max_in_flight
+  if opts["--rate"] then
+    rate = tonumber(opts["--rate"])
+    if not rate or rate <= 0 or rate > 1e6 then
+      return fail("load", "--rate: expected calls/s > 0, got " .. opts["--rate"])
+    end
+  else
+    conc = math.tointeger(tonumber(opts["--concurrency"] or "10"))
+    if not conc or conc < 1 or conc > 100000 then
+      return fail("load", "--concurrency: expected an integer >= 1, got " .. opts["--concurrency"])
+    end
+  end
+  if opts["--max-in-flight"] then
+    max_in_flight = math.tointeger(tonumber(opts["--max-in-flight"]))
+    if not max_in_flight or max_in_flight < 1 then
+      return fail("load", "--max-in-flight: expected an integer >= 1, got " .. opts["--max-in-flight"])
+    end
+  end
+  local duration_s = load.parse_duration(opts["--duration"] or "10s")
+  if not duration_s then
+    return fail("load", "--duration: expected e.g. 10s, 500ms, 2m or seconds, got "
+                .. opts["--duration"])
+  end
+  if rate and rate * duration_s > 1e9 then return fail("load", "--rate: too many calls") end
+  -- Load runs are long: no event log unless asked for.
+  if not opts["--log"] then core.log(false) end
+  local code = setup_log("load", opts)
+  if code then return code end
+  local body
+  if opts["--data"] then
+    local err
+    body, err = read_data(opts["--data"])
+    if not body then return fail("load", err) end
+  end
+  for _, h in ipairs(opts["--header"] or {}) do
+    if not h:match("^[^:%s]+:") then
+      return fail("load", ("-H: expected 'Name: value', got '%s'"):format(h))
+    end
+  end
+  local resilua = require "resilua"
+  local policy = resilua.policy
+  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
+  if not p then return fail("load", "--policy: " .. perr) end
+  local client = resilua.client{ policy = p }
+  local progress
+  if not opts["--quiet"] and duration_s > 2 and core.isatty(2) then
+    progress = function(line) io.stderr:write(line, "\n") end
+  end
+  local report, err = load.run{
+    url = pos[1], method = opts["--request"] or (body and "POST" or "GET"),
+    headers = opts["--header"], body = body, client = client, policy_name = p.name,
+    rate = rate, concurrency = conc, duration_s = duration_s,
+    max_in_flight = max_in_flight, progress = progress,
+  }
+  if not report then return fail("load", (tostring(err):gsub("^call: ", ""))) end
+  if opts["--json"] then
+    io.stdout:write(require("cjson").encode(report), "\n")
+  else
+    io.stdout:write(load.format(report))
+  end
+  return EXIT.ok
+end
+
 function M.serve(args)
   local serve = require "resilua.serve"
   local opts, pos = parse(args, 2, { ["--listen"] = "value", ["--help"] = "flag" },
@@ -435,7 +557,7 @@ function M.main(args)
     return EXIT.ok
   end
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
-                     batch = M.batch })[cmd]
+                     batch = M.batch, load = M.load })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end
