@@ -222,6 +222,27 @@ local function setup_log(cmd, opts)
   end
 end
 
+--- What call and load share: the body (-d), the headers' form (-H) and
+-- the policy's client.  Returns body (or false), client; or nil and the
+-- exit code after the error is printed.
+local function request_setup(cmd, opts)
+  local body = false
+  if opts["--data"] then
+    local err
+    body, err = read_data(opts["--data"])
+    if not body then return nil, fail(cmd, err) end
+  end
+  for _, h in ipairs(opts["--header"] or {}) do
+    if not h:match("^[^:%s]+:") then
+      return nil, fail(cmd, ("-H: expected 'Name: value', got '%s'"):format(h))
+    end
+  end
+  local policy = require "resilua.policy"
+  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
+  if not p then return nil, fail(cmd, "--policy: " .. perr) end
+  return body, require("resilua").client{ policy = p }
+end
+
 function M.call(args)
   local opts, pos = parse(args, 2, {
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
@@ -236,22 +257,9 @@ function M.call(args)
   end
   local code = setup_log("call", opts)
   if code then return code end
-  local body
-  if opts["--data"] then
-    local err
-    body, err = read_data(opts["--data"])
-    if not body then return fail("call", err) end
-  end
-  for _, h in ipairs(opts["--header"] or {}) do
-    if not h:match("^[^:%s]+:") then
-      return fail("call", ("-H: expected 'Name: value', got '%s'"):format(h))
-    end
-  end
-  local resilua = require "resilua"
-  local policy = resilua.policy
-  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
-  if not p then return fail("call", "--policy: " .. perr) end
-  local client = resilua.client{ policy = p }
+  local body, client = request_setup("call", opts)
+  if body == nil then return client end
+  body = body or nil
   local ok, res, err = pcall(client.call, client, {
     method = opts["--request"], url = pos[1], headers = opts["--header"], body = body,
   })
@@ -501,29 +509,16 @@ function M.load(args)
   if not opts["--log"] then core.log(false) end
   local code = setup_log("load", opts)
   if code then return code end
-  local body
-  if opts["--data"] then
-    local err
-    body, err = read_data(opts["--data"])
-    if not body then return fail("load", err) end
-  end
-  for _, h in ipairs(opts["--header"] or {}) do
-    if not h:match("^[^:%s]+:") then
-      return fail("load", ("-H: expected 'Name: value', got '%s'"):format(h))
-    end
-  end
-  local resilua = require "resilua"
-  local policy = resilua.policy
-  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
-  if not p then return fail("load", "--policy: " .. perr) end
-  local client = resilua.client{ policy = p }
+  local body, client = request_setup("load", opts)
+  if body == nil then return client end
+  body = body or nil
   local progress
   if not opts["--quiet"] and duration_s > 2 and core.isatty(2) then
     progress = function(line) io.stderr:write(line, "\n") end
   end
   local report, err = load.run{
     url = pos[1], method = opts["--request"] or (body and "POST" or "GET"),
-    headers = opts["--header"], body = body, client = client, policy_name = p.name,
+    headers = opts["--header"], body = body, client = client, policy_name = client:policy().name,
     rate = rate, concurrency = conc, duration_s = duration_s,
     max_in_flight = max_in_flight, progress = progress,
   }
