@@ -59,7 +59,6 @@ int rsl_jitter_parse(const char *name, rsl_jitter *out) {
   return -1;
 }
 
-const char *rsl_jitter_name(rsl_jitter j) { return JITTER_NAMES[j]; }
 
 double rsl_backoff_ms(rsl_prng *p, rsl_jitter j, double base_ms, double max_ms,
                       int attempt, double prev_ms) {

@@ -28,7 +28,6 @@ double rsl_prng_uniform(rsl_prng *p, double lo, double hi);
 
 /* "full" etc. to the enum; 0, or -1 for an unknown name. */
 int rsl_jitter_parse(const char *name, rsl_jitter *out);
-const char *rsl_jitter_name(rsl_jitter j);
 
 /* The delay before the retry that follows failed attempt `attempt` (1-based):
  * the exponential term is base * 2^(attempt-1), capped at max.  `prev_ms` is

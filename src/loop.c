@@ -53,7 +53,6 @@ double rsl_loop_now_ms(const rsl_loop *loop) {
   return (double)rsl_loop_now_ns(loop) / 1e6;
 }
 
-int rsl_loop_is_virtual(const rsl_loop *loop) { return loop->is_virtual; }
 
 static void timerfd_ready(void *ud, int fd, unsigned events) {
   (void)ud;

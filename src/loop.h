@@ -51,7 +51,6 @@ int rsl_loop_new(rsl_loop **out);
  * each step jumps the clock to the next timer instead of waiting.  Used to
  * run the call machine in simulated time (resilua.testing). */
 int rsl_loop_new_virtual(rsl_loop **out, uint64_t start_ns);
-int rsl_loop_is_virtual(const rsl_loop *loop);
 /* The loop's clock: monotonic time, or a virtual loop's simulated time.
  * Everything that schedules on a loop reads time through this. */
 uint64_t rsl_loop_now_ns(const rsl_loop *loop);

@@ -622,13 +622,8 @@ static void push_result(lua_State *L, void *arg) {
   lua_createtable(L, 0, 10);
   lua_pushstring(L, rsl_outcome_name(r->outcome));
   lua_setfield(L, -2, "outcome");
-  if (r->last.status) {
-    lua_pushinteger(L, r->last.status);
-    lua_setfield(L, -2, "status");
-  } else if (r->attempts > 0) {
-    lua_pushstring(L, rsl_error_class_name(r->last.error));
-    lua_setfield(L, -2, "error");
-  }
+  if (r->attempts > 0)
+    rsl_policy_push_status(L, r->last.status, r->last.error);
   rsl_policy_push_headers(L, &r->last);
   lua_setfield(L, -2, "headers");
   if (r->last.status) {

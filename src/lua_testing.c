@@ -333,17 +333,6 @@ static void run_until(lua_State *L, play *p, const int *flag) {
   }
 }
 
-static void push_error_or_status(lua_State *L, long status,
-                                 rsl_error_class error) {
-  if (status) {
-    lua_pushinteger(L, status);
-    lua_setfield(L, -2, "status");
-  } else {
-    lua_pushstring(L, rsl_error_class_name(error));
-    lua_setfield(L, -2, "error");
-  }
-}
-
 /* core.play(policy, { outcomes, ... }, { gap_ms, url, method })
  *   -> { calls = { { outcome, attempts, elapsed_ms, started_ms, status |
  *        error, message, sent = { { t_ms, timeout_ms, latency_ms, status |
@@ -446,7 +435,8 @@ static int core_play(lua_State *L) {
     lua_setfield(L, -2, "elapsed_ms");
     lua_pushnumber(L, started_ms);
     lua_setfield(L, -2, "started_ms");
-    if (r->attempts > 0) push_error_or_status(L, r->last.status, r->last.error);
+    if (r->attempts > 0)
+      rsl_policy_push_status(L, r->last.status, r->last.error);
     if (r->message[0]) {
       lua_pushstring(L, r->message);
       lua_setfield(L, -2, "message");
@@ -463,7 +453,7 @@ static int core_play(lua_State *L) {
       lua_setfield(L, -2, "timeout_ms");
       lua_pushnumber(L, sn->latency_ms);
       lua_setfield(L, -2, "latency_ms");
-      push_error_or_status(L, sn->status, sn->error);
+      rsl_policy_push_status(L, sn->status, sn->error);
       lua_pushboolean(L, sn->repeated);
       lua_setfield(L, -2, "repeated");
       lua_rawseti(L, -2, ++k);

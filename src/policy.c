@@ -437,6 +437,16 @@ void rsl_policy_push_headers(lua_State *L, const rsl_response *res) {
   }
 }
 
+void rsl_policy_push_status(lua_State *L, long status, rsl_error_class error) {
+  if (status) {
+    lua_pushinteger(L, status);
+    lua_setfield(L, -2, "status");
+  } else {
+    lua_pushstring(L, rsl_error_class_name(error));
+    lua_setfield(L, -2, "error");
+  }
+}
+
 static void push_attempt(lua_State *L, const rsl_policy *p,
                          const rsl_attempt_info *a) {
   const rsl_response *res = a->res;
@@ -447,13 +457,7 @@ static void push_attempt(lua_State *L, const rsl_policy *p,
   lua_setfield(L, -2, "method");
   lua_pushstring(L, a->url);
   lua_setfield(L, -2, "url");
-  if (res->status) {
-    lua_pushinteger(L, res->status);
-    lua_setfield(L, -2, "status");
-  } else {
-    lua_pushstring(L, rsl_error_class_name(res->error));
-    lua_setfield(L, -2, "error");
-  }
+  rsl_policy_push_status(L, res->status, res->error);
   if (res->retry_after_ms >= 0) {
     lua_pushnumber(L, res->retry_after_ms);
     lua_setfield(L, -2, "retry_after_ms");

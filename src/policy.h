@@ -96,6 +96,10 @@ int rsl_policy_push_new(struct lua_State *L, int idx);
 /* Pushes res's headers as a table {lower-case name = value} (a.headers;
  * also a call result's headers). */
 void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);
+/* Sets t.status, or t.error (the class name) when status is 0, on the
+ * table on top of the stack: how every result and attempt table says it. */
+void rsl_policy_push_status(struct lua_State *L, long status,
+                            rsl_error_class error);
 /* The version held by the userdata at idx (raises if it is not one). */
 rsl_policy *rsl_policy_check(struct lua_State *L, int idx);
 
