@@ -34,7 +34,7 @@ LUA_SRC   := $(wildcard lua/resilua/*.lua)
 BIN       := $(BUILD)/bin/resilua
 CORE_SO   := $(BUILD)/lib/resilua/core.so
 
-.PHONY: all deps test test-spec test-asan bench demo install uninstall lint clean help
+.PHONY: all deps test test-spec test-asan bench demo demo-call install uninstall lint clean help
 
 all: $(BIN) $(CORE_SO)
 
@@ -70,7 +70,9 @@ $(CORE_SO): $(CORE_OBJ)
 deps:
 	$(Q)tools/deps.sh
 
-test: deps
+# chromium: the report spec renders report.html with it.
+test:
+	$(Q)tools/deps.sh chromium
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory test-spec
 	$(Q)$(MAKE) --no-print-directory test-asan
@@ -98,9 +100,14 @@ bench:
 	$(Q)$(BIN) run bench/batch.lua
 	$(Q)$(BIN) run bench/reload.lua
 
+# The main job: four policies through an outage and a capacity drop.
 demo: deps
 	$(Q)$(MAKE) --no-print-directory all
-	$(Q)sh tools/demo.sh $(BIN)
+	$(Q)$(BIN) run experiments/outage.lua
+
+demo-call: deps
+	$(Q)$(MAKE) --no-print-directory all
+	$(Q)sh tools/demo-call.sh $(BIN)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/lua/5.4/resilua \
@@ -124,7 +131,8 @@ clean:
 help:
 	@echo "make          build $(BIN) and $(CORE_SO)"
 	@echo "make test     specs, then specs again under ASan+UBSan"
-	@echo "make demo     flaky upstream + a call that succeeds after retries"
+	@echo "make demo     experiments/outage.lua: 4 policies through an outage; report.html"
+	@echo "make demo-call  flaky upstream + a call that succeeds after retries"
 	@echo "make bench    decide round trip, calls/s, RSS"
 	@echo "make install  PREFIX=$(PREFIX) DESTDIR=..."
 

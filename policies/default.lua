@@ -20,7 +20,8 @@ return {
                errors = { "timeout", "connect", "reset", "dns" } },
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
-  breaker = { failures = 5, open_ms = 30000, half_open = 1, key = "host" },
+  breaker = { failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
+              key = "host" },
   budget = { max_tokens = 10, token_ratio = 0.1 },
 
   -- Checked by `resilua check default`.

@@ -28,7 +28,8 @@ describe("policy loading", function()
     assert.same({ "timeout", "connect", "reset", "dns" }, t.retry_on.errors)
     assert.same({ respect = true, max_ms = 30000 }, t.retry_after)
     assert.same({ header = "Idempotency-Key", methods = { "POST", "PATCH" } }, t.idempotency)
-    assert.same({ failures = 5, open_ms = 30000, half_open = 1, key = "host" }, t.breaker)
+    assert.same({ failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
+                  key = "host" }, t.breaker)
     assert.same({ max_tokens = 10, token_ratio = 0.1 }, t.budget)
   end)
 

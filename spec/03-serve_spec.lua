@@ -466,3 +466,32 @@ describe("resilua serve", function()
     end)
   end)
 end)
+
+describe("core.serve in-process", function()
+  local core = require "resilua.core"
+  local resilua = require "resilua"
+
+  -- Two POSTs with the same Idempotency-Key; returns the handler's runs.
+  local function runs_for(opts)
+    local runs = 0
+    opts.handler = function()
+      runs = runs + 1
+      return { status = 200, body = "run " .. runs }
+    end
+    local srv = assert(core.serve(opts))
+    local client = resilua.client{ policy = "no-retry" }
+    for _ = 1, 2 do
+      local res = assert(client:call{ method = "POST", url = "http://" .. srv:address() .. "/",
+                                      headers = { ["Idempotency-Key"] = "same" }, body = "x" })
+      assert.are.equal(200, res.status)
+    end
+    srv:close()
+    return runs
+  end
+
+  it("dedups by Idempotency-Key by default, and not with dedup = false", function()
+    assert.are.equal(1, runs_for{})
+    assert.are.equal(2, runs_for{ dedup = false })
+    assert.has_error(function() core.serve{ dedup = "no" } end)
+  end)
+end)

@@ -115,6 +115,20 @@ describe("resilua load", function()
     end
   end)
 
+  it("shows live progress on a terminal for runs over 2 s, and not with --quiet", function()
+    -- script(1) gives the run a pseudo-terminal.
+    local function on_tty(extra)
+      local cmd = ("%s load --rate 50 --duration 2.5 %s %s"):format(
+        helpers.quote(helpers.bin), extra, stub.url)
+      return helpers.run({ "script", "-qec", cmd, "/dev/null" }).stdout
+    end
+    local shown = on_tty("")
+    assert.matches("%d+ s +%d+ calls +%d+ in flight +[%d.]+ %% ok +p99 +[%d.]+ ms", shown)
+    local quiet = on_tty("--quiet")
+    assert.matches("calls", quiet) -- the summary
+    assert.is_nil(quiet:find("in flight", 1, true))
+  end)
+
   describe("against an upstream that fails 30 % of first attempts", function()
     local flaky
     setup(function()

@@ -37,7 +37,8 @@ typedef struct handler_call {
   const rsl_server_request *req;
 } handler_call;
 
-static const char *const SERVE_OPTIONS[] = {"listen", "handler", NULL};
+static const char *const SERVE_OPTIONS[] = {"listen", "handler", "dedup",
+                                            NULL};
 static const char *const RESPONSE_FIELDS[] = {"status", "headers", "body",
                                               "delay_ms", "action", NULL};
 static const char *const ACTIONS[] = {"hang", "reset", "close", NULL};
@@ -231,7 +232,8 @@ static lserver *check_open(lua_State *L) {
   return ls;
 }
 
-/* core.serve{ listen = "HOST:PORT", handler = function(req) ... end }
+/* core.serve{ listen = "HOST:PORT", handler = function(req) ... end,
+ *             dedup = true (Idempotency-Key dedup; false turns it off) }
  * -> server, or nil, message when it cannot listen. */
 static int l_serve(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -243,6 +245,12 @@ static int l_serve(lua_State *L) {
   t = lua_getfield(L, 1, "handler");
   luaL_argcheck(L, t == LUA_TNIL || t == LUA_TFUNCTION, 1,
                 "'handler' must be a function");
+
+  int dt = lua_getfield(L, 1, "dedup");
+  luaL_argcheck(L, dt == LUA_TNIL || dt == LUA_TBOOLEAN, 1,
+                "'dedup' must be a boolean");
+  int dedup = dt == LUA_TNIL || lua_toboolean(L, -1);
+  lua_pop(L, 1);
 
   /* Created closed, so __gc copes with any failure below. */
   lserver *ls = lua_newuserdatauv(L, sizeof *ls, 0);
@@ -264,6 +272,7 @@ static int l_serve(lua_State *L) {
     lua_pushstring(L, msg);
     return 2;
   }
+  rsl_server_set_dedup(ls->srv, dedup);
   lua_pushvalue(L, -1);
   ls->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   return 1;

@@ -123,6 +123,7 @@ struct rsl_server {
   key **buckets;
   key *oldest, *newest; /* stored keys */
   size_t nstored;
+  int dedup;      /* Idempotency-Key dedup is on (the default) */
   int in_handler; /* the handler is running (the loop cannot re-enter) */
   int closing;    /* rsl_server_free was called from inside the handler */
   rsl_server_stats stats;
@@ -734,7 +735,8 @@ static int conn_dispatch(conn *c) {
   req.n = ++s->stats.counter[RSL_SERVER_REQUESTS];
 
   size_t key_len;
-  const char *key_name = conn_header(c, "idempotency-key", &key_len);
+  const char *key_name =
+      s->dedup ? conn_header(c, "idempotency-key", &key_len) : NULL;
   key *k = NULL;
   if (key_name) {
     if (key_len == 0 || key_len > RSL_SERVER_MAX_KEY_BYTES) {
@@ -1020,6 +1022,8 @@ static void format_address(rsl_server *s) {
            ss.ss_family == AF_INET6 ? "[%s]:%u" : "%s:%u", ip, port);
 }
 
+void rsl_server_set_dedup(rsl_server *s, int on) { s->dedup = on != 0; }
+
 int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
                    rsl_server_handler handler, void *ud, char **err) {
   int fd = -1, rc = listen_on(addr, &fd, err);
@@ -1031,6 +1035,7 @@ int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
     goto fail;
   }
   s->loop = loop;
+  s->dedup = 1;
   s->handler = handler ? handler : model_stub;
   s->ud = ud;
   rsl_io_init(&s->listener, fd, listener_on_io, s);

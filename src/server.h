@@ -118,6 +118,11 @@ const char *rsl_server_counter_name(rsl_server_counter c);
 int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
                    rsl_server_handler handler, void *ud, char **err);
 
+/* Turns Idempotency-Key dedup on (the default) or off: off, a repeated key
+ * runs the handler again, as on a server that does not dedup (most model
+ * servers), and the key header is passed through like any other. */
+void rsl_server_set_dedup(rsl_server *s, int on);
+
 /* Closes the listener and every connection and frees everything.  Safe
  * from inside the handler: the free then happens when the handler returns,
  * and the handler is not called again.  NULL is a no-op. */

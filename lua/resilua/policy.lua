@@ -19,7 +19,8 @@ M.DEFAULTS = {
                errors = { "timeout", "connect", "reset", "dns" } },
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
-  breaker = { failures = 5, open_ms = 30000, half_open = 1, key = "host" },
+  breaker = { failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
+              key = "host" },
   budget = { max_tokens = 10, token_ratio = 0.1 },
 }
 
@@ -90,7 +91,7 @@ local function suggest(word, fields)
   return best and (" (did you mean '" .. best .. "'?)") or ""
 end
 
--- The line where `key =` first appears in the source, for error positions.
+--- The line where `key =` first appears in the source, for error positions.
 local function line_of(src, key)
   local n = 1
   for line in (src .. "\n"):gmatch("([^\n]*)\n") do
@@ -99,6 +100,8 @@ local function line_of(src, key)
   end
   return nil
 end
+
+M.line_of = line_of
 
 local OPEN_STEPS = 32  -- RSL_BREAKER_OPEN_STEPS: durations the core keeps
 
@@ -448,6 +451,18 @@ function M.extend(base_name, overrides, policy_path, chain, file)
   return out
 end
 
+-- Validates t (from `path`, source `src`), fills in the defaults and
+-- builds the core policy: the policy object, or nil, message.
+local function build(t, path, src, default_name, version)
+  local norm, err = M.validate(t, path, src)
+  if not norm then return nil, err end
+  norm.name = norm.name or default_name
+  norm.version = version
+  local built, cerr = pcall(core.policy, norm)
+  if not built then return nil, ("%s: %s"):format(path, cerr) end
+  return { name = norm.name, path = path, version = norm.version, table = norm, core = cerr }
+end
+
 --- Loads a policy by name or file.  Returns a policy object
 -- { name, path, version, table, core } or nil, message.  Either way a
 -- `policy` event says what happened.
@@ -466,13 +481,28 @@ local function load_policy(name, policy_path)
   if not chunk then return nil, syntax_err end
   local ok, t = core.pcall(100 * 1000000, chunk)
   if not ok then return nil, t end
-  local norm, err = M.validate(t, path, src)
-  if not norm then return nil, err end
-  norm.name = norm.name or path:match("([^/]+)%.lua$")
-  norm.version = version_of(src)
-  local built, cerr = pcall(core.policy, norm)
-  if not built then return nil, ("%s: %s"):format(path, cerr) end
-  return { name = norm.name, path = path, version = norm.version, table = norm, core = cerr }
+  return build(t, path, src, path:match("([^/]+)%.lua$"), version_of(src))
+end
+
+-- A table as text with sorted keys: the same table, the same version.
+local function canonical(v)
+  if type(v) ~= "table" then return type(v) == "string" and ("%q"):format(v) or tostring(v) end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  for i, k in ipairs(keys) do keys[i] = ("[%s]=%s"):format(canonical(k), canonical(v[k])) end
+  return "{" .. table.concat(keys, ",") .. "}"
+end
+
+--- A policy object from a table that code built (an experiment's inline
+-- policy, say), checked and filled in like a file's.  `path` and its
+-- source `src` (optional) are where errors point; `name` is used when the
+-- table has none.  Its version is a hash of the table's contents.
+function M.define(t, name, path, src)
+  if type(t) ~= "table" then
+    return nil, ("%s: a policy must be a table, got %s"):format(path, type(t))
+  end
+  return build(t, path, src, name, version_of(canonical(t)))
 end
 
 function M.load(name, policy_path)

@@ -20,6 +20,21 @@ Requests with an Idempotency-Key are deduplicated (a completed key is
 replayed, one still in flight gets 409, a different request 422).
 GET /_stats answers JSON counters.  SIGINT or SIGTERM stop it (exit 0).
 
+For an upstream that fails by running out of capacity, return the handler
+of a capacity model (resilua.upstream): N workers, a bounded FIFO queue
+(full: 503 at once), service times from a distribution, seeded faults, and
+timed phases (outages, slowdowns, capacity drops):
+
+  return require("resilua.upstream").new{
+    seed = 1, workers = 16, queue = 200,
+    service_ms = { dist = "lognormal", median = 20, sigma = 0.5 },
+    faults = { { p = 0.01, status = 503 } },
+    phases = { { name = "brownout", from = 10, to = 20, workers = 4 } },
+  }:handler()
+
+A request whose client gave up keeps its worker until its service ends, so
+retries can keep it overloaded after the phase is over.
+
 Options:
   --listen HOST:PORT   address to listen on (default 127.0.0.1:8080; port 0 picks one)
   -h, --help           this text

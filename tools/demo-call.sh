@@ -1,5 +1,5 @@
 #!/bin/sh
-# make demo: a flaky upstream, one call that succeeds after retries, and the
+# make demo-call: a flaky upstream, one call that succeeds after retries, and the
 # attempt log that shows how.
 set -eu
 BIN=${1:-build/bin/resilua}
