@@ -92,13 +92,16 @@ test-asan:
 	  cat $(ASAN_DIR)/reports/*; echo "sanitizer findings: see above" >&2; exit 1; \
 	else echo "sanitizers: no findings"; fi
 
-# wrk is the peer the figures are compared with.
+# wrk and hey are the peers the figures are compared with, nginx the
+# upstream of bench/peers.lua (nginx-light, unless an nginx is installed).
 bench:
-	$(Q)tools/deps.sh wrk
+	$(Q)tools/deps.sh wrk hey $$(command -v nginx >/dev/null 2>&1 || \
+	  [ -x /usr/sbin/nginx ] || echo nginx-light)
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(BIN) run bench/run.lua
 	$(Q)$(BIN) run bench/batch.lua
 	$(Q)$(BIN) run bench/reload.lua
+	$(Q)$(BIN) run bench/peers.lua
 
 # The main job: four policies through an outage and a capacity drop.
 demo: deps
@@ -133,7 +136,7 @@ help:
 	@echo "make test     specs, then specs again under ASan+UBSan"
 	@echo "make demo     experiments/outage.lua: 4 policies through an outage; report.html"
 	@echo "make demo-call  flaky upstream + a call that succeeds after retries"
-	@echo "make bench    decide round trip, calls/s, RSS"
+	@echo "make bench    decide round trip, calls/s, RSS; resilua load vs wrk and hey"
 	@echo "make install  PREFIX=$(PREFIX) DESTDIR=..."
 
 -include $(wildcard $(BUILD)/obj/*.d)

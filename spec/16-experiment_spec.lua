@@ -185,7 +185,7 @@ describe("resilua.experiment", function()
     assert.is_true(policy_named(rep, "once").summary.slo.windows_failed > 0)
     assert.are.equal("p95 < 1000 ms and success >= 95 %", rep.slo.description)
 
-    r = experiment(base:format("{ success = 1.5 }"))
+    r = experiment(base:format("{ p95_ms = 0.01 }"))
     assert.are.equal(6, r.code, r.stderr)
     assert.matches("no policy met the SLO", r.stdout)
   end)
@@ -210,6 +210,13 @@ describe("resilua.experiment", function()
     }]])
     assert.are.equal(2, r.code)
     assert.matches("service_ms", r.stderr)
+
+    r = experiment([[{
+      name = "bad", duration = 1, upstream = {}, load = { rate = 10 },
+      slo = { success = 1.5 }, policies = { { name = "p", policy = "default" } },
+    }]])
+    assert.are.equal(2, r.code)
+    assert.matches(":4: slo.success: expected a number in %[0, 1%], got 1.5", r.stderr)
 
     r = experiment(OUTAGE, { "--sede", "1" })
     assert.are.equal(2, r.code)

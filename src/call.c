@@ -11,6 +11,7 @@
 #include "call.h"
 
 #include <curl/curl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,7 @@ struct rsl_call {
   size_t header_count;
   char *body;
   size_t body_len;
+  size_t max_active;
   char idempotency_key[37]; /* empty when none is sent */
   int has_key; /* our key or the caller's is sent (409/422 rules) */
 
@@ -72,9 +74,58 @@ void rsl_client_unref(rsl_client *c) {
   free(c);
 }
 
+/* What breaker_key and url_ok last worked out.  A load run sends one URL
+ * over and over, and parsing it with curl_url was a good share of a call's
+ * cost; both are pure functions of their arguments, so the last answer is
+ * kept (per thread, URLs up to URL_MEMO_MAX bytes). */
+#define URL_MEMO_MAX 1024
+typedef struct url_memo {
+  char url[URL_MEMO_MAX];
+  int kind; /* breaker_key: the rsl_breaker_key; url_ok: unused */
+  int rc;
+  char out[URL_MEMO_MAX];
+} url_memo;
+
+static int memo_hit(const url_memo *m, const char *url, int kind) {
+  return m->url[0] && m->kind == kind && strcmp(m->url, url) == 0;
+}
+
+static void memo_keep(url_memo *m, const char *url, int kind, int rc,
+                      const char *out) {
+  size_t n = strlen(url);
+  if (n == 0 || n >= sizeof m->url || (out && strlen(out) >= sizeof m->out)) {
+    m->url[0] = '\0';
+    return;
+  }
+  memcpy(m->url, url, n + 1);
+  m->kind = kind;
+  m->rc = rc;
+  snprintf(m->out, sizeof m->out, "%s", out ? out : "");
+}
+
+static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
+                             size_t size);
+
 /* The breaker key of url: "scheme://host:port" by default. */
 static int breaker_key(rsl_breaker_key kind, const char *url, char *out,
                        size_t size) {
+  static _Thread_local url_memo memo;
+  if (kind == RSL_BREAKER_KEY_GLOBAL) {
+    snprintf(out, size, "*");
+    return 0;
+  }
+  if (memo_hit(&memo, url, (int)kind)) {
+    if (memo.rc < 0) return -1;
+    int n = snprintf(out, size, "%s", memo.out);
+    return n > 0 && (size_t)n < size ? 0 : -1;
+  }
+  int rc = breaker_key_parse(kind, url, out, size);
+  memo_keep(&memo, url, (int)kind, rc, rc == 0 ? out : NULL);
+  return rc;
+}
+
+static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
+                             size_t size) {
   if (kind == RSL_BREAKER_KEY_GLOBAL) {
     snprintf(out, size, "*");
     return 0;
@@ -160,10 +211,37 @@ static void cancel_through(rsl_call_env *env, rsl_attempt *a) {
   else rsl_transport_cancel(env->transport, a);
 }
 
+/* Random bytes from a buffer refilled with getrandom(2): one system call
+ * per call (for its id) was a visible share of a call's cost.  A child
+ * forked from here starts with an empty buffer, so parent and child never
+ * hand out the same bytes. */
+#define RANDOM_POOL_BYTES 512
+static _Thread_local unsigned char random_pool[RANDOM_POOL_BYTES];
+static _Thread_local size_t random_left;
+static int random_atfork_set;
+
+static void random_pool_drop(void) { random_left = 0; }
+
+static int random_bytes(unsigned char *out, size_t n) {
+  if (n > RANDOM_POOL_BYTES) return -1;
+  if (!random_atfork_set)
+    random_atfork_set = pthread_atfork(NULL, NULL, random_pool_drop) == 0;
+  if (random_left < n) {
+    if (getrandom(random_pool, sizeof random_pool, 0) !=
+        (ssize_t)sizeof random_pool)
+      return -1;
+    random_left = sizeof random_pool;
+  }
+  random_left -= n;
+  memcpy(out, random_pool + random_left, n);
+  memset(random_pool + random_left, 0, n); /* handed out once */
+  return 0;
+}
+
 static void random_hex(char *out, size_t bytes) {
   static const char HEX[] = "0123456789abcdef";
   unsigned char raw[16];
-  if (getrandom(raw, bytes, 0) != (ssize_t)bytes) {
+  if (random_bytes(raw, bytes) < 0) {
     /* never fails for 16 bytes once the pool is ready; stay unique anyway */
     static rsl_prng fallback;
     static int ready;
@@ -266,15 +344,17 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
   rsl_call_result *r = &call->result;
   r->outcome = outcome;
   r->elapsed_ms = elapsed_ms(call);
-  rsl_event e;
-  rsl_event_begin(&e, "call");
-  rsl_event_str(&e, "call_id", r->call_id);
-  rsl_event_str(&e, "outcome", rsl_outcome_name(outcome));
-  rsl_event_int(&e, "attempts", r->attempts);
-  rsl_event_num(&e, "elapsed_ms", r->elapsed_ms);
-  if (r->last.status) rsl_event_int(&e, "status", r->last.status);
-  else rsl_event_null(&e, "status");
-  rsl_event_emit(&e, call->env->log);
+  if (rsl_log_enabled(call->env->log)) { /* building the line costs */
+    rsl_event e;
+    rsl_event_begin(&e, "call");
+    rsl_event_str(&e, "call_id", r->call_id);
+    rsl_event_str(&e, "outcome", rsl_outcome_name(outcome));
+    rsl_event_int(&e, "attempts", r->attempts);
+    rsl_event_num(&e, "elapsed_ms", r->elapsed_ms);
+    if (r->last.status) rsl_event_int(&e, "status", r->last.status);
+    else rsl_event_null(&e, "status");
+    rsl_event_emit(&e, call->env->log);
+  }
 
   rsl_call_result handed = *r;
   memset(&r->last, 0, sizeof r->last); /* ownership moves to the callback */
@@ -287,6 +367,7 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
 static void log_attempt(rsl_call *call, const char *decision,
                         const rsl_decision *d) {
   const rsl_response *res = &call->result.last;
+  if (!rsl_log_enabled(call->env->log)) return;
   rsl_event e;
   rsl_event_begin(&e, "attempt");
   rsl_event_str(&e, "call_id", call->result.call_id);
@@ -358,6 +439,7 @@ static void send_attempt(void *ud) {
       .timeout_ms = (long)(timeout < 1 ? 1 : timeout),
       .connect_timeout_ms = (long)c->connect_timeout_ms,
       .max_response_bytes = c->max_response_bytes,
+      .max_active = call->max_active,
   };
   const char *err = NULL;
   call->result.attempts++;
@@ -620,6 +702,21 @@ static char *copy_or_null(const char *s, size_t n, int *failed) {
   return out;
 }
 
+/* An http or https URL curl can parse.  Remembers the last answer. */
+static int url_ok(const char *url) {
+  static _Thread_local url_memo memo;
+  if (memo_hit(&memo, url, 0)) return memo.rc;
+  CURLU *u = curl_url();
+  char *scheme = NULL;
+  int ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+           curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+           (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0);
+  curl_free(scheme);
+  curl_url_cleanup(u);
+  memo_keep(&memo, url, 0, ok, NULL);
+  return ok;
+}
+
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
                    rsl_policy *shadow, const rsl_call_request *req,
                    rsl_call_done cb, void *ud, const char **err) {
@@ -627,14 +724,7 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     *err = "bad method: not an HTTP token";
     return -1;
   }
-  CURLU *u = curl_url();
-  char *scheme = NULL;
-  int url_ok = u && curl_url_set(u, CURLUPART_URL, req->url, 0) == CURLUE_OK &&
-               curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
-               (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0);
-  curl_free(scheme);
-  curl_url_cleanup(u);
-  if (!url_ok) {
+  if (!url_ok(req->url)) {
     *err = "bad URL: expected http://host[:port]/path or https://...";
     return -1;
   }
@@ -673,6 +763,7 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     body = "";
   call->body = copy_or_null(body, req->body_len, &failed);
   call->body_len = body ? req->body_len : 0;
+  call->max_active = req->max_active;
   call->headers = calloc(req->header_count + 1, sizeof *call->headers);
   if (!call->headers) failed = 1;
   for (size_t i = 0; !failed && i < req->header_count; i++) {

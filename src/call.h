@@ -80,6 +80,7 @@ typedef struct rsl_call_request {
   size_t header_count;
   const char *body; /* NULL: none */
   size_t body_len;
+  size_t max_active; /* 0, or see rsl_request.max_active */
 } rsl_call_request;
 
 /* Attempts whose latency a result keeps: policies allow at most 100. */

@@ -60,6 +60,9 @@ void rsl_loop_free(rsl_loop *loop);
 /* Registers, changes (events == 0 unregisters) or removes fd readiness. */
 void rsl_io_init(rsl_io *io, int fd, rsl_io_cb cb, void *ud);
 int rsl_io_set(rsl_loop *loop, rsl_io *io, unsigned events);
+/* Makes a registered or unregistered watcher weak (it no longer keeps the
+ * loop alive) or strong again. */
+void rsl_io_set_weak(rsl_loop *loop, rsl_io *io, int weak);
 
 void rsl_timer_init(rsl_timer *t, rsl_timer_cb cb, void *ud);
 /* (Re)starts t to fire once after delay_ns. 0 or -ENOMEM. */

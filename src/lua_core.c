@@ -617,16 +617,20 @@ static int core_decide(lua_State *L) {
 
 /* --- calls --------------------------------------------------------------- */
 
-static void push_result(lua_State *L, void *arg) {
-  rsl_call_result *r = arg;
+/* The result table; without the response's headers and body when
+ * `full` is 0 (a caller that only counts, such as `resilua load`). */
+static void push_result_table(lua_State *L, const rsl_call_result *r,
+                              int full) {
   lua_createtable(L, 0, 10);
   lua_pushstring(L, rsl_outcome_name(r->outcome));
   lua_setfield(L, -2, "outcome");
   if (r->attempts > 0)
     rsl_policy_push_status(L, r->last.status, r->last.error);
-  rsl_policy_push_headers(L, &r->last);
-  lua_setfield(L, -2, "headers");
-  if (r->last.status) {
+  if (full) {
+    rsl_policy_push_headers(L, &r->last);
+    lua_setfield(L, -2, "headers");
+  }
+  if (full && r->last.status) {
     lua_pushlstring(L, r->last.body ? r->last.body : "", r->last.body_len);
     lua_setfield(L, -2, "body");
   }
@@ -652,8 +656,21 @@ static void push_result(lua_State *L, void *arg) {
   }
 }
 
+static void push_result(lua_State *L, void *arg) {
+  push_result_table(L, arg, 1);
+}
+
+static void push_result_summary(lua_State *L, void *arg) {
+  push_result_table(L, arg, 0);
+}
+
 static void on_call_done(void *ud, rsl_call_result *r) {
   fire(ud, push_result, r);
+  rsl_response_free(&r->last);
+}
+
+static void on_call_done_summary(void *ud, rsl_call_result *r) {
+  fire(ud, push_result_summary, r);
   rsl_response_free(&r->last);
 }
 
@@ -690,8 +707,12 @@ static size_t read_headers(lua_State *L, int t, const char **lines) {
   return (size_t)n;
 }
 
-/* core.call(client, policy, {method, url, headers, body}, callback
- *           [, shadow]): shadow is a candidate policy asked in shadow. */
+/* core.call(client, policy, {method, url, headers, body, summary_only,
+ *           max_active}, callback [, shadow]): shadow is a candidate
+ * policy asked in shadow; with summary_only the result carries no headers
+ * and no body (what a load run needs, for less work per call); with
+ * max_active N each attempt waits its turn while N attempts are on the
+ * wire (rsl_request.max_active). */
 static int core_call(lua_State *L) {
   rsl_runtime *rt = rsl_core_runtime(L);
   rsl_client *client = check_client(L, 1);
@@ -715,10 +736,18 @@ static int core_call(lua_State *L) {
                                 : lua_tostring(L, -1);
   req.header_count = read_headers(L, 3, lines);
   req.headers = lines;
+  lua_getfield(L, 3, "max_active");
+  luaL_argcheck(L, lua_isnil(L, -1) || (lua_isinteger(L, -1) &&
+                                        lua_tointeger(L, -1) >= 0),
+                3, "max_active must be an integer >= 0");
+  req.max_active = (size_t)lua_tointeger(L, -1);
+  lua_getfield(L, 3, "summary_only");
+  rsl_call_done done = lua_toboolean(L, -1) ? on_call_done_summary
+                                            : on_call_done;
   rsl_waiter *w = waiter_new(L, rt, 4);
   const char *err = NULL;
-  if (rsl_call_start(&rt->calls, client, policy, shadow, &req, on_call_done,
-                     w, &err) < 0) {
+  if (rsl_call_start(&rt->calls, client, policy, shadow, &req, done, w,
+                     &err) < 0) {
     waiter_free(w);
     return luaL_error(L, "%s", err);
   }

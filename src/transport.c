@@ -7,30 +7,54 @@
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 #include <curl/curl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_IDLE_CONNECTIONS 1024
-#define MAX_SPARE_HANDLES 256 /* easy handles kept for reuse */
+/* The connection cache's floor.  curl counts every connection in its
+ * cache, in use or idle, against CURLMOPT_MAXCONNECTS, and when a transfer
+ * ends with the cache over the limit it closes the oldest *idle* one: with
+ * more attempts in flight than the limit, that is the connection just
+ * handed back, so every later attempt opened a new one (a connect per
+ * call, thousands of sockets in TIME_WAIT, and a collapse of the rate).
+ * The limit therefore follows the attempts in flight (see
+ * grow_connection_cache); this is only where it starts. */
+#define MIN_CACHED_CONNECTIONS 1024
+#define MAX_SPARE_ATTEMPTS 256 /* finished attempts kept for reuse */
 
 struct rsl_transport {
   rsl_loop *loop;
   CURLM *multi;
   rsl_timer timer; /* curl's single timeout */
   rsl_attempt *attempts; /* running, doubly linked, for free() */
-  /* Finished easy handles, reset and kept: creating one per attempt was
-   * a good share of the client's allocations. */
-  CURL *spare[MAX_SPARE_HANDLES];
+  rsl_attempt *done_head, *done_tail; /* finished, not yet called back */
+  rsl_attempt *queue_head, *queue_tail; /* waiting for max_active */
+  size_t active; /* attempts added to the multi handle */
+  int closing;   /* in rsl_transport_free: start no queued attempt */
+  long max_connects;      /* CURLMOPT_MAXCONNECTS as set */
+  /* Finished attempts, kept with their easy handle: creating one per
+   * attempt was a good share of the client's allocations, and a handle
+   * kept configured need not be set up again (see rsl_transport_send). */
+  rsl_attempt *spare[MAX_SPARE_ATTEMPTS];
   int spare_count;
+  /* The header list of a request with no headers of its own: built once. */
+  struct curl_slist *default_headers;
+  /* The connection sockets curl opened through opensocket_cb, by fd. */
+  struct socket_ctx **by_fd;
+  size_t by_fd_cap;
 };
 
 struct rsl_attempt {
   rsl_transport *t;
   CURL *easy;
-  struct curl_slist *header_list;
+  /* The options every attempt sets the same way are set on the handle;
+   * and none of a request's own (a method, a body) is left on it.  A
+   * handle that is not `plain` is reset before reuse. */
+  int configured, plain;
+  struct curl_slist *header_list; /* owned, or NULL: t->default_headers */
   rsl_response res;
   size_t header_bytes, max_body_bytes;
   int too_large;
@@ -38,13 +62,34 @@ struct rsl_attempt {
   rsl_attempt_done cb;
   void *ud;
   rsl_attempt *prev, *next;
+  int added;  /* to the multi handle */
+  int queued; /* in t's queue, waiting for fewer than queue_limit active */
+  size_t queue_limit;
+  long timeout_ms;
+  rsl_attempt *queue_prev, *queue_next;
+  /* In t's done list (see drain_done) with its result, when `done`. */
+  int done;
+  CURLcode result;
+  rsl_attempt *done_prev, *done_next;
   char errbuf[CURL_ERROR_SIZE];
 };
 
-/* Per-socket context, attached with curl_multi_assign. */
+/* Per-socket context, attached with curl_multi_assign.
+ *
+ * curl stops watching a keep-alive connection's socket when its transfer
+ * ends (CURL_POLL_REMOVE) and watches it again when the next transfer
+ * takes the connection: unregistering and registering it with epoll every
+ * call was a visible share of a call's cost.  So a connection socket (one
+ * curl opened through opensocket_cb, and closes through closesocket_cb) is
+ * only `parked` on REMOVE: it stays registered for reading, weak (it does
+ * not keep the loop alive), and unregistered only if it becomes readable
+ * meanwhile (the server closed it), or when curl closes it.  Other sockets
+ * (a resolver's, say) are unregistered on REMOVE, as curl expects. */
 typedef struct socket_ctx {
   rsl_io io;
   rsl_transport *t;
+  int conn;   /* a connection socket, in t->by_fd */
+  int parked; /* curl does not watch it now */
 } socket_ctx;
 
 static const char *const ERROR_CLASS_NAMES[RSL_ERR_COUNT] = {
@@ -91,6 +136,12 @@ static void drain_done(rsl_transport *t);
 static void on_socket_ready(void *ud, int fd, unsigned events) {
   socket_ctx *ctx = ud;
   rsl_transport *t = ctx->t; /* ctx may be freed by socket_action */
+  if (ctx->parked) {
+    /* Idle, and closed by the peer (or sent something unasked): curl
+     * finds out when it next looks at the connection. */
+    rsl_io_set(t->loop, &ctx->io, 0);
+    return;
+  }
   int flags = 0, running;
   if (events & RSL_IO_READ) flags |= CURL_CSELECT_IN;
   if (events & RSL_IO_WRITE) flags |= CURL_CSELECT_OUT;
@@ -99,16 +150,26 @@ static void on_socket_ready(void *ud, int fd, unsigned events) {
   drain_done(t);
 }
 
+static socket_ctx *conn_socket(const rsl_transport *t, curl_socket_t s) {
+  return s >= 0 && (size_t)s < t->by_fd_cap ? t->by_fd[s] : NULL;
+}
+
 static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
                      void *socketp) {
   (void)easy;
   rsl_transport *t = userp;
-  socket_ctx *ctx = socketp;
+  socket_ctx *ctx = socketp ? socketp : conn_socket(t, s);
   if (what == CURL_POLL_REMOVE) {
-    if (ctx) {
+    if (!ctx) return 0;
+    if (ctx->conn) {
+      ctx->parked = 1;
+      rsl_io_set_weak(t->loop, &ctx->io, 1);
+      if (ctx->io.events && ctx->io.events != RSL_IO_READ &&
+          rsl_io_set(t->loop, &ctx->io, RSL_IO_READ) < 0)
+        rsl_io_set(t->loop, &ctx->io, 0);
+    } else {
       rsl_io_set(t->loop, &ctx->io, 0);
       free(ctx);
-      curl_multi_assign(t->multi, s, NULL);
     }
     return 0;
   }
@@ -117,12 +178,65 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
     if (!ctx) return -1;
     ctx->t = t;
     rsl_io_init(&ctx->io, s, on_socket_ready, ctx);
-    curl_multi_assign(t->multi, s, ctx);
+  }
+  if (!socketp) curl_multi_assign(t->multi, s, ctx);
+  if (ctx->parked) {
+    ctx->parked = 0;
+    rsl_io_set_weak(t->loop, &ctx->io, 0);
   }
   unsigned events = 0;
   if (what & CURL_POLL_IN) events |= RSL_IO_READ;
   if (what & CURL_POLL_OUT) events |= RSL_IO_WRITE;
   return rsl_io_set(t->loop, &ctx->io, events) < 0 ? -1 : 0;
+}
+
+/* curl opens its connection sockets here (CURLOPT_OPENSOCKETFUNCTION), so
+ * that the transport knows them (see socket_ctx); close-on-exec, so that a
+ * child process never holds one open. */
+static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
+                                   struct curl_sockaddr *address) {
+  rsl_transport *t = clientp;
+  curl_socket_t s =
+      socket(address->family, address->socktype | SOCK_CLOEXEC,
+             address->protocol);
+  if (s < 0 || purpose != CURLSOCKTYPE_IPCXN) return s;
+  if ((size_t)s >= t->by_fd_cap) {
+    size_t cap = t->by_fd_cap ? t->by_fd_cap : 64;
+    while (cap <= (size_t)s) cap *= 2;
+    socket_ctx **by_fd = realloc(t->by_fd, cap * sizeof *by_fd);
+    if (!by_fd) return s; /* an ordinary socket, unregistered on REMOVE */
+    memset(by_fd + t->by_fd_cap, 0, (cap - t->by_fd_cap) * sizeof *by_fd);
+    t->by_fd = by_fd;
+    t->by_fd_cap = cap;
+  }
+  socket_ctx *ctx = t->by_fd[s];
+  if (ctx) {
+    /* Left from a socket closed behind our back: the close dropped its
+     * registration; this puts our books right. */
+    rsl_io_set(t->loop, &ctx->io, 0);
+  } else {
+    ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return s;
+    t->by_fd[s] = ctx;
+  }
+  memset(ctx, 0, sizeof *ctx);
+  ctx->t = t;
+  ctx->conn = 1;
+  rsl_io_init(&ctx->io, s, on_socket_ready, ctx);
+  return s;
+}
+
+/* curl closes its connection sockets here (CURLOPT_CLOSESOCKETFUNCTION),
+ * after CURL_POLL_REMOVE: a parked socket is unregistered before close. */
+static int closesocket_cb(void *clientp, curl_socket_t s) {
+  rsl_transport *t = clientp;
+  socket_ctx *ctx = conn_socket(t, s);
+  if (ctx) {
+    rsl_io_set(t->loop, &ctx->io, 0);
+    t->by_fd[s] = NULL;
+    free(ctx);
+  }
+  return close(s);
 }
 
 static void on_timeout(void *ud) {
@@ -167,39 +281,138 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
   /* curl's default cache (4 x the handles added) shrinks between one call's
    * end and the next one's start, and then closes idle keep-alive
    * connections it will need again a moment later. */
-  curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, (long)MAX_IDLE_CONNECTIONS);
+  /* "Expect:" turns off 100-continue: a round trip for nothing here. */
+  t->default_headers = curl_slist_append(NULL, "Expect:");
+  if (!t->default_headers) {
+    curl_multi_cleanup(t->multi);
+    free(t);
+    return -1;
+  }
+  t->max_connects = MIN_CACHED_CONNECTIONS;
+  curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, t->max_connects);
   *out = t;
   return 0;
 }
 
+/* Keeps CURLMOPT_MAXCONNECTS at twice the most attempts ever in flight
+ * (never lower: it only stops curl from closing connections it will need
+ * again; idle ones still age out after CURLOPT_MAXAGE_CONN).  Called
+ * outside curl's callbacks, where curl_multi_setopt is allowed. */
+static void grow_connection_cache(rsl_transport *t) {
+  if ((long)t->active <= t->max_connects / 2) return;
+  long want = (long)t->active * 2;
+  if (curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, want) == CURLM_OK)
+    t->max_connects = want;
+}
+
+static void pump(rsl_transport *t);
+
+/* Ends attempt a (added to the multi handle or not): it goes back to the
+ * spare list, with its easy handle, or is freed.  A queued attempt may
+ * start in its place. */
 static void attempt_free(rsl_attempt *a) {
   rsl_transport *t = a->t;
   if (a->prev) a->prev->next = a->next;
   else t->attempts = a->next;
   if (a->next) a->next->prev = a->prev;
-  curl_multi_remove_handle(t->multi, a->easy);
-  if (t->spare_count < MAX_SPARE_HANDLES) {
-    curl_easy_reset(a->easy);
-    t->spare[t->spare_count++] = a->easy;
-  } else {
-    curl_easy_cleanup(a->easy);
+  if (a->done) {
+    if (a->done_prev) a->done_prev->done_next = a->done_next;
+    else t->done_head = a->done_next;
+    if (a->done_next) a->done_next->done_prev = a->done_prev;
+    else t->done_tail = a->done_prev;
+  }
+  if (a->queued) {
+    if (a->queue_prev) a->queue_prev->queue_next = a->queue_next;
+    else t->queue_head = a->queue_next;
+    if (a->queue_next) a->queue_next->queue_prev = a->queue_prev;
+    else t->queue_tail = a->queue_prev;
+  }
+  if (a->added) {
+    curl_multi_remove_handle(t->multi, a->easy);
+    t->active--;
   }
   curl_slist_free_all(a->header_list);
   rsl_response_free(&a->res);
-  free(a);
+  if (!a->easy || t->spare_count == MAX_SPARE_ATTEMPTS) {
+    if (a->easy) curl_easy_cleanup(a->easy);
+    free(a);
+    pump(t);
+    return;
+  }
+  if (!a->plain) {
+    curl_easy_reset(a->easy);
+    a->configured = 0;
+  }
+  CURL *easy = a->easy;
+  int configured = a->configured;
+  memset(a, 0, sizeof *a);
+  a->t = t;
+  a->easy = easy;
+  a->configured = configured;
+  t->spare[t->spare_count++] = a;
+  pump(t);
+}
+
+/* Hands attempt a to curl; 0 or -1. */
+static int attempt_add(rsl_transport *t, rsl_attempt *a) {
+  if (curl_multi_add_handle(t->multi, a->easy) != CURLM_OK) return -1;
+  a->added = 1;
+  t->active++;
+  grow_connection_cache(t);
+  return 0;
+}
+
+/* Starts queued attempts while there is room under their limit.  One that
+ * waited gets what is left of its timeout (1 ms at least); one curl
+ * refuses is failed through the done list. */
+static void pump(rsl_transport *t) {
+  rsl_attempt *a;
+  while (!t->closing && (a = t->queue_head) && t->active < a->queue_limit) {
+    t->queue_head = a->queue_next;
+    if (t->queue_head) t->queue_head->queue_prev = NULL;
+    else t->queue_tail = NULL;
+    a->queued = 0;
+    long waited_ms = (long)((rsl_now_ns() - a->started_ns) / 1000000u);
+    long left_ms = a->timeout_ms > waited_ms ? a->timeout_ms - waited_ms : 1;
+    if (curl_easy_setopt(a->easy, CURLOPT_TIMEOUT_MS, left_ms) == CURLE_OK &&
+        attempt_add(t, a) == 0)
+      continue;
+    a->plain = 0;
+    a->done = 1;
+    a->result = CURLE_OUT_OF_MEMORY;
+    a->done_next = NULL;
+    a->done_prev = t->done_tail;
+    if (t->done_tail) t->done_tail->done_next = a;
+    else t->done_head = a;
+    t->done_tail = a;
+    rsl_timer_start(t->loop, &t->timer, 0); /* on_timeout drains it */
+  }
 }
 
 void rsl_transport_free(rsl_transport *t) {
   if (!t) return;
+  t->closing = 1;
   while (t->attempts) attempt_free(t->attempts);
-  while (t->spare_count) curl_easy_cleanup(t->spare[--t->spare_count]);
+  while (t->spare_count) {
+    rsl_attempt *a = t->spare[--t->spare_count];
+    curl_easy_cleanup(a->easy);
+    free(a);
+  }
   curl_multi_cleanup(t->multi); /* closes sockets through socket_cb */
+  for (size_t i = 0; i < t->by_fd_cap; i++) {
+    if (!t->by_fd[i]) continue; /* none: curl closed them all above */
+    rsl_io_set(t->loop, &t->by_fd[i]->io, 0);
+    free(t->by_fd[i]);
+  }
+  free(t->by_fd);
+  curl_slist_free_all(t->default_headers);
   rsl_timer_stop(t->loop, &t->timer);
   free(t);
 }
 
 void rsl_transport_cancel(rsl_transport *t, rsl_attempt *a) {
   (void)t;
+  a->plain = 0; /* stopped halfway: start the handle afresh */
   attempt_free(a);
 }
 
@@ -247,10 +460,16 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
   while (v < end && (*v == ' ' || *v == '\t')) v++;
   while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
     end--;
-  rsl_header *headers =
-      realloc(res->headers, (res->header_count + 1) * sizeof *headers);
-  if (!headers) return 0;
-  res->headers = headers;
+  /* Room for 4, then doubled: res->headers holds 2^k (k >= 2) slots once
+   * header_count has passed 2^(k-1). */
+  size_t count = res->header_count;
+  if (count == 0 || (count >= 4 && (count & (count - 1)) == 0)) {
+    rsl_header *grown =
+        realloc(res->headers, (count ? 2 * count : 4) * sizeof *grown);
+    if (!grown) return 0;
+    res->headers = grown;
+  }
+  rsl_header *headers = res->headers;
   char *name = strndup(data, name_len), *value = strndup(v, (size_t)(end - v));
   if (!name || !value) {
     free(name);
@@ -360,6 +579,11 @@ static void finish(rsl_attempt *a, CURLcode code) {
   cb(ud, &handed);
 }
 
+/* Reads every finished transfer first, then calls back: curl's
+ * curl_multi_remove_handle looks through the messages not yet read, so
+ * finishing each as it was read cost O(n^2) when many finished at once
+ * (thousands, when an open-loop run falls behind).  A callback may cancel
+ * an attempt still in the done list: attempt_free takes it out. */
 static void drain_done(rsl_transport *t) {
   CURLMsg *msg;
   int left;
@@ -367,21 +591,40 @@ static void drain_done(rsl_transport *t) {
     if (msg->msg != CURLMSG_DONE) continue;
     rsl_attempt *a = NULL;
     curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&a);
-    finish(a, msg->data.result);
+    if (!a || a->done) continue;
+    a->done = 1;
+    a->result = msg->data.result;
+    a->done_next = NULL;
+    a->done_prev = t->done_tail;
+    if (t->done_tail) t->done_tail->done_next = a;
+    else t->done_head = a;
+    t->done_tail = a;
+  }
+  rsl_attempt *a;
+  while ((a = t->done_head)) {
+    t->done_head = a->done_next;
+    if (t->done_head) t->done_head->done_prev = NULL;
+    else t->done_tail = NULL;
+    a->done = 0;
+    finish(a, a->result);
   }
 }
 
 int rsl_transport_send(rsl_transport *t, const rsl_request *req,
                        rsl_attempt_done cb, void *ud, rsl_attempt **out,
                        const char **err) {
-  rsl_attempt *a = calloc(1, sizeof *a);
-  if (a) a->easy = t->spare_count ? t->spare[--t->spare_count] : curl_easy_init();
-  if (!a || !a->easy) {
-    free(a);
-    *err = "out of memory";
-    return -1;
+  rsl_attempt *a = t->spare_count ? t->spare[--t->spare_count] : NULL;
+  if (!a) {
+    a = calloc(1, sizeof *a);
+    if (a) a->easy = curl_easy_init();
+    if (!a || !a->easy) {
+      free(a);
+      *err = "out of memory";
+      return -1;
+    }
+    a->t = t;
   }
-  a->t = t;
+  a->plain = 1;
   a->cb = cb;
   a->ud = ud;
   a->res.retry_after_ms = -1;
@@ -396,47 +639,75 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
   /* Fails the attempt setup at the first option curl refuses. */
 #define SET(opt, val) \
   if (rc == CURLE_OK) rc = curl_easy_setopt(e, opt, val)
+  if (!a->configured) {
+    SET(CURLOPT_PROTOCOLS_STR, "http,https");
+    SET(CURLOPT_PRIVATE, a);
+    SET(CURLOPT_NOSIGNAL, 1L);
+    SET(CURLOPT_ERRORBUFFER, a->errbuf);
+    SET(CURLOPT_WRITEFUNCTION, on_body);
+    SET(CURLOPT_WRITEDATA, a);
+    SET(CURLOPT_HEADERFUNCTION, on_header);
+    SET(CURLOPT_HEADERDATA, a);
+    SET(CURLOPT_ACCEPT_ENCODING, "");
+    SET(CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
+    SET(CURLOPT_OPENSOCKETDATA, t);
+    SET(CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
+    SET(CURLOPT_CLOSESOCKETDATA, t);
+    a->configured = rc == CURLE_OK;
+  }
+  a->errbuf[0] = '\0';
   SET(CURLOPT_URL, req->url);
-  SET(CURLOPT_PROTOCOLS_STR, "http,https");
-  SET(CURLOPT_PRIVATE, a);
-  SET(CURLOPT_NOSIGNAL, 1L);
-  SET(CURLOPT_ERRORBUFFER, a->errbuf);
-  SET(CURLOPT_WRITEFUNCTION, on_body);
-  SET(CURLOPT_WRITEDATA, a);
-  SET(CURLOPT_HEADERFUNCTION, on_header);
-  SET(CURLOPT_HEADERDATA, a);
   SET(CURLOPT_TIMEOUT_MS, req->timeout_ms);
   SET(CURLOPT_CONNECTTIMEOUT_MS, req->connect_timeout_ms);
   SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)a->max_body_bytes);
-  SET(CURLOPT_ACCEPT_ENCODING, "");
   if (req->body) {
+    a->plain = 0;
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
     SET(CURLOPT_POSTFIELDS, req->body);
   }
   if (strcmp(req->method, "HEAD") == 0) {
+    a->plain = 0;
     SET(CURLOPT_NOBODY, 1L);
   } else if (strcmp(req->method, "GET") != 0 || req->body) {
+    a->plain = 0;
     SET(CURLOPT_CUSTOMREQUEST, req->method);
   }
 #undef SET
-  /* "Expect:" turns off 100-continue: a round trip for nothing here. */
-  struct curl_slist *list = curl_slist_append(NULL, "Expect:");
-  for (size_t i = 0; list && i < req->header_count; i++) {
-    struct curl_slist *more = curl_slist_append(list, req->headers[i]);
-    if (!more) curl_slist_free_all(list);
-    list = more;
+  struct curl_slist *list = t->default_headers;
+  if (req->header_count) {
+    /* "Expect:" first, as in t->default_headers. */
+    list = curl_slist_append(NULL, "Expect:");
+    for (size_t i = 0; list && i < req->header_count; i++) {
+      struct curl_slist *more = curl_slist_append(list, req->headers[i]);
+      if (!more) curl_slist_free_all(list);
+      list = more;
+    }
+    a->header_list = list;
+    if (rc == CURLE_OK && !list) rc = CURLE_OUT_OF_MEMORY;
   }
-  a->header_list = list;
-  if (rc == CURLE_OK && !list) rc = CURLE_OUT_OF_MEMORY;
   if (rc == CURLE_OK) rc = curl_easy_setopt(e, CURLOPT_HTTPHEADER, list);
   if (rc != CURLE_OK) {
     *err = curl_easy_strerror(rc);
+    a->plain = 0;
     attempt_free(a);
     return -1;
   }
   a->started_ns = rsl_now_ns();
-  if (curl_multi_add_handle(t->multi, e) != CURLM_OK) {
+  a->timeout_ms = req->timeout_ms;
+  if (req->max_active && (t->active >= req->max_active || t->queue_head)) {
+    a->queued = 1;
+    a->queue_limit = req->max_active;
+    a->queue_next = NULL;
+    a->queue_prev = t->queue_tail;
+    if (t->queue_tail) t->queue_tail->queue_next = a;
+    else t->queue_head = a;
+    t->queue_tail = a;
+    *out = a;
+    return 0;
+  }
+  if (attempt_add(t, a) < 0) {
     *err = "curl_multi_add_handle failed";
+    a->plain = 0;
     attempt_free(a);
     return -1;
   }

@@ -66,6 +66,12 @@ typedef struct rsl_request {
   long timeout_ms;
   long connect_timeout_ms;
   size_t max_response_bytes;
+  /* 0: none.  Otherwise the attempt waits, first come first served, while
+   * this many attempts are on the wire (curl's connection handling costs
+   * O(connections) per transfer: an open-loop load that fell behind used
+   * to open thousands of connections and collapse).  The wait counts in
+   * the attempt's timeout and latency. */
+  size_t max_active;
 } rsl_request;
 
 typedef struct rsl_transport rsl_transport;

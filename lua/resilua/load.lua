@@ -22,6 +22,12 @@ local WINDOW_S = 1
 local PERCENTILES = { { "p50", 50 }, { "p90", 90 }, { "p95", 95 }, { "p99", 99 },
                       { "p999", 99.9 } }
 M.DEFAULT_MAX_IN_FLIGHT = 10000
+-- Open loop: attempts on the wire at most (o.connections); the others wait
+-- their turn in the transport, and the wait counts in their latency.
+-- Without a bound, a run that fell behind opened a connection per late
+-- call, and curl's cost per transfer grows with the connections: the rate
+-- collapsed instead of recovering.
+M.DEFAULT_CONNECTIONS = 1024
 
 --- A latency series: a window histogram recorded into, merged into the
 -- total at each window's end.
@@ -56,13 +62,18 @@ end
 --- Runs the load.  o: url, method, headers, body, client (a resilua
 -- client), rate (open loop) or concurrency (closed loop), duration_s,
 -- max_in_flight (open loop: a due call is dropped, and counted, when this
--- many are in flight), progress (a function(line) called once a window).
+-- many are in flight), connections (open loop: attempts on the wire at
+-- most, default M.DEFAULT_CONNECTIONS), progress (a function(line) called
+-- once a window).
 -- Returns the report (see M.format), or nil, message when the request can
 -- never be sent (a bad URL, say).
 function M.run(o)
   local now = core.now_ms
   local client = o.client
-  local req = { method = o.method, url = o.url, headers = o.headers, body = o.body }
+  -- summary_only: results without headers and body, which are not counted.
+  local req = { method = o.method, url = o.url, headers = o.headers, body = o.body,
+                summary_only = true,
+                max_active = o.rate and (o.connections or M.DEFAULT_CONNECTIONS) or nil }
   local duration_ms = o.duration_s * 1000
   local max_in_flight = o.max_in_flight or M.DEFAULT_MAX_IN_FLIGHT
   local call_lat, ok_lat, failed_lat = series(), series(), series()
@@ -85,22 +96,22 @@ function M.run(o)
     else
       failed_lat.win:record(latency_ms)
     end
-    if r.status then bump(statuses, tostring(r.status)) end
+    -- statuses and per_call are counted under numbers (no string made
+    -- per call) and keyed by strings in the report.
+    if r.status then bump(statuses, r.status) end
     if r.error then bump(errors, r.error) end
-    attempts = attempts + r.attempts
-    bump(per_call, tostring(r.attempts))
-    for _, ms in ipairs(r.attempt_ms) do attempt_lat.win:record(ms) end
+    local n = r.attempts
+    attempts = attempts + n
+    bump(per_call, n)
+    local ms = r.attempt_ms
+    for i = 1, #ms do attempt_lat.win:record(ms[i]) end
   end
 
-  -- Starts one call; `from` is when its latency starts counting.
-  local function start(from, after)
+  -- Starts one call; `done(r)` is called with its result.
+  local function start(done)
     calls, win_calls = calls + 1, win_calls + 1
     in_flight = in_flight + 1
-    local ok_start, err = pcall(core.call, client.state, client:policy().core, req,
-                                function(r)
-                                  record(r, now() - from)
-                                  if after then after() end
-                                end)
+    local ok_start, err = pcall(core.call, client.state, client:policy().core, req, done)
     if not ok_start then
       calls, in_flight = calls - 1, in_flight - 1
       start_error = start_error or tostring(err)
@@ -127,7 +138,7 @@ function M.run(o)
           drops = drops + 1
         else
           last_start = t
-          start(intended)
+          start(function(r) record(r, now() - intended) end)
           if not sending then return end
         end
         t = now()
@@ -142,19 +153,26 @@ function M.run(o)
     core.timer(math.max(0, t0 - now()) / 1000, tick)
   else
     local workers = o.concurrency
-    local function worker()
-      local t = now()
-      if not sending or t >= t_end then
-        workers = workers - 1
-        if workers == 0 then sending = false end
-        return
+    -- A worker is one callback, made once: it records the call that ended
+    -- and starts the next.
+    local function new_worker()
+      local from
+      local function worker(r)
+        if r then record(r, now() - from) end
+        local t = now()
+        if not sending or t >= t_end then
+          workers = workers - 1
+          if workers == 0 then sending = false end
+          return
+        end
+        last_start, from = t, t
+        start(worker)
       end
-      last_start = t
-      start(t, worker)
+      return worker
     end
     core.timer(math.max(0, t0 - now()) / 1000, function()
       for _ = 1, o.concurrency do
-        if sending then worker() end
+        if sending then new_worker()() end
       end
     end)
   end
@@ -183,6 +201,13 @@ function M.run(o)
   local t_done = now()
   close_window()
   if calls == 0 and start_error then return nil, start_error end
+
+  local function keyed(t)
+    local out = {}
+    for k, n in pairs(t) do out[tostring(k)] = n end
+    return out
+  end
+  statuses, per_call = keyed(statuses), keyed(per_call)
 
   -- The rate achieved over the sending phase: on schedule, calls over the
   -- duration; behind schedule, over the time it really took to start them.
