@@ -17,13 +17,8 @@ if not (url and n and policy_file) then
   return 2
 end
 
-local function read(path)
-  local f = io.open(path, "r")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local here = (arg[0] or "bench/inflight.lua"):match("^(.*)/[^/]*$") or "."
+local read = dofile(here .. "/proc.lua").read_file
 
 -- VmRSS and VmHWM in KiB.
 local function mem()

@@ -33,92 +33,12 @@ if arg and arg[1] == "--quick" then -- a smoke run of the script itself
 end
 
 local bin = core.self_path() or "build/bin/resilua"
-
---- Processes and files ---------------------------------------------------------
-
-local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
-
-local function argv(list)
-  local out = {}
-  for i, w in ipairs(list) do out[i] = q(w) end
-  return table.concat(out, " ")
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function write_file(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
-
-local function sh_ok(cmd) return os.execute(cmd) == true end
-local function have(prog) return sh_ok("command -v " .. prog .. " >/dev/null 2>&1") end
-
-local HAVE_TIMEOUT = have("timeout")
-local function guarded(list, secs)
-  if HAVE_TIMEOUT then return ("timeout -k 5 %d %s"):format(secs or SAFETY_S, argv(list)) end
-  return argv(list)
-end
-
-local tmpdir
-local procs = {}
-local function tmp(name) return tmpdir .. "/" .. name end
-
---- Starts argv in the background, its status recorded by a watcher shell.
-local function spawn(name, list)
-  local p = { name = name, out = tmp(name .. ".out"), err = tmp(name .. ".err"),
-              pidf = tmp(name .. ".pid"), status = tmp(name .. ".status") }
-  os.execute(("( (exec %s) >%s 2>%s </dev/null & echo $! >%s.tmp; mv %s.tmp %s; wait $!; "
-              .. "echo $? >%s.tmp; mv %s.tmp %s ) >/dev/null 2>&1 &")
-    :format(guarded(list, 600), q(p.out), q(p.err), q(p.pidf), q(p.pidf), q(p.pidf),
-            q(p.status), q(p.status), q(p.status)))
-  for _ = 1, 500 do
-    p.pid = tonumber(read_file(p.pidf) or "")
-    if p.pid then break end
-    resilua.sleep(0.01)
-  end
-  if not p.pid then error("could not start " .. name) end
-  procs[#procs + 1] = p
-  return p
-end
-
-local function exited(p) return tonumber(read_file(p.status) or "") end
-
-local function worker_pid(p)
-  if not HAVE_TIMEOUT then return p.pid end
-  local kids = read_file(("/proc/%d/task/%d/children"):format(p.pid, p.pid)) or ""
-  return tonumber(kids:match("%d+")) or p.pid
-end
-
---- SIGTERM to the process (timeout(1) passes it on), SIGKILL after 10 s.
-local function stop(p)
-  if p.stopped then return end
-  p.stopped = true
-  local worker = worker_pid(p)
-  if exited(p) then return end
-  os.execute(("kill -TERM %d 2>/dev/null"):format(p.pid))
-  local deadline = core.now_ms() + 10000
-  while not exited(p) and core.now_ms() < deadline do resilua.sleep(0.02) end
-  if not exited(p) then os.execute(("kill -KILL %d %d 2>/dev/null"):format(p.pid, worker)) end
-end
-
---- Runs argv to completion; returns its stdout (and whether it succeeded).
-local function run(name, list, secs)
-  local out, err = tmp(name .. ".out"), tmp(name .. ".err")
-  local ok = os.execute(("%s >%s 2>%s </dev/null"):format(guarded(list, secs), q(out), q(err)))
-  return read_file(out) or "", ok == true, read_file(err) or ""
-end
+local here = (arg and arg[0] or "bench/peers.lua"):match("^(.*)/[^/]*$") or "."
+local proc = dofile(here .. "/proc.lua")
+local session = proc.session("resilua-peers", SAFETY_S)
 
 --- Upstream -----------------------------------------------------------------------
 
-local here = (arg and arg[0] or "bench/peers.lua"):match("^(.*)/[^/]*$") or "."
 local probe -- a client with one attempt (bench/policies/load.lua)
 
 local function answers(url)
@@ -151,7 +71,7 @@ http {
 
 local function nginx_bin()
   for _, path in ipairs({ "nginx", "/usr/sbin/nginx" }) do
-    if have(path) then return path end
+    if proc.have(path) then return path end
   end
 end
 
@@ -162,53 +82,40 @@ local function start_nginx()
   local why
   for attempt = 1, 5 do
     local port = 20000 + (os.time() * 7 + attempt * 7919 + math.random(0, 9999)) % 40000
-    local d = tmpdir
-    write_file(tmp("nginx.conf"), NGINX_CONF:format(d, d, d, d, d, d, d, port))
-    local p = spawn("nginx" .. attempt, { nginx, "-p", d, "-c", tmp("nginx.conf"),
-                                          "-e", tmp("nginx-error.log") })
+    local d = session.dir
+    proc.write_file(session:tmp("nginx.conf"), NGINX_CONF:format(d, d, d, d, d, d, d, port))
+    local p = session:spawn("nginx" .. attempt, { nginx, "-p", d, "-c", session:tmp("nginx.conf"),
+                                                  "-e", session:tmp("nginx-error.log") }, 600)
     local url = ("http://127.0.0.1:%d/"):format(port)
     local deadline = core.now_ms() + 5000
     repeat
       if answers(url) then
         p.url = url
-        local v = (select(3, run("nginx-v", { nginx, "-v" }, 10)) or ""):match("nginx/(%S+)")
+        local v = (select(3, session:run("nginx-v", { nginx, "-v" }, 10)) or ""):match("nginx/(%S+)")
         p.label = "nginx " .. (v or "?") .. " (return 200 \"ok\")"
         return p
       end
       resilua.sleep(0.05)
-    until exited(p) or core.now_ms() > deadline
-    why = (read_file(tmp("nginx-error.log")) or ""):match("[^\n]*$") or "did not answer"
-    stop(p)
+    until proc.exit_status(p) or core.now_ms() > deadline
+    why = (proc.read_file(session:tmp("nginx-error.log")) or ""):match("[^\n]*$") or "did not answer"
+    proc.stop(p)
   end
   return nil, "nginx did not start: " .. why
 end
 
 local function start_serve()
-  local p = spawn("serve", { bin, "serve", "--listen", "127.0.0.1:0" })
-  local deadline = core.now_ms() + 20000
-  repeat
-    local hostport = (read_file(p.out) or ""):match("listening on (%S+:%d+)\n")
-    if hostport then
-      p.url = "http://" .. hostport .. "/"
-      p.label = "resilua serve (model stub)"
-      return p
-    end
-    resilua.sleep(0.02)
-  until exited(p) or core.now_ms() > deadline
-  error("resilua serve did not start: " .. (read_file(p.err) or ""))
+  local p = session:spawn("serve", { bin, "serve", "--listen", "127.0.0.1:0" }, 600)
+  local hostport = proc.listening(p)
+  if not hostport then error("resilua serve did not start: " .. (proc.read_file(p.err) or "")) end
+  p.url = "http://" .. hostport .. "/"
+  p.label = "resilua serve (model stub)"
+  return p
 end
 
 --- Output --------------------------------------------------------------------------
 
-local function row(label, value, note)
-  io.stdout:write(("  %-44s %22s%s\n"):format(label, value, note and ("   " .. note) or ""))
-  io.stdout:flush()
-end
-
-local function fmt(x, decimals)
-  if x == nil then return "n/a" end
-  return ("%." .. (decimals or 0) .. "f"):format(x)
-end
+local report = dofile(here .. "/report.lua")
+local row, fmt = report.row_printer(44, 22), report.fmt
 
 local function median(t)
   if #t == 0 then return nil end
@@ -234,7 +141,7 @@ local PEERS = {
   { name = "resilua", label = ("resilua load --concurrency %d --policy default"):format(CONC),
     available = function() return true end,
     run = function(url)
-      local out, ok, err = run("resilua-closed", { bin, "load", "--concurrency", CONC,
+      local out, ok, err = session:run("resilua-closed", { bin, "load", "--concurrency", CONC,
                                                    "--duration", DURATION_S .. "s",
                                                    "--policy", "default", "--quiet", "--json", url },
                                DURATION_S + 30)
@@ -245,18 +152,18 @@ local PEERS = {
       return r.achieved_rate * r.success_rate, note
     end },
   { name = "wrk", label = ("wrk -t1 -c%d"):format(CONC), package = "wrk",
-    available = function() return have("wrk") end,
+    available = function() return proc.have("wrk") end,
     run = function(url)
-      local out = run("wrk", { "wrk", "-t1", "-c" .. CONC, "-d" .. DURATION_S .. "s", url },
+      local out = session:run("wrk", { "wrk", "-t1", "-c" .. CONC, "-d" .. DURATION_S .. "s", url },
                       DURATION_S + 30)
       local rps = tonumber(out:match("Requests/sec:%s*([%d%.]+)"))
       local non2xx = out:match("Non%-2xx or 3xx responses:%s*(%d+)")
       return rps, non2xx and ("non-2xx " .. non2xx) or nil
     end },
   { name = "hey", label = ("hey -c %d"):format(CONC), package = "hey",
-    available = function() return have("hey") end,
+    available = function() return proc.have("hey") end,
     run = function(url)
-      local out = run("hey", { "hey", "-c", CONC, "-z", DURATION_S .. "s", url }, DURATION_S + 30)
+      local out = session:run("hey", { "hey", "-c", CONC, "-z", DURATION_S .. "s", url }, DURATION_S + 30)
       return tonumber(out:match("Requests/sec:%s*([%d%.]+)"))
     end },
 }
@@ -308,7 +215,7 @@ local function part_open(up)
   io.stdout:write(("  %10s %12s %9s %9s %9s %8s %8s   %s\n"):format("target/s", "achieved/s",
     "error %", "lag p50", "lag p99", "drops", "ok %", "targets: |error| <= 1 %, lag p99 < 1 ms"))
   for _, rate in ipairs(RATES) do
-    local out, ok, err = run("resilua-open", { bin, "load", "--rate", rate, "--duration",
+    local out, ok, err = session:run("resilua-open", { bin, "load", "--rate", rate, "--duration",
                                                OPEN_S .. "s", "--policy", "default", "--quiet",
                                                "--json", up.url }, OPEN_S + 60)
     local r = ok and select(2, pcall(cjson.decode, out))
@@ -329,10 +236,6 @@ end
 --- Main -----------------------------------------------------------------------------------
 
 local function main()
-  local p = io.popen("mktemp -d /tmp/resilua-peers.XXXXXX")
-  tmpdir = p:read("l")
-  p:close()
-  assert(tmpdir and tmpdir ~= "", "mktemp -d failed")
   resilua.log(false)
   math.randomseed(os.time())
   local up, why = start_nginx()
@@ -340,25 +243,11 @@ local function main()
     io.stdout:write(("\n(%s: the upstream is resilua serve instead)\n"):format(why))
     up = start_serve()
   end
-  local load = (read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
+  local load = (proc.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
   io.stdout:write(("\nload average before parts 5 and 6: %s (figures are noisy on a busy machine)\n"):format(load))
-  local failed = 0
-  for _, part in ipairs({ part_closed, part_open }) do
-    local ok, err = xpcall(part, debug.traceback, up)
-    if not ok then
-      failed = failed + 1
-      io.stderr:write("\nbench: a part failed: ", tostring(err), "\n")
-    end
-  end
-  stop(up)
+  local failed = proc.run_parts({ part_closed, part_open }, up)
+  proc.stop(up)
   return failed
 end
 
-local ok, failed = xpcall(main, debug.traceback)
-for _, proc in ipairs(procs) do pcall(stop, proc) end
-if tmpdir and tmpdir:match("^/tmp/resilua%-peers%.") then os.execute("rm -rf " .. q(tmpdir)) end
-if not ok then
-  io.stderr:write("bench: ", tostring(failed), "\n")
-  return 1
-end
-return failed == 0 and 0 or 1
+return session:run_main(main)

@@ -21,18 +21,14 @@ local LOAD_CONC = 32
 local ROUNDS = 5
 local WINDOW_S = 1
 local RELOADS = 100
+local SAFETY_S = 120 -- the upstream lives no longer than this (timeout(1))
 
 local bin = core.self_path() or "build/bin/resilua"
-local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
+local here = (arg and arg[0] or "bench/reload.lua"):match("^(.*)/[^/]*$") or "."
+local proc = dofile(here .. "/proc.lua")
+local session = proc.session("resilua-bench-reload", SAFETY_S)
 
-local tmpdir = io.popen("mktemp -d /tmp/resilua-bench-reload.XXXXXX"):read("l")
-local function write(path, s)
-  local f = assert(io.open(path, "wb"))
-  f:write(s)
-  f:close()
-end
-
-write(tmpdir .. "/up.lua", [[
+proc.write_file(session:tmp("up.lua"), [[
 local seen = {}
 return function(req)
   local key = req.headers["idempotency-key"]
@@ -41,14 +37,14 @@ return function(req)
   return { status = 200, body = "ok" }
 end]])
 
--- The upstream: `sh` prints its pid, then execs timeout(1) around serve.
-local server = io.popen(("sh -c 'echo $$; exec timeout -k 5 120 %s serve --listen 127.0.0.1:0 %s'")
-  :format(q(bin):gsub("'", [['\'']]), q(tmpdir .. "/up.lua"):gsub("'", [['\'']])))
+-- The upstream: `sh` prints its pid, then execs serve (under timeout(1)).
+local server = io.popen("sh -c " .. proc.q("echo $$; exec " .. proc.guarded(
+  { bin, "serve", "--listen", "127.0.0.1:0", session:tmp("up.lua") }, SAFETY_S)))
 local server_pid = tonumber(server:read("l"))
 local url = "http://127.0.0.1:" .. assert(server:read("l"):match(":(%d+)"), "serve did not start")
   .. "/predict"
 
-local policy_file = tmpdir .. "/live.lua"
+local policy_file = session:tmp("live.lua")
 local function version_src(n)
   return ("return { name = 'live', breaker = false, budget = false,\n"
           .. "  decide = function(a) return { retry = true, delay_ms = 0, reason = 'v%d' } end }\n"):format(n)
@@ -56,7 +52,7 @@ end
 local edits = 0
 local function save()
   edits = edits + 1
-  write(policy_file .. ".tmp", version_src(edits))
+  proc.write_file(policy_file .. ".tmp", version_src(edits))
   assert(os.rename(policy_file .. ".tmp", policy_file))
 end
 
@@ -122,7 +118,7 @@ local reloaded = edits - before_edits == RELOADS
 
 os.execute(("kill -TERM %d 2>/dev/null"):format(server_pid))
 server:close()
-os.execute("rm -rf " .. q(tmpdir))
+session:close()
 
 print(("reload latency (file rename -> first call decided under the new version, %d edits): "
        .. "median %.1f ms, max %.1f ms"):format(RELOAD_EDITS, median, latencies[RELOAD_EDITS]))

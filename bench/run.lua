@@ -26,136 +26,42 @@ local SAFETY_S = 150          -- no child lives longer than this (timeout(1))
 local here = (arg and arg[0] or "bench/run.lua"):match("^(.*)/[^/]*$") or "."
 local bin = core.self_path() or "build/bin/resilua"
 
---- Small process and file helpers ------------------------------------------
-
-local function q(s) return "'" .. tostring(s):gsub("'", [['\'']]) .. "'" end
-
-local function argv(list)
-  local out = {}
-  for i, w in ipairs(list) do out[i] = q(w) end
-  return table.concat(out, " ")
-end
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
-
-local function sh_ok(cmd)
-  local ok = os.execute(cmd)
-  return ok == true
-end
-
-local function sleep(s) resilua.sleep(s) end
-
-local HAVE_TIMEOUT = sh_ok("command -v timeout >/dev/null 2>&1")
-local function guarded(list, secs)
-  if HAVE_TIMEOUT then return ("timeout -k 5 %d %s"):format(secs or SAFETY_S, argv(list)) end
-  return argv(list)
-end
-
-local tmpdir
-local procs = {}   -- background processes still to stop
-
-local function tmp(name) return tmpdir .. "/" .. name end
-
---- Starts argv in the background (stdout, stderr to files); a watcher shell
--- records its exit status.  Returns { pid, out, err, status }.
-local function spawn(name, list)
-  local p = { name = name, out = tmp(name .. ".out"), err = tmp(name .. ".err"),
-              pidf = tmp(name .. ".pid"), status = tmp(name .. ".status") }
-  os.execute(("( (exec %s) >%s 2>%s </dev/null & echo $! >%s.tmp; mv %s.tmp %s; wait $!; "
-              .. "echo $? >%s.tmp; mv %s.tmp %s ) >/dev/null 2>&1 &")
-    :format(guarded(list), q(p.out), q(p.err), q(p.pidf), q(p.pidf), q(p.pidf),
-            q(p.status), q(p.status), q(p.status)))
-  for _ = 1, 500 do
-    p.pid = tonumber(read_file(p.pidf) or "")
-    if p.pid then break end
-    sleep(0.01)
-  end
-  if not p.pid then error("could not start " .. name) end
-  procs[#procs + 1] = p
-  return p
-end
-
-local function exit_status(p) return tonumber(read_file(p.status) or "") end
-
--- The process that does the work: the child of timeout(1), or p itself.
-local function worker_pid(p)
-  if not HAVE_TIMEOUT then return p.pid end
-  local kids = read_file(("/proc/%d/task/%d/children"):format(p.pid, p.pid)) or ""
-  return tonumber(kids:match("%d+")) or p.pid
-end
-
---- SIGTERM, then SIGKILL after timeout_s.  Returns the exit status or nil.
-local function stop(p, timeout_s)
-  if p.stopped then return p.exit end
-  p.stopped = true
-  local worker = worker_pid(p)
-  if not exit_status(p) then
-    os.execute(("kill -TERM %d 2>/dev/null"):format(p.pid))
-    local deadline = core.now_ms() + (timeout_s or 10) * 1000
-    while not exit_status(p) and core.now_ms() < deadline do sleep(0.02) end
-    if not exit_status(p) then
-      os.execute(("kill -KILL %d %d 2>/dev/null"):format(p.pid, worker))
-      for _ = 1, 100 do
-        if exit_status(p) then break end
-        sleep(0.02)
-      end
-    end
-  end
-  p.exit = exit_status(p)
-  return p.exit
-end
+local proc = dofile(here .. "/proc.lua")
+local session = proc.session("resilua-bench", SAFETY_S)
 
 --- Starts `resilua serve` on 127.0.0.1:0 (with `script` if given) and waits
 -- for its `listening on` line.  Returns the process with .url.
 local function start_upstream(name, script)
-  local p = spawn(name, { bin, "serve", "--listen", "127.0.0.1:0", script })
-  local deadline = core.now_ms() + 20000
-  repeat
-    local hostport = (read_file(p.out) or ""):match("listening on (%S+:%d+)\n")
-    if hostport then
-      p.url = "http://" .. hostport
-      p.worker = worker_pid(p)
-      return p
-    end
-    if exit_status(p) then break end
-    sleep(0.02)
-  until core.now_ms() > deadline
-  error(("resilua serve did not start: %s"):format(read_file(p.err) or ""))
+  local p = session:spawn(name, { bin, "serve", "--listen", "127.0.0.1:0", script })
+  local hostport = proc.listening(p)
+  if not hostport then
+    error(("resilua serve did not start: %s"):format(proc.read_file(p.err) or ""))
+  end
+  p.url = "http://" .. hostport
+  p.worker = proc.worker_pid(p)
+  return p
 end
 
 --- Runs a bench child script with the binary; returns its decoded JSON line.
 local function run_child(name, script, args, secs)
   local list = { bin, "run", here .. "/" .. script }
   for _, a in ipairs(args) do list[#list + 1] = tostring(a) end
-  local out, err = tmp(name .. ".out"), tmp(name .. ".err")
-  local ok = os.execute(("%s >%s 2>%s </dev/null"):format(guarded(list, secs), q(out), q(err)))
-  local line = (read_file(out) or ""):match("[^\n]+")
+  local out, ok, err = session:run(name, list, secs)
+  local line = out:match("[^\n]+")
   local decoded = line and select(2, pcall(cjson.decode, line))
   if not ok or type(decoded) ~= "table" then
-    error(("%s failed: %s%s"):format(script, read_file(err) or "", read_file(out) or ""), 0)
+    error(("%s failed: %s%s"):format(script, err, out), 0)
   end
   return decoded
 end
 
 --- Output -----------------------------------------------------------------
 
-local function row(label, value, note)
-  io.stdout:write(("  %-48s %18s%s\n"):format(label, value, note and ("   " .. note) or ""))
-  io.stdout:flush()
-end
+local report = dofile(here .. "/report.lua")
+local row, fmt = report.row_printer(48, 18), report.fmt
 local function section(title)
   io.stdout:write("\n", title, "\n")
   io.stdout:flush()
-end
-local function fmt(x, decimals)
-  if x == nil then return "n/a" end
-  return ("%." .. (decimals or 0) .. "f"):format(x)
 end
 
 --- Part 1: policy decisions ------------------------------------------------
@@ -269,7 +175,7 @@ local function part_load()
                       { up.url .. "/predict", LOAD_SECONDS, LOAD_CONC, here .. "/policies/load.lua",
                         up.worker, LOAD_WARMUP_S }, 60)
   if not ok then
-    stop(up)
+    proc.stop(up)
     error(r, 0)
   end
   local after = get_stats(up.url)
@@ -296,13 +202,13 @@ local function part_load()
         or ("expected ~%d"):format(LOAD_CONC))
   end
 
-  if sh_ok("command -v wrk >/dev/null 2>&1") then
+  if proc.have("wrk") then
     local secs = math.max(1, math.floor(LOAD_SECONDS + 0.5))
-    local cmd = ("wrk -t1 -c%d -d%ds --latency %s"):format(LOAD_CONC, secs, q(up.url .. "/predict"))
-    local out = tmp("wrk.out")
-    os.execute(("%s >%s 2>&1 </dev/null"):format(HAVE_TIMEOUT and ("timeout -k 5 60 " .. cmd) or cmd,
-                                                 q(out)))
-    local text = read_file(out) or ""
+    local cmd = proc.guarded({ "wrk", "-t1", "-c" .. LOAD_CONC, "-d" .. secs .. "s", "--latency",
+                               up.url .. "/predict" }, 60)
+    local out = session:tmp("wrk.out")
+    os.execute(("%s >%s 2>&1 </dev/null"):format(cmd, proc.q(out)))
+    local text = proc.read_file(out) or ""
     local w = parse_wrk(text)
     if w.rps then
       row(("wrk -t1 -c%d -d%ds, same upstream"):format(LOAD_CONC, secs), fmt(w.rps) .. " req/s",
@@ -318,7 +224,7 @@ local function part_load()
     row("wrk (peer, same upstream)", "not installed", "Debian package wrk")
   end
 
-  local code = stop(up)
+  local code = proc.stop(up)
   if code ~= 0 then row("  upstream exit status after SIGTERM", tostring(code), "expected 0") end
 end
 
@@ -328,7 +234,7 @@ local function part_inflight()
   local up = start_upstream("delay", here .. "/upstream_delay.lua")
   local ok, r = pcall(run_child, "inflight", "inflight.lua",
                       { up.url, INFLIGHT_N, here .. "/policies/load.lua", INFLIGHT_SAMPLE_S }, 60)
-  local code = stop(up)
+  local code = proc.stop(up)
   if not ok then error(r, 0) end
   local function mib(kib) return kib and fmt(kib / 1024, 1) .. " MiB" or "n/a" end
   section(("3. memory: %d go'd calls in flight (upstream delays every answer 2000 ms), "
@@ -363,36 +269,16 @@ local function cpus()
 end
 
 local function main()
-  local p = io.popen("mktemp -d /tmp/resilua-bench.XXXXXX")
-  tmpdir = p:read("l")
-  p:close()
-  assert(tmpdir and tmpdir ~= "", "mktemp -d failed")
   resilua.log(false)
-  local load = (read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
+  local load = (proc.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
   io.stdout:write(("resilua bench — `make bench` (%s run %s/run.lua)\n"
                    .. "resilua %s, %s CPUs, load average %s at start (figures are noisy on a busy machine)\n")
                   :format(bin, here, core.version, cpus(), load))
   io.stdout:flush()
   local t = core.now_ms()
-  local failed = 0
-  -- Each part on its own: one that breaks does not hide the others.
-  for _, part in ipairs({ part_decide, part_load, part_inflight }) do
-    local ok, err = xpcall(part, debug.traceback)
-    if not ok then
-      failed = failed + 1
-      io.stdout:flush()
-      io.stderr:write("\nbench: a part failed: ", tostring(err), "\n")
-    end
-  end
+  local failed = proc.run_parts({ part_decide, part_load, part_inflight })
   io.stdout:write(("\ntotal %.1f s\n"):format((core.now_ms() - t) / 1000))
   return failed
 end
 
-local ok, failed = xpcall(main, debug.traceback)
-for _, proc in ipairs(procs) do pcall(stop, proc) end
-if tmpdir and tmpdir:match("^/tmp/resilua%-bench%.") then os.execute("rm -rf " .. q(tmpdir)) end
-if not ok then
-  io.stderr:write("bench: ", tostring(failed), "\n")
-  return 1
-end
-return failed == 0 and 0 or 1
+return session:run_main(main)

@@ -65,6 +65,9 @@ Runs a Lua script with resilua loaded (`require "resilua"`); the script
 sees its arguments in `arg` and `...`.  After it returns, functions started
 with resilua.go are waited for.  The exit code is the integer the script
 returns (default 0), 1 when it raises an error.
+
+Load experiments are such scripts (resilua.experiment): try
+`resilua run experiments/outage.lua`, and `--help` after one for its options.
 ]]
 
 local CHECK_USAGE = [[
