@@ -218,9 +218,38 @@ describe("resilua.experiment", function()
     assert.are.equal(2, r.code)
     assert.matches(":4: slo.success: expected a number in %[0, 1%], got 1.5", r.stderr)
 
+    r = experiment([[{
+      name = "bad", duration = 1, upstream = {}, policies = { { name = "p", policy = "default" } },
+      load = { rate = experiment.steps{ { at = 0, rate = 10 } } },
+    }]])
+    assert.are.equal(2, r.code)
+    assert.matches(":4: load.rate: step 1: expected { at_s, calls/s }", r.stderr)
+
+    local unwritable = helpers.write_file(dir .. "/a-file", "")
+    r = experiment(OUTAGE, { "--out", unwritable .. "/sub" })
+    assert.are.equal(2, r.code)
+    assert.matches("%-%-out: cannot write to .*a%-file/sub", r.stderr)
+    assert.is_nil(r.stdout:find("overall", 1, true)) -- nothing ran
+
     r = experiment(OUTAGE, { "--sede", "1" })
     assert.are.equal(2, r.code)
     assert.matches("unknown option '%-%-sede'", r.stderr)
+  end)
+
+  it("loads a running server given by url, one policy after another with --sequential", function()
+    local stub = helpers.start_server()
+    local r, rep = experiment(([[{
+      name = "external", duration = 1, url = %q, load = { rate = 40 },
+      policies = { { name = "a", policy = "no-retry" }, { name = "b", policy = "default" } },
+    }]]):format(stub.url), { "--sequential" })
+    stub:stop()
+    assert.are.equal(0, r.code, r.stderr)
+    for _, p in ipairs(rep.policies) do
+      assert.are.equal(40, p.summary.calls)
+      assert.are.equal(1, p.summary.success_rate)
+      assert.is_nil(p.windows.upstream_arrivals)
+    end
+    assert.are.equal(stub.url, rep.upstream.description)
   end)
 
   it("runs one policy with --only, and prints --help", function()

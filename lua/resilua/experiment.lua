@@ -54,7 +54,8 @@ Options:
   -h, --help        this text
 
 Exit codes: 0 done (and the SLO met, when the experiment has one),
-1 the script raised, 2 a bad experiment or option, 6 the SLO was not met.
+1 the script raised (or a hook did), 2 a bad experiment or option (an
+unwritable --out included, before anything runs), 6 the SLO was not met.
 ]]
 
 --- Rate shapes for load.rate ---------------------------------------------
@@ -155,6 +156,12 @@ local function check(x, script, src)
       or (type(r) == "table" and r.shape == "steps" and type(r.steps) == "table" and #r.steps > 0)
     if not ok then
       bad("rate", "load.rate: expected calls/s > 0, experiment.ramp(from, to) or experiment.steps{...}")
+    end
+    for i, step in ipairs(type(r) == "table" and r.steps or {}) do
+      if type(step) ~= "table" or type(step[1]) ~= "number" or type(step[2]) ~= "number"
+         or step[1] < 0 or step[2] < 0 then
+        bad("rate", "load.rate: step %d: expected { at_s, calls/s }, both >= 0", i)
+      end
     end
   elseif math.type(load.concurrency) ~= "integer" or load.concurrency < 1 then
     bad("concurrency", "load.concurrency: expected an integer >= 1, got %s", tostring(load.concurrency))
@@ -606,6 +613,17 @@ function M.run(x)
                       to_s = ph.to or null, description = what, fault = what ~= "no fault" }
   end
 
+  -- Where the report goes must be writable before anything runs.
+  local out_dir = o.out or ("reports/" .. x.name)
+  os.execute(("mkdir -p '%s' 2>/dev/null"):format((out_dir:gsub("'", [['\'']]))))
+  local probe = io.open(out_dir .. "/.resilua-write-test", "w")
+  if not probe then
+    io.stderr:write("resilua experiment: --out: cannot write to ", out_dir, "\n")
+    return EXIT_USAGE
+  end
+  probe:close()
+  os.remove(out_dir .. "/.resilua-write-test")
+
   core.log(false) -- the report has the figures: no event per attempt or policy load
   local lanes = {}
   for _, p in ipairs(x.policies) do
@@ -680,8 +698,6 @@ function M.run(x)
     policies = {},
   }
   for i, lane in ipairs(lanes) do r.policies[i] = lane_report(run, lane) end
-  local out_dir = o.out or ("reports/" .. x.name)
-  os.execute(("mkdir -p '%s'"):format(out_dir:gsub("'", [['\'']])))
   local html, werr = report.write(r, out_dir)
   io.stdout:write(report.table(r))
   if not html then
