@@ -252,6 +252,26 @@ describe("resilua.experiment", function()
     assert.are.equal(stub.url, rep.upstream.description)
   end)
 
+  it("on SIGINT stops starting calls, lets those in flight end and reports what ran", function()
+    local script = helpers.write_file(dir .. "/long.lua", 'return require("resilua.experiment").run'
+      .. OUTAGE:gsub("duration = 3", "duration = 60") .. "\n")
+    local out = dir .. "/interrupted"
+    for _, mode in ipairs({ "--quiet", "--sequential" }) do
+      local p = helpers.spawn({ helpers.bin, "run", script, "--quiet", mode, "--out", out })
+      helpers.sleep(1.5)
+      p:signal("INT")
+      assert.are.equal(1, p:wait(30))
+      assert.matches("interrupted: the figures cover what ran", p:stdout())
+      local rep = cjson.decode(helpers.read_file(out .. "/report.json"))
+      assert.is_true(rep.interrupted)
+      -- Side by side both lanes ran; one after another only the first did.
+      assert.are.equal(mode == "--sequential" and 1 or 2, #rep.policies)
+      for _, pol in ipairs(rep.policies) do
+        assert.is_true(pol.summary.calls > 10 and pol.summary.calls < 1000, pol.summary.calls)
+      end
+    end
+  end)
+
   it("runs one policy with --only, and prints --help", function()
     local r, rep = experiment(OUTAGE, { "--only", "naive", "--duration", "1" })
     assert.are.equal(0, r.code, r.stderr)

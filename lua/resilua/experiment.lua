@@ -54,7 +54,8 @@ Options:
   -h, --help        this text
 
 Exit codes: 0 done (and the SLO met, when the experiment has one),
-1 the script raised (or a hook did), 2 a bad experiment or option (an
+1 the script raised (or a hook did), or SIGINT/SIGTERM stopped it (the
+report then covers what ran), 2 a bad experiment or option (an
 unwritable --out included, before anything runs), 6 the SLO was not met.
 ]]
 
@@ -380,6 +381,7 @@ local function start_lane(x, lane, done)
     local next_at = arrivals(x.load, x.duration, x.seed)
     local due = next_at()
     local function tick()
+      if not sending then return end -- stopped
       local t = now()
       while due and t0 + due <= t do
         start(t0 + due)
@@ -400,7 +402,7 @@ local function start_lane(x, lane, done)
     local workers = x.load.concurrency
     local function worker()
       local t = now()
-      if t >= t0 + duration_ms then
+      if not sending or t >= t0 + duration_ms then
         workers = workers - 1
         if workers == 0 then sending = false end
         return finish()
@@ -413,6 +415,12 @@ local function start_lane(x, lane, done)
     end)
   end
   core.timer(math.max(0, t0 + window_ms - now()) / 1000, window_tick)
+
+  --- Starts no more calls; the lane ends once those in flight have.
+  function lane.stop()
+    sending = false
+    finish()
+  end
 end
 
 --- The report ------------------------------------------------------------
@@ -651,14 +659,15 @@ function M.run(x)
   -- A hook that raises stops the experiment: its figures would be wrong.
   local hook_error
   function run.fail(msg) hook_error = hook_error or msg end
-  local ended, next_lane = 0, 1
+  local running, next_lane, interrupted = 0, 1, false
   local sequential = o.sequential or x.parallel == false
   local function start_next()
     local lane = lanes[next_lane]
     next_lane = next_lane + 1
+    running = running + 1
     start_lane(run, lane, function()
-      ended = ended + 1
-      if sequential and next_lane <= #lanes then start_next() end
+      running = running - 1
+      if sequential and next_lane <= #lanes and not interrupted then start_next() end
     end)
   end
   if sequential then start_next() else
@@ -669,11 +678,20 @@ function M.run(x)
   local print_progress = show and progress_printer(lanes)
   core.catch_signals()
   local last_print = core.now_ms()
-  while ended < #lanes do
+  while running > 0 do
     core.step(0.25)
-    if core.stop_signal() ~= 0 or hook_error then
-      io.stderr:write("resilua experiment: ", hook_error or "interrupted", "\n")
+    if hook_error then
+      io.stderr:write("resilua experiment: ", hook_error, "\n")
       return EXIT_SCRIPT
+    end
+    if core.stop_signal() ~= 0 and not interrupted then
+      -- Keep what ran: stop starting calls, let those in flight end (each
+      -- within its policy's deadline), then report.
+      interrupted = true
+      io.stderr:write("resilua experiment: interrupted: finishing the calls in flight\n")
+      for _, lane in ipairs(lanes) do
+        if lane.stop then lane.stop() end
+      end
     end
     if print_progress and core.now_ms() - last_print >= 1000 then
       last_print = core.now_ms()
@@ -697,7 +715,10 @@ function M.run(x)
     slo = run.slo and { description = run.slo.description } or nil,
     policies = {},
   }
-  for i, lane in ipairs(lanes) do r.policies[i] = lane_report(run, lane) end
+  for _, lane in ipairs(lanes) do
+    if lane.totals then r.policies[#r.policies + 1] = lane_report(run, lane) end
+  end
+  r.interrupted = interrupted or nil
   local html, werr = report.write(r, out_dir)
   io.stdout:write(report.table(r))
   if not html then
@@ -705,6 +726,10 @@ function M.run(x)
     return EXIT_SCRIPT
   end
   io.stdout:write("\nreport: ", html, "\n")
+  if interrupted then
+    io.stdout:write("interrupted: the figures cover what ran\n")
+    return EXIT_SCRIPT
+  end
   if not run.slo then return EXIT_OK end
   -- Which policies met the SLO, and the best of them: the mini challenge's answer.
   local met, best = {}, nil
