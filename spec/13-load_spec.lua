@@ -199,6 +199,20 @@ describe("resilua load", function()
                    ("closed p50 %s vs open p50 %s"):format(closed.latency_ms.p50, open.latency_ms.p50))
   end)
 
+  it("--connections caps the attempts on the wire; the others wait their turn", function()
+    local slow = helpers.start_server([[
+      return function() return { status = 200, body = "ok", delay_ms = 50 } end
+    ]])
+    local r = load_json({ "--rate", "40", "--duration", "1", "--connections", "1", slow.url })
+    local stats = cjson.decode(helpers.curl(slow.url .. "/_stats").body)
+    slow:stop()
+    assert.are.equal(40, r.calls)
+    assert.are.equal(1, r.success_rate)
+    -- One at a time: 40 x 50 ms, so the last calls waited about a second.
+    assert.is_true(r.latency_ms.max > 500, r.latency_ms.max)
+    assert.is_true(stats.connections <= 2, stats.connections)
+  end)
+
   describe("usage errors exit 2 and name the flag", function()
     for _, case in ipairs({
       { { "--rate", "0", "http://x" }, "%-%-rate" },
@@ -208,6 +222,8 @@ describe("resilua load", function()
       { { "--rate", "10", "--duration", "soon", "http://x" }, "%-%-duration" },
       { { "--rate", "10", "--seed", "x", "http://x" }, "%-%-seed" },
       { { "--rate", "10", "--bogus", "http://x" }, "%-%-bogus" },
+      { { "--rate", "10", "--max-in-flight", "0", "http://x" }, "%-%-max%-in%-flight" },
+      { { "--rate", "10", "--connections", "x", "http://x" }, "%-%-connections" },
       { { "--rate", "10", "-H", "nocolon", "http://x" }, "%-H" },
       { { "--rate", "10", "--policy", "no-such-policy", "http://x" }, "%-%-policy" },
       { { "--rate", "10" }, "URL" },

@@ -140,6 +140,9 @@ Options:
                            end are waited for
   --max-in-flight N        open loop: a due call is dropped (and counted)
                            when N are in flight (default 10000)
+  --connections N          open loop: at most N attempts on the wire; the
+                           others wait, and the wait counts in their latency
+                           (default 1024)
   -X, --request METHOD     HTTP method (default GET, or POST with -d)
   -H, --header 'Name: v'   add a request header (repeatable)
   -d, --data DATA          request body; @FILE reads a file
@@ -469,7 +472,7 @@ end
 function M.load(args)
   local opts, pos = parse(args, 2, {
     ["--rate"] = "value", ["--concurrency"] = "value", ["--duration"] = "value",
-    ["--max-in-flight"] = "value",
+    ["--max-in-flight"] = "value", ["--connections"] = "value",
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
     ["--json"] = "flag", ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
@@ -484,7 +487,7 @@ function M.load(args)
   if opts["--rate"] and opts["--concurrency"] then
     return fail("load", "--rate and --concurrency: give one (open or closed loop)")
   end
-  local rate, conc, max_in_flight
+  local rate, conc
   if opts["--rate"] then
     rate = tonumber(opts["--rate"])
     if not rate or rate <= 0 or rate > 1e6 then
@@ -496,10 +499,14 @@ function M.load(args)
       return fail("load", "--concurrency: expected an integer >= 1, got " .. opts["--concurrency"])
     end
   end
-  if opts["--max-in-flight"] then
-    max_in_flight = math.tointeger(tonumber(opts["--max-in-flight"]))
-    if not max_in_flight or max_in_flight < 1 then
-      return fail("load", "--max-in-flight: expected an integer >= 1, got " .. opts["--max-in-flight"])
+  -- Positive integer flags of the open loop, checked alike.
+  local caps = {}
+  for _, flag in ipairs({ "--max-in-flight", "--connections" }) do
+    if opts[flag] then
+      caps[flag] = math.tointeger(tonumber(opts[flag]))
+      if not caps[flag] or caps[flag] < 1 then
+        return fail("load", ("%s: expected an integer >= 1, got %s"):format(flag, opts[flag]))
+      end
     end
   end
   local duration_s = load.parse_duration(opts["--duration"] or "10s")
@@ -523,7 +530,8 @@ function M.load(args)
     url = pos[1], method = opts["--request"] or (body and "POST" or "GET"),
     headers = opts["--header"], body = body, client = client, policy_name = client:policy().name,
     rate = rate, concurrency = conc, duration_s = duration_s,
-    max_in_flight = max_in_flight, progress = progress,
+    max_in_flight = caps["--max-in-flight"], connections = caps["--connections"],
+    progress = progress,
   }
   if not report then return fail("load", (tostring(err):gsub("^call: ", ""))) end
   if opts["--json"] then
