@@ -41,3 +41,37 @@ describe("the transport above 1,024 attempts in flight", function()
                    ("%d connections for %d calls, %d in flight"):format(opened, report.calls, CONC))
   end)
 end)
+
+describe("attempts waiting for a turn on the wire (max_active)", function()
+  local core = require "resilua.core"
+  local resilua = require "resilua"
+
+  it("time out on their own per-try timeout while they wait, and are never sent", function()
+    resilua.log(false) -- the events would only clutter the spec's output
+    local runs = 0
+    local srv = assert(core.serve{ handler = function()
+      runs = runs + 1
+      return { status = 200, body = "ok", delay_ms = 1000 }
+    end })
+    local url = "http://" .. srv:address() .. "/"
+    local dir = helpers.tmpdir()
+    local quick = helpers.write_file(dir .. "/quick.lua", [[
+      return { max_attempts = 1, per_try_timeout_ms = 100, deadline_ms = 150,
+               breaker = false, budget = false }]])
+    local slow = resilua.client{ policy = "no-retry", name = "max_active slow" }
+    local fast = resilua.client{ policy = quick, name = "max_active fast" }
+    local slow_res, fast_err, fast_ms
+    resilua.go(function() slow_res = slow:call{ url = url, max_active = 1 } end)
+    resilua.go(function()
+      local t = core.now_ms()
+      local _, err = fast:call{ url = url, max_active = 1 }
+      fast_err, fast_ms = err, core.now_ms() - t
+    end)
+    assert.is_true(resilua.wait())
+    srv:close()
+    assert.are.equal(200, slow_res.status)
+    assert.are.equal("timeout", fast_err.error)
+    assert.is_true(fast_ms < 900, fast_ms) -- not after the slow call's second
+    assert.are.equal(1, runs)
+  end)
+end)

@@ -109,7 +109,7 @@ static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
 /* The breaker key of url: "scheme://host:port" by default. */
 static int breaker_key(rsl_breaker_key kind, const char *url, char *out,
                        size_t size) {
-  static _Thread_local url_memo memo;
+  static url_memo memo;
   if (kind == RSL_BREAKER_KEY_GLOBAL) {
     snprintf(out, size, "*");
     return 0;
@@ -126,10 +126,6 @@ static int breaker_key(rsl_breaker_key kind, const char *url, char *out,
 
 static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
                              size_t size) {
-  if (kind == RSL_BREAKER_KEY_GLOBAL) {
-    snprintf(out, size, "*");
-    return 0;
-  }
   CURLU *u = curl_url();
   char *scheme = NULL, *host = NULL, *port = NULL, *path = NULL;
   int rc = -1;
@@ -215,9 +211,9 @@ static void cancel_through(rsl_call_env *env, rsl_attempt *a) {
  * per call (for its id) was a visible share of a call's cost.  A child
  * forked from here starts with an empty buffer, so parent and child never
  * hand out the same bytes. */
-#define RANDOM_POOL_BYTES 512
-static _Thread_local unsigned char random_pool[RANDOM_POOL_BYTES];
-static _Thread_local size_t random_left;
+#define RANDOM_POOL_BYTES 256 /* getrandom is never short up to 256 */
+static unsigned char random_pool[RANDOM_POOL_BYTES];
+static size_t random_left;
 static int random_atfork_set;
 
 static void random_pool_drop(void) { random_left = 0; }
@@ -704,7 +700,7 @@ static char *copy_or_null(const char *s, size_t n, int *failed) {
 
 /* An http or https URL curl can parse.  Remembers the last answer. */
 static int url_ok(const char *url) {
-  static _Thread_local url_memo memo;
+  static url_memo memo;
   if (memo_hit(&memo, url, 0)) return memo.rc;
   CURLU *u = curl_url();
   char *scheme = NULL;

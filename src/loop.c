@@ -319,7 +319,10 @@ static int wait_events(rsl_loop *loop, struct epoll_event *events,
                           .tv_nsec = (long)(wait_ns % NS_PER_S)};
     int n = epoll_pwait2(loop->epfd, events, MAX_EVENTS,
                          wait_ns == UINT64_MAX ? NULL : &ts, NULL);
-    if (n >= 0 || errno != ENOSYS) return n;
+    /* Not there (ENOSYS), or refused by a seccomp profile older than the
+     * call (EPERM, ENOTSUP): epoll_wait and the timerfd from now on. */
+    if (n >= 0 || (errno != ENOSYS && errno != EPERM && errno != ENOTSUP))
+      return n;
     loop->no_pwait2 = 1;
   }
   int timeout_ms;

@@ -65,6 +65,10 @@ struct rsl_attempt {
   int added;  /* to the multi handle */
   int queued; /* in t's queue, waiting for fewer than queue_limit active */
   size_t queue_limit;
+  /* A queued attempt's timeout runs while it waits: when it fires first,
+   * the attempt fails with `timeout` without ever being sent. */
+  rsl_timer expiry;
+  int expired;
   long timeout_ms;
   rsl_attempt *queue_prev, *queue_next;
   /* In t's done list (see drain_done) with its result, when `done`. */
@@ -307,6 +311,42 @@ static void grow_connection_cache(rsl_transport *t) {
 
 static void pump(rsl_transport *t);
 
+/* Appends attempt a, finished with `result`, to t's done list. */
+static void done_push(rsl_transport *t, rsl_attempt *a, CURLcode result) {
+  a->done = 1;
+  a->result = result;
+  a->done_next = NULL;
+  a->done_prev = t->done_tail;
+  if (t->done_tail) t->done_tail->done_next = a;
+  else t->done_head = a;
+  t->done_tail = a;
+}
+
+/* Takes queued attempt a out of t's queue, its expiry stopped. */
+static void dequeue(rsl_transport *t, rsl_attempt *a) {
+  if (a->queue_prev) a->queue_prev->queue_next = a->queue_next;
+  else t->queue_head = a->queue_next;
+  if (a->queue_next) a->queue_next->queue_prev = a->queue_prev;
+  else t->queue_tail = a->queue_prev;
+  a->queue_prev = a->queue_next = NULL;
+  a->queued = 0;
+  rsl_timer_stop(t->loop, &a->expiry);
+}
+
+/* Fails attempt a, taken out of the queue, with a timeout. */
+static void expire(rsl_transport *t, rsl_attempt *a) {
+  a->expired = 1;
+  done_push(t, a, CURLE_OPERATION_TIMEDOUT);
+}
+
+static void on_queue_expiry(void *ud) {
+  rsl_attempt *a = ud;
+  rsl_transport *t = a->t;
+  dequeue(t, a);
+  expire(t, a);
+  drain_done(t);
+}
+
 /* Ends attempt a (added to the multi handle or not): it goes back to the
  * spare list, with its easy handle, or is freed.  A queued attempt may
  * start in its place. */
@@ -321,12 +361,7 @@ static void attempt_free(rsl_attempt *a) {
     if (a->done_next) a->done_next->done_prev = a->done_prev;
     else t->done_tail = a->done_prev;
   }
-  if (a->queued) {
-    if (a->queue_prev) a->queue_prev->queue_next = a->queue_next;
-    else t->queue_head = a->queue_next;
-    if (a->queue_next) a->queue_next->queue_prev = a->queue_prev;
-    else t->queue_tail = a->queue_prev;
-  }
+  if (a->queued) dequeue(t, a);
   if (a->added) {
     curl_multi_remove_handle(t->multi, a->easy);
     t->active--;
@@ -362,29 +397,24 @@ static int attempt_add(rsl_transport *t, rsl_attempt *a) {
   return 0;
 }
 
-/* Starts queued attempts while there is room under their limit.  One that
- * waited gets what is left of its timeout (1 ms at least); one curl
- * refuses is failed through the done list. */
+/* Starts queued attempts while there is room under their limit, each
+ * with what is left of its timeout; one whose time is up, or that curl
+ * refuses, fails through the done list. */
 static void pump(rsl_transport *t) {
   rsl_attempt *a;
   while (!t->closing && (a = t->queue_head) && t->active < a->queue_limit) {
-    t->queue_head = a->queue_next;
-    if (t->queue_head) t->queue_head->queue_prev = NULL;
-    else t->queue_tail = NULL;
-    a->queued = 0;
+    dequeue(t, a);
     long waited_ms = (long)((rsl_now_ns() - a->started_ns) / 1000000u);
-    long left_ms = a->timeout_ms > waited_ms ? a->timeout_ms - waited_ms : 1;
-    if (curl_easy_setopt(a->easy, CURLOPT_TIMEOUT_MS, left_ms) == CURLE_OK &&
+    if (waited_ms >= a->timeout_ms) {
+      expire(t, a);
+      continue;
+    }
+    if (curl_easy_setopt(a->easy, CURLOPT_TIMEOUT_MS,
+                         a->timeout_ms - waited_ms) == CURLE_OK &&
         attempt_add(t, a) == 0)
       continue;
     a->plain = 0;
-    a->done = 1;
-    a->result = CURLE_OUT_OF_MEMORY;
-    a->done_next = NULL;
-    a->done_prev = t->done_tail;
-    if (t->done_tail) t->done_tail->done_next = a;
-    else t->done_head = a;
-    t->done_tail = a;
+    done_push(t, a, CURLE_OUT_OF_MEMORY);
     rsl_timer_start(t->loop, &t->timer, 0); /* on_timeout drains it */
   }
 }
@@ -485,6 +515,7 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
 
 static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   curl_off_t connect_us = 0;
+  if (a->expired) return RSL_ERR_TIMEOUT; /* never sent: nothing to ask */
   switch (code) {
   case CURLE_OK:
     return RSL_ERR_NONE;
@@ -591,14 +622,7 @@ static void drain_done(rsl_transport *t) {
     if (msg->msg != CURLMSG_DONE) continue;
     rsl_attempt *a = NULL;
     curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&a);
-    if (!a || a->done) continue;
-    a->done = 1;
-    a->result = msg->data.result;
-    a->done_next = NULL;
-    a->done_prev = t->done_tail;
-    if (t->done_tail) t->done_tail->done_next = a;
-    else t->done_head = a;
-    t->done_tail = a;
+    if (a) done_push(t, a, msg->data.result);
   }
   rsl_attempt *a;
   while ((a = t->done_head)) {
@@ -702,6 +726,13 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     if (t->queue_tail) t->queue_tail->queue_next = a;
     else t->queue_head = a;
     t->queue_tail = a;
+    rsl_timer_init(&a->expiry, on_queue_expiry, a);
+    if (rsl_timer_start(t->loop, &a->expiry,
+                        (uint64_t)a->timeout_ms * 1000000u) < 0) {
+      *err = "out of memory";
+      attempt_free(a);
+      return -1;
+    }
     *out = a;
     return 0;
   }
