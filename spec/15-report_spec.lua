@@ -98,7 +98,9 @@ local function policy(name, description, windows_n)
                                p999 = all.p99, max = all.p99 * 1.2 },
                 outcomes = { ok = all.ok, failed = all.calls - all.ok, gave_up = 0,
                              breaker_open = 0 },
-                slo = { met = failed == 0, windows_failed = failed, windows = windows_n } },
+                slo = { met = failed == 0, windows_failed = failed, windows = windows_n },
+                distribution = { p = { 0, 50, 90, 99, 99.9, 100 },
+                                 ms = { 0.2, 60, 400, all.p99 * 0.9, all.p99, all.p99 * 1.2 } } },
     phases = {
       { name = "outage", calls = outage.calls, success_rate = outage.success_rate,
         amplification = outage.amplification, p95 = outage.p95, p99 = outage.p99 },
@@ -282,6 +284,14 @@ describe("resilua.report", function()
         assert.is_true(count(d, "L") >= 25, ("%s/%s: path %s"):format(id, name, d))
       end
     end
+    -- The distribution: a line per policy through its percentiles below p100.
+    local dist = assert(element(dom, '<figure class="chart" id="chart-distribution"', "figure"))
+    for _, name in ipairs(names) do
+      local series = element(dist, '<g class="series"' .. attr("data-policy", name), "g")
+      assert.are.equal("5", series:match('data%-points="(%d+)"'), name)
+    end
+    assert.matches(">p99.9<", dist, 1, true)
+
     local p95 = element(dom, '<figure class="chart" id="chart-latency-p95"', "figure")
     local gap = element(p95, '<g class="series"' .. attr("data-policy", "naive-retry"), "g")
     assert.are.equal(2, count(gap:match(' d="([^"]+)"'), "M"))

@@ -80,6 +80,11 @@ describe("resilua.experiment", function()
     assert.is_true(naive.windows.upstream_arrivals[2] > 2 * none.windows.upstream_arrivals[2])
     assert.are.equal(naive.summary.attempts, sum(naive.windows.upstream_arrivals))
     assert.are.equal("closed", none.windows.breaker[1])
+    -- The latency distribution of the run: percentiles, never decreasing.
+    local d = naive.summary.distribution
+    assert.are.equal(#d.p, #d.ms)
+    assert.are.equal(100, d.p[#d.p])
+    for i = 2, #d.ms do assert.is_true(d.ms[i] >= d.ms[i - 1], cjson.encode(d)) end
   end)
 
   it("gives the same arrivals and faults for the same seed, others for another", function()

@@ -427,6 +427,8 @@ end
 
 local PERCENTILES = { { "p50", 50 }, { "p90", 90 }, { "p95", 95 }, { "p99", 99 },
                       { "p999", 99.9 } }
+-- The latency distribution the report plots: percentiles of the whole run.
+local DISTRIBUTION = { 0, 10, 25, 50, 75, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99, 100 }
 
 local function lane_report(x, lane)
   local t, h = lane.totals, lane.total_hist
@@ -436,6 +438,10 @@ local function lane_report(x, lane)
   local summary = { calls = t.calls, ok = t.ok, success_rate = t.calls > 0 and t.ok / t.calls or 0,
                     attempts = t.attempts, amplification = t.calls > 0 and t.attempts / t.calls or 0,
                     latency_ms = latency, outcomes = t.outcomes, statuses = t.statuses }
+  if h:count() > 0 then
+    summary.distribution = { p = DISTRIBUTION, ms = {} }
+    for i, p in ipairs(DISTRIBUTION) do summary.distribution.ms[i] = h:percentile(p) end
+  end
   if x.slo then
     local failed, judged = 0, 0
     for _, ok in ipairs(lane.windows.slo_ok) do

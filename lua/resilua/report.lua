@@ -438,29 +438,9 @@ local function draw_time_axis(add, frame, y)
       CHART_W - PLOT_RIGHT, y + 34)
 end
 
--- A time chart: one line per policy of the values `get(policy, i)` returns
--- (nil for a gap), over the shared time frame and the phases.
-local function time_chart(r, c, frame, phases, policies)
-  local series, min_pos, max = {}, nil, nil
-  for k, p in ipairs(policies) do
-    local points = {}
-    for i = 1, p.n do
-      local v = c.get(p, i)
-      if v and c.scale == "log" and v <= 0 then v = nil end
-      points[i] = { t = window_start(r, p.windows, i) + window_s(r) / 2, v = v }
-      if v then
-        max = math.max(max or v, v)
-        if v > 0 then min_pos = math.min(min_pos or v, v) end
-      end
-    end
-    series[k] = points
-  end
-  local scale = c.scale == "log" and log_scale(c.log_min or min_pos, c.log_max or max)
-                or linear_scale(max, c.fixed_top)
-  local placed, legend_h = legend_layout(policy_legend(policies))
-  local top, bottom = legend_h, legend_h + CHART_PLOT_H
-  local height = bottom + PLOT_BOTTOM
-  local function y(v)
+-- y of value v on `scale` between top and bottom.
+local function y_of(scale, top, bottom)
+  return function(v)
     local f
     if scale.log then
       f = (math.log(v, 10) - math.log(scale.lo, 10)) / (math.log(scale.hi, 10)
@@ -470,12 +450,10 @@ local function time_chart(r, c, frame, phases, policies)
     end
     return bottom - f * (bottom - top)
   end
+end
 
-  local parts, add = buffer()
-  add('<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s" '
-      .. 'xmlns="http://www.w3.org/2000/svg">', CHART_W, height, esc(c.title))
-  draw_legend(add, placed)
-  draw_phases(add, frame, phases, top, bottom, true)
+-- The grid, its ticks and the y axis with its title.
+local function draw_y_axis(add, c, scale, y, top, bottom)
   for _, v in ipairs(scale.ticks) do
     local ty = y(v)
     add('<line class="grid" x1="%d" y1="%.1f" x2="%d" y2="%.1f"/>', PLOT_LEFT, ty,
@@ -487,13 +465,30 @@ local function time_chart(r, c, frame, phases, policies)
       bottom)
   add('<text class="axis-title" transform="rotate(-90)" x="%.1f" y="14" text-anchor="middle">'
       .. '%s</text>', -(top + bottom) / 2, esc(c.unit))
-  draw_time_axis(add, frame, bottom)
+end
 
+-- The y scale over series of points { x, v } (v nil for a gap), for chart c.
+local function scale_of(c, series)
+  local min_pos, max
+  for _, points in ipairs(series) do
+    for _, pt in ipairs(points) do
+      if pt.v then
+        max = math.max(max or pt.v, pt.v)
+        if pt.v > 0 then min_pos = math.min(min_pos or pt.v, pt.v) end
+      end
+    end
+  end
+  return c.scale == "log" and log_scale(c.log_min or min_pos, c.log_max or max)
+         or linear_scale(max, c.fixed_top)
+end
+
+-- One line per policy through its points { x, v }: a gap (v nil) ends a
+-- run, and a run of one point is drawn as a dot.  "no data" when nothing is.
+local function draw_series(add, policies, series, x, y, top, bottom)
   local drawn = 0
   for k, p in ipairs(policies) do
     local d, dots, n = {}, {}, 0
     local run = {}
-    -- A gap ends a run; a run of one point is drawn as a dot.
     local function flush()
       if #run == 1 then dots[#dots + 1] = run[1] end
       for j, pt in ipairs(run) do
@@ -503,7 +498,7 @@ local function time_chart(r, c, frame, phases, policies)
     end
     for _, pt in ipairs(series[k]) do
       if pt.v then
-        run[#run + 1] = { frame.x(pt.t), y(pt.v) }
+        run[#run + 1] = { x(pt.x), y(pt.v) }
         n = n + 1
       else
         flush()
@@ -525,8 +520,81 @@ local function time_chart(r, c, frame, phases, policies)
     add('<text class="no-data" x="%.1f" y="%.1f" text-anchor="middle">no data</text>',
         (PLOT_LEFT + CHART_W - PLOT_RIGHT) / 2, (top + bottom) / 2)
   end
+end
+
+-- A chart's SVG around `draw_x_axis(add, bottom)` and the series: the
+-- legend, the y axis, and `under(add, top, bottom)` (phases) below the lines.
+local function line_chart(c, policies, series, x, draw_x_axis, under)
+  local scale = scale_of(c, series)
+  local placed, legend_h = legend_layout(policy_legend(policies))
+  local top, bottom = legend_h, legend_h + CHART_PLOT_H
+  local y = y_of(scale, top, bottom)
+  local parts, add = buffer()
+  add('<svg class="chart" viewBox="0 0 %d %d" role="img" aria-label="%s" '
+      .. 'xmlns="http://www.w3.org/2000/svg">', CHART_W, bottom + PLOT_BOTTOM, esc(c.title))
+  draw_legend(add, placed)
+  if under then under(add, top, bottom) end
+  draw_y_axis(add, c, scale, y, top, bottom)
+  draw_x_axis(add, bottom)
+  draw_series(add, policies, series, x, y, top, bottom)
   add('</svg>')
   return table.concat(parts, "\n")
+end
+
+-- A time chart: one line per policy of the values `get(policy, i)` returns
+-- (nil for a gap), over the shared time frame and the phases.
+local function time_chart(r, c, frame, phases, policies)
+  local series = {}
+  for k, p in ipairs(policies) do
+    local points = {}
+    for i = 1, p.n do
+      local v = c.get(p, i)
+      if v and c.scale == "log" and v <= 0 then v = nil end
+      points[i] = { x = window_start(r, p.windows, i) + window_s(r) / 2, v = v }
+    end
+    series[k] = points
+  end
+  return line_chart(c, policies, series, frame.x,
+                    function(add, bottom) draw_time_axis(add, frame, bottom) end,
+                    function(add, top, bottom) draw_phases(add, frame, phases, top, bottom, true) end)
+end
+
+-- The latency distribution over the whole run: x is the percentile on a
+-- "nines" scale (p90 at 1, p99 at 2, p99.9 at 3), as HdrHistogram plots
+-- it, so the tail gets the room it deserves.
+local MAX_NINES = 4
+local function nines(p) return math.min(MAX_NINES, -math.log(1 - p / 100, 10)) end
+
+local function distribution_chart(policies)
+  local series, any = {}, false
+  for k, p in ipairs(policies) do
+    local d = tbl(tbl(p.raw.summary) and p.raw.summary.distribution)
+    local ps, ms = d and tbl(d.p) or {}, d and tbl(d.ms) or {}
+    local points = {}
+    for i = 1, #ps do
+      local pv, v = num(ps[i]), num(ms[i])
+      if pv and pv < 100 and v and v > 0 then points[#points + 1] = { x = nines(pv), v = v } end
+    end
+    any = any or #points > 0
+    series[k] = points
+  end
+  if not any then return nil end
+  local plot_w = CHART_W - PLOT_LEFT - PLOT_RIGHT
+  local function x(n) return PLOT_LEFT + n / MAX_NINES * plot_w end
+  local function axis(add, y)
+    add('<line class="axis" x1="%d" y1="%.1f" x2="%d" y2="%.1f"/>', PLOT_LEFT, y,
+        CHART_W - PLOT_RIGHT, y)
+    for _, p in ipairs({ 0, 50, 90, 99, 99.9, 99.99 }) do
+      local tx = x(nines(p))
+      add('<line class="axis" x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f"/>', tx, y, tx, y + 5)
+      add('<text class="tick" x="%.1f" y="%.1f" text-anchor="middle">p%s</text>', tx, y + 18,
+          fmt_tick(p))
+    end
+    add('<text class="axis-title" x="%d" y="%.1f" text-anchor="end">percentile</text>',
+        CHART_W - PLOT_RIGHT, y + 34)
+  end
+  return line_chart({ title = "Latency distribution", unit = "ms (log scale)", scale = "log",
+                      tick = fmt_ms_tick }, policies, series, x, axis)
 end
 
 -- Merges consecutive windows with the same value: runs of { value, from, to }.
@@ -860,6 +928,12 @@ function M.html(r)
 
   add('<section id="summary-section"><h2>Summary</h2>')
   summary_table(add, r)
+  local distribution = distribution_chart(policies)
+  if distribution then
+    add('<figure class="chart" id="chart-distribution"><figcaption><h3>Latency distribution'
+        .. '</h3><p>Every call of the run, by percentile (p99: 1 call in 100 was slower);'
+        .. ' failed and timed-out calls included.</p></figcaption>%s</figure>', distribution)
+  end
   add('</section>')
 
   add('<section id="charts"><h2>Over time</h2>')
