@@ -123,7 +123,8 @@ describe("resilua load", function()
       return helpers.run({ "script", "-qec", cmd, "/dev/null" }).stdout
     end
     local shown = on_tty("")
-    assert.matches("%d+ s +%d+ calls +%d+ in flight +[%d.]+ %% ok +p99 +[%d.]+ ms", shown)
+    assert.matches("%d+ s +%d+ calls +%d+ calls/s +%d+ in flight +[%d.]+ %% ok +p99 +[%d.]+ ms",
+                   shown)
     local quiet = on_tty("--quiet")
     assert.matches("calls", quiet) -- the summary
     assert.is_nil(quiet:find("in flight", 1, true))

@@ -180,10 +180,12 @@ function M.run(o)
   local function close_window()
     windows = windows + 1
     if o.progress then
-      o.progress(("%5.0f s  %8d calls  %6d in flight  %6.2f %% ok  p99 %8.1f ms")
-        :format((now() - t0) / 1000, calls, in_flight,
-                win_calls > 0 and 100 * win_ok / win_calls or 100,
-                call_lat.win:percentile(99)))
+      -- Over the window: calls started, and of the calls that ended, the
+      -- share ok and their p99.
+      local ended = call_lat.win:count()
+      o.progress(("%5.0f s  %8d calls  %7.0f calls/s  %6d in flight  %6.2f %% ok  p99 %8.1f ms")
+        :format((now() - t0) / 1000, calls, win_calls / WINDOW_S, in_flight,
+                ended > 0 and 100 * win_ok / ended or 100, call_lat.win:percentile(99)))
     end
     for _, s in ipairs(all) do flush(s) end
     win_calls, win_ok = 0, 0
