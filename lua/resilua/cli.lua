@@ -408,6 +408,21 @@ function M.check(args)
   return all_ok and EXIT.ok or EXIT.usage
 end
 
+--- The given flags' values as integers >= 1, by flag (absent flags are
+-- left out), or nil and a message naming the first bad one.
+local function positive_integers(opts, flags)
+  local out = {}
+  for _, flag in ipairs(flags) do
+    if opts[flag] then
+      out[flag] = math.tointeger(tonumber(opts[flag]))
+      if not out[flag] or out[flag] < 1 then
+        return nil, ("%s: expected an integer >= 1, got %s"):format(flag, opts[flag])
+      end
+    end
+  end
+  return out
+end
+
 function M.batch(args)
   local opts, pos = parse(args, 2, {
     ["--in"] = "value", ["--out"] = "value", ["--ledger"] = "value", ["--no-ledger"] = "flag",
@@ -426,15 +441,8 @@ function M.batch(args)
   if not opts["--log"] then core.log(false) end
   local code = setup_log("batch", opts)
   if code then return code end
-  local numbers = {}
-  for _, flag in ipairs({ "--concurrency", "--chunk" }) do
-    if opts[flag] then
-      numbers[flag] = math.tointeger(tonumber(opts[flag]))
-      if not numbers[flag] or numbers[flag] < 1 then
-        return fail("batch", ("%s: expected an integer >= 1, got %s"):format(flag, opts[flag]))
-      end
-    end
-  end
+  local numbers, bad = positive_integers(opts, { "--concurrency", "--chunk" })
+  if not numbers then return fail("batch", bad) end
   local headers = {}
   for _, h in ipairs(opts["--header"] or {}) do
     local name, value = h:match("^([^:%s]+):%s*(.*)$")
@@ -499,16 +507,8 @@ function M.load(args)
       return fail("load", "--concurrency: expected an integer >= 1, got " .. opts["--concurrency"])
     end
   end
-  -- Positive integer flags of the open loop, checked alike.
-  local caps = {}
-  for _, flag in ipairs({ "--max-in-flight", "--connections" }) do
-    if opts[flag] then
-      caps[flag] = math.tointeger(tonumber(opts[flag]))
-      if not caps[flag] or caps[flag] < 1 then
-        return fail("load", ("%s: expected an integer >= 1, got %s"):format(flag, opts[flag]))
-      end
-    end
-  end
+  local caps, bad = positive_integers(opts, { "--max-in-flight", "--connections" })
+  if not caps then return fail("load", bad) end
   local duration_s = load.parse_duration(opts["--duration"] or "10s")
   if not duration_s then
     return fail("load", "--duration: expected e.g. 10s, 500ms, 2m or seconds, got "
