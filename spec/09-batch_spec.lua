@@ -105,12 +105,24 @@ describe("resilua batch", function()
     local done_before = select(2, helpers.read_file(ledger):gsub("\n", ""))
     assert.is_true(done_before < 2000)
 
-    local r = batch(args)
+    local report = dir .. "/report.json"
+    local r = batch({ "--report", report, table.unpack(args) })
     assert.equal(6, r.code, r.stderr)
+    -- Every item the ledger holds is skipped, not sent again (the server's
+    -- dedup would hide a resend: this counts it).
+    assert.equal(done_before, cjson.decode(helpers.read_file(report)).skipped)
     local by_id, _, lines = results(out)
     assert.equal(2000, lines)
     for id = 1, 2000 do assert.is_not_nil(by_id[id], "id " .. id) end
     local twice = helpers.curl(helpers.quote(server.url .. "/twice"))
+    -- A third run finds everything done and sends nothing.
+    local stats = function()
+      return cjson.decode(helpers.curl(helpers.quote(server.url .. "/_stats")).body).requests
+    end
+    local before = stats()
+    assert.equal(6, batch({ "--report", report, table.unpack(args) }).code)
+    assert.equal(2000, cjson.decode(helpers.read_file(report)).skipped)
+    assert.equal(before, stats()) -- /_stats itself is not counted
     server:stop()
     assert.equal("0", twice.body) -- the handler answered each id at most once
   end)

@@ -21,22 +21,34 @@ M.EXIT_OK, M.EXIT_USAGE, M.EXIT_SOME_FAILED = 0, 2, 6
 local PAUSE_MIN_S, PAUSE_MAX_S = 0.05, 1.0 -- waits while breaker/budget refuse
 
 --- A deterministic Idempotency-Key for an id: FNV-1a of the id, shaped as a
--- UUID (version 8, "custom"), so the key is the same on every run.
+-- UUID (version 8, "custom"), so the key is the same on every run.  The
+-- fields are cut from the two hashes with shifts, not from a hex string:
+-- it runs once per item.
 function M.key_for(id)
-  local function fnv(s, h)
-    for i = 1, #s do h = (h ~ s:byte(i)) * 0x100000001b3 end
-    return h
-  end
   local s = tostring(id)
-  local a, b = fnv(s, 0xcbf29ce484222325), fnv(s, 0x84222325cbf29ce4)
-  local hex = ("%016x%016x"):format(a, b)
-  return ("%s-%s-8%s-%x%s-%s"):format(hex:sub(1, 8), hex:sub(9, 12), hex:sub(14, 16),
-    8 + tonumber(hex:sub(17, 17), 16) % 4, hex:sub(18, 20), hex:sub(21, 32))
+  local a, b = 0xcbf29ce484222325, 0x84222325cbf29ce4
+  for i = 1, #s do
+    local c = s:byte(i)
+    a, b = (a ~ c) * 0x100000001b3, (b ~ c) * 0x100000001b3
+  end
+  -- a's 5th hex digit gives way to the version, b's 1st to the variant.
+  return ("%08x-%04x-8%03x-%x%03x-%012x"):format(a >> 32, (a >> 16) & 0xffff, a & 0xfff,
+    8 + ((b >> 60) & 3), (b >> 48) & 0xfff, b & 0xffffffffffff)
 end
 
 local function percentile(sorted, p)
   if #sorted == 0 then return nil end
   return sorted[math.max(1, math.ceil(p * #sorted))]
+end
+
+-- lua-cjson decodes every number as a float; ids and counts read better,
+-- and format as users expect ("3", not "3.0"), as integers.
+local function integers(v)
+  if type(v) == "number" then return math.tointeger(v) or v end
+  if type(v) == "table" then
+    for k, x in pairs(v) do v[k] = integers(x) end
+  end
+  return v
 end
 
 -- Reads the ledger: id -> the result line.  A torn last line (killed while
@@ -53,20 +65,11 @@ local function read_ledger(path)
   f:close()
   for line in data:gmatch("[^\n]+") do
     local r = cjson_safe.decode(line)
-    if type(r) == "table" and r.id ~= nil then done[tostring(r.id)] = line end
+    -- Keyed as read_input keys ids: 7, not the 7.0 that cjson decodes.
+    if type(r) == "table" and r.id ~= nil then done[tostring(integers(r.id))] = line end
   end
   torn = #data > 0 and data:sub(-1) ~= "\n"
   return done, torn
-end
-
--- lua-cjson decodes every number as a float; ids and counts read better,
--- and format as users expect ("3", not "3.0"), as integers.
-local function integers(v)
-  if type(v) == "number" then return math.tointeger(v) or v end
-  if type(v) == "table" then
-    for k, x in pairs(v) do v[k] = integers(x) end
-  end
-  return v
 end
 
 -- Reads the input: items in order, and what is wrong with the rest.
@@ -85,11 +88,14 @@ local function read_input(path, id_field)
         invalid[#invalid + 1] = { line = n, error = "bad JSON: " .. tostring(jerr or "not an object") }
       elseif (type(id) ~= "string" and type(id) ~= "number") or id == "" then
         invalid[#invalid + 1] = { line = n, error = ("no '%s' (a string or a number)"):format(id_field) }
-      elseif seen[tostring(id)] then
-        duplicates[#duplicates + 1] = { line = n, id = id, first_line = seen[tostring(id)] }
       else
-        seen[tostring(id)] = n
-        items[#items + 1] = { id = id, key = tostring(id), item = item, line = n }
+        local key = tostring(id)
+        if seen[key] then
+          duplicates[#duplicates + 1] = { line = n, id = id, first_line = seen[key] }
+        else
+          seen[key] = n
+          items[#items + 1] = { id = id, key = key, item = item, line = n }
+        end
       end
     end
   end
@@ -167,28 +173,57 @@ function M.run(opts)
 
   local queue, skipped = {}, 0
   for _, it in ipairs(input.items) do
-    if done[it.key] then skipped = skipped + 1 else queue[#queue + 1] = it end
+    if done[it.key] then
+      skipped = skipped + 1
+      it.skipped = true
+    else
+      queue[#queue + 1] = it
+    end
   end
   local total = #queue
   local t0 = core.now_ms()
   local finished, failed, since_sync, write_error = 0, 0, 0, nil
   local show_progress = not opts.quiet and core.isatty(2)
-  local next_item = 1
+  local extra_headers = {}
+  for k, v in pairs(opts.headers or {}) do extra_headers[k] = v end
+  local report = { total = #input.items + #input.invalid, succeeded = 0, failed = 0,
+                   skipped = skipped, invalid = #input.invalid, duplicates = #input.duplicates,
+                   outcomes = {}, attempts = {}, failed_status = {} }
+  local latencies = {}
 
-  local function record(it, res, err, attempts, latency_ms)
-    local r = { id = it.id, ok = res ~= nil, attempts = attempts, latency_ms = latency_ms }
-    local final = res or err
-    r.status = final.status
-    r.outcome = res and "ok" or err.outcome
-    if res then
-      r.response = cjson_safe.decode(res.body or "") or res.body
+  -- Counts one finished item in the report.  Attempts and statuses are
+  -- counted under numbers (no string made per item), keyed by strings at
+  -- the end.
+  local by_attempts, failed_by_status = {}, {}
+  local function tally(ok, outcome, attempts, status, latency_ms)
+    report.outcomes[outcome] = (report.outcomes[outcome] or 0) + 1
+    attempts = math.tointeger(attempts) or attempts
+    by_attempts[attempts] = (by_attempts[attempts] or 0) + 1
+    if ok then
+      report.succeeded = report.succeeded + 1
     else
-      r.error = err.error or err.message
+      report.failed = report.failed + 1
+      if status then
+        status = math.tointeger(status)
+        failed_by_status[status] = (failed_by_status[status] or 0) + 1
+      end
     end
-    local line = cjson.encode(r)
+    latencies[#latencies + 1] = latency_ms
+  end
+
+  -- One table for every result line: each field is set (or cleared) per item.
+  local line_fields = {}
+  local function record(it, r, attempts, latency_ms)
+    local ok = r.outcome == "ok"
+    line_fields.id, line_fields.ok, line_fields.attempts = it.id, ok, attempts
+    line_fields.latency_ms, line_fields.status, line_fields.outcome = latency_ms, r.status, r.outcome
+    line_fields.response = ok and (cjson_safe.decode(r.body or "") or r.body) or nil
+    line_fields.error = not ok and (r.error or r.message) or nil
+    local line = cjson.encode(line_fields)
     done[it.key] = line
+    tally(ok, r.outcome, attempts, r.status, latency_ms)
     finished = finished + 1
-    if not r.ok then failed = failed + 1 end
+    if not ok then failed = failed + 1 end
     if ledger then
       local okw, werr = ledger:write(line, "\n")
       if okw then okw, werr = ledger:flush() end
@@ -202,69 +237,92 @@ function M.run(opts)
     if show_progress then progress(finished, total, failed, t0) end
   end
 
-  local function process(it)
+  local function request_for(it)
     local req = build(it.item, opts)
     req.url = req.url or opts.url
     req.headers = req.headers or {}
-    for k, v in pairs(opts.headers or {}) do req.headers[k] = v end
+    for k, v in pairs(extra_headers) do req.headers[k] = v end
     req.headers["Idempotency-Key"] = M.key_for(it.id)
-    local attempts, pause, started = 0, PAUSE_MIN_S, core.now_ms()
-    local max_attempts = client:policy().table.max_attempts
-    while true do
-      local res, err = client:call(req)
-      attempts = attempts + (res or err).attempts
-      local paused = err and (err.outcome == "breaker_open" or err.outcome == "budget")
-      if not paused or attempts >= max_attempts and err.outcome == "budget" then
-        return record(it, res, err, attempts, core.now_ms() - started)
-      end
-      -- The dependency needs a rest: wait, then the same request, same key.
-      resilua.sleep(pause)
-      pause = math.min(pause * 2, PAUSE_MAX_S)
-    end
+    return req
   end
 
-  for _ = 1, math.min(concurrency, #queue) do
-    resilua.go(function()
-      while next_item <= #queue and not write_error do
-        local it = queue[next_item]
-        next_item = next_item + 1
-        process(it)
+  -- The items run on core.call's callbacks, as `resilua load` does: a
+  -- worker per slot of concurrency, made once, records the item whose call
+  -- ended (or pauses and resends it) and starts the next.  Errors raised
+  -- by a --request hook or by a bad request end their worker; the run
+  -- then fails with the first of them.
+  local next_item, active, run_error = 1, 0, nil
+  local function new_worker()
+    local it, req, attempts, pause, started, max_attempts
+    local worker
+    local function stop(err)
+      run_error = run_error or tostring(err)
+      active = active - 1
+    end
+    local function send()
+      local sent, err = pcall(core.call, client.state, client:policy().core, req, worker)
+      if not sent then stop("call: " .. tostring(err)) end
+    end
+    local function start_next()
+      if next_item > total or write_error then
+        active = active - 1
+        return
       end
-    end)
+      it = queue[next_item]
+      next_item = next_item + 1
+      local built, built_req = pcall(request_for, it)
+      if not built then return stop(built_req) end
+      req, attempts, pause, started = built_req, 0, PAUSE_MIN_S, core.now_ms()
+      max_attempts = client:policy().table.max_attempts
+      send()
+    end
+    worker = function(r)
+      attempts = attempts + r.attempts
+      local outcome = r.outcome
+      if (outcome == "breaker_open" or outcome == "budget")
+          and not (attempts >= max_attempts and outcome == "budget") then
+        -- The dependency needs a rest: wait, then the same request, same key.
+        core.timer(pause, send)
+        pause = math.min(pause * 2, PAUSE_MAX_S)
+        return
+      end
+      local recorded, err = pcall(record, it, r, attempts, core.now_ms() - started)
+      if not recorded then return stop(err) end
+      start_next()
+    end
+    return start_next
   end
-  local waited, errs = resilua.wait()
+  for _ = 1, math.min(concurrency, total) do
+    active = active + 1
+    new_worker()()
+  end
+  while active > 0 do
+    if core.step() == 0 and active > 0 then
+      run_error = run_error or "the loop ran dry with items in flight"
+      break
+    end
+  end
   if show_progress then io.stderr:write("\n") end
   if ledger then
     core.fsync(ledger)
     ledger:close()
   end
-  if not waited then return nil, "batch: " .. tostring(errs[1]) end
+  if run_error then return nil, "batch: " .. run_error end
   if write_error then return nil, "batch: --ledger: " .. tostring(write_error) end
 
   -- The results, in input order, one line per id, then the invalid lines.
+  -- Items done before this run are counted from their ledger lines.
   local out = assert(io.open(tmp_path, "wb"))
-  local report = { total = #input.items + #input.invalid, succeeded = 0, failed = 0,
-                   skipped = skipped, invalid = #input.invalid, duplicates = #input.duplicates,
-                   outcomes = {}, attempts = {}, failed_status = {} }
-  local latencies = {}
   for _, it in ipairs(input.items) do
     local line = done[it.key]
     out:write(line, "\n")
-    local r = cjson.decode(line)
-    report.outcomes[r.outcome] = (report.outcomes[r.outcome] or 0) + 1
-    local a = tostring(math.tointeger(r.attempts) or r.attempts)
-    report.attempts[a] = (report.attempts[a] or 0) + 1
-    if r.ok then
-      report.succeeded = report.succeeded + 1
-    else
-      report.failed = report.failed + 1
-      if r.status then
-        local s = tostring(math.tointeger(r.status))
-        report.failed_status[s] = (report.failed_status[s] or 0) + 1
-      end
+    if it.skipped then
+      local r = cjson.decode(line)
+      tally(r.ok, r.outcome, r.attempts, r.status, r.latency_ms)
     end
-    latencies[#latencies + 1] = r.latency_ms
   end
+  for n, count in pairs(by_attempts) do report.attempts[tostring(n)] = count end
+  for status, count in pairs(failed_by_status) do report.failed_status[tostring(status)] = count end
   for _, bad in ipairs(input.invalid) do
     out:write(cjson.encode({ line = bad.line, ok = false, outcome = "invalid_input", error = bad.error }), "\n")
   end
