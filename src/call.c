@@ -77,7 +77,7 @@ void rsl_client_unref(rsl_client *c) {
 /* What breaker_key and url_ok last worked out.  A load run sends one URL
  * over and over, and parsing it with curl_url was a good share of a call's
  * cost; both are pure functions of their arguments, so the last answer is
- * kept (per thread, URLs up to URL_MEMO_MAX bytes). */
+ * kept (for URLs up to URL_MEMO_MAX bytes). */
 #define URL_MEMO_MAX 1024
 typedef struct url_memo {
   char url[URL_MEMO_MAX];

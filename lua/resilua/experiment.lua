@@ -28,6 +28,7 @@
 -- percentiles of the calls that ended, breaker state, budget refusals.
 local core = require "resilua.core"
 local cjson = require "cjson"
+local load = require "resilua.load"
 local resilua = require "resilua"
 local policy = require "resilua.policy"
 local report = require "resilua.report"
@@ -425,16 +426,12 @@ end
 
 --- The report ------------------------------------------------------------
 
-local PERCENTILES = { { "p50", 50 }, { "p90", 90 }, { "p95", 95 }, { "p99", 99 },
-                      { "p999", 99.9 } }
 -- The latency distribution the report plots: percentiles of the whole run.
 local DISTRIBUTION = { 0, 10, 25, 50, 75, 90, 95, 98, 99, 99.5, 99.8, 99.9, 99.95, 99.99, 100 }
 
 local function lane_report(x, lane)
   local t, h = lane.totals, lane.total_hist
-  local latency = {}
-  for _, p in ipairs(PERCENTILES) do latency[p[1]] = h:count() > 0 and h:percentile(p[2]) or null end
-  latency.max = h:count() > 0 and h:max() or null
+  local latency = load.figures(h) or {}
   local summary = { calls = t.calls, ok = t.ok, success_rate = t.calls > 0 and t.ok / t.calls or 0,
                     attempts = t.attempts, amplification = t.calls > 0 and t.attempts / t.calls or 0,
                     latency_ms = latency, outcomes = t.outcomes, statuses = t.statuses }
@@ -749,9 +746,9 @@ function M.run(x)
     io.stdout:write("no policy met the SLO (", run.slo.description, ")\n")
     return EXIT_SLO
   end
-  io.stdout:write(("SLO %s: met by %s; the highest success rate among them: %s (%.2f %%)\n")
+  io.stdout:write(("SLO %s: met by %s; the highest success rate among them: %s (%s %%)\n")
     :format(run.slo.description, table.concat(met, ", "), best.name,
-            math.floor(10000 * best.summary.success_rate) / 100)) -- cut, as in the table
+            report.percent(best.summary.success_rate))) -- as the table shows it
   return EXIT_OK
 end
 

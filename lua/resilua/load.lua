@@ -40,7 +40,9 @@ local function flush(s)
   s.win:reset()
 end
 
-local function figures(h)
+--- A histogram's figures: count, min, mean, max and p50/p90/p95/p99/p999
+-- (ms), or nil when it is empty.
+function M.figures(h)
   if h:count() == 0 then return nil end
   local t = { count = h:count(), min = h:min(), mean = h:mean(), max = h:max() }
   for _, p in ipairs(PERCENTILES) do t[p[1]] = h:percentile(p[2]) end
@@ -227,10 +229,10 @@ function M.run(o)
     attempts = attempts, amplification = calls > 0 and attempts / calls or 0,
     attempts_per_call = per_call,
     outcomes = outcomes, statuses = statuses, errors = errors,
-    latency_ms = figures(call_lat.total) or {},
-    latency_ok_ms = figures(ok_lat.total), latency_failed_ms = figures(failed_lat.total),
-    attempt_latency_ms = figures(attempt_lat.total),
-    schedule_lag_ms = o.rate and figures(lag.total) or nil,
+    latency_ms = M.figures(call_lat.total) or {},
+    latency_ok_ms = M.figures(ok_lat.total), latency_failed_ms = M.figures(failed_lat.total),
+    attempt_latency_ms = M.figures(attempt_lat.total),
+    schedule_lag_ms = o.rate and M.figures(lag.total) or nil,
     windows = windows, interrupted = core.stop_signal() ~= 0 or nil,
     start_error = start_error,
   }

@@ -103,6 +103,10 @@ local function fmt_success(rate)
   return ("%.2f"):format(math.floor(rate * 10000 + 1e-6) / 100)
 end
 
+--- A success rate (0..1) as the tables show it: a percentage cut to two
+-- decimals, "-" when there is none.
+M.percent = fmt_success
+
 local function fmt_ms(v)
   v = num(v)
   if not v then return "-" end
