@@ -118,7 +118,7 @@ local function progress(done, total, failed, t0)
 end
 
 --- Runs a batch.  opts: input, output, url, policy (name/file, default
--- "default"), policy_path, concurrency (16), chunk (100), ledger
+-- "default", or a policy object from resilua.policy), policy_path, concurrency (16), chunk (100), ledger
 -- (output .. ".ledger"; false: none, and no resume), report (a JSON
 -- file), id_field ("id"), method,
 -- headers, build (function(item) -> request table), quiet.

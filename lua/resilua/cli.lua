@@ -36,26 +36,44 @@ Exit codes: 0 ok, 1 script error, 2 usage or configuration error,
 6 a batch finished with some items failed.
 ]]
 
+-- The override flags' help, shared by call, load and batch.
+local POLICY_OVERRIDES_USAGE = [[
+  --timeout D              per-try timeout (per_try_timeout_ms): 2s, 500ms
+                           or seconds; lifts a shorter deadline to D
+  --attempts N             attempts in all, the first included (max_attempts)
+  --deadline D             the whole call, attempts and waits (deadline_ms)
+  --no-breaker             no circuit breaker
+  --no-budget              no retry budget
+]]
+
 local CALL_USAGE = [[
 usage: resilua call [options] URL
 
 Makes one HTTP call under a retry policy and writes the last response's
-body to stdout; every attempt is logged as a JSON line (stderr by default).
+body to stdout.  Quiet by default: -v or --log show every attempt as a
+JSON line (the event log).
 
 Options:
   -X, --request METHOD     HTTP method (default GET, or POST with -d)
   -H, --header 'Name: v'   add a request header (repeatable)
   -d, --data DATA          request body; @FILE reads a file, @- reads stdin
+  -o, --output FILE        write the body to FILE instead of stdout
+  -i, --include            write the status and response headers first
+  --json                   write the result as one JSON object: outcome,
+                           status or error, attempts, elapsed_ms, headers,
+                           body (body_base64 when it is not UTF-8)
   --policy NAME|FILE.lua   retry policy (default: default)
   --policy-path DIR        where to look for policies by name (repeatable;
                            default ./policies, then the shipped ones)
-  --log FILE|-             event log destination (default: stderr)
-  --quiet                  no event log unless --log is given
+]] .. POLICY_OVERRIDES_USAGE .. [[
+  -v, --verbose            the event log on stderr
+  --log FILE|-             the event log to FILE (- is stderr)
   --seed N                 seed the jitter PRNG (reproducible delays)
   -h, --help               this text
 
-Exit codes: 0 ok, 2 usage or policy error, 3 failed (not retriable),
-4 gave up (attempts, deadline or budget), 5 breaker open.
+Exit codes: 0 ok, 2 usage or policy error (or -o cannot be written),
+3 failed (not retriable), 4 gave up (attempts, deadline or budget),
+5 breaker open.
 ]]
 
 local RUN_USAGE = [[
@@ -108,6 +126,7 @@ Options:
                           { method=, url=, headers=, body= } end
                           (default: POST the item as JSON)
   -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
+]] .. POLICY_OVERRIDES_USAGE .. [[
   --log FILE              event log (default: none; batches are long)
   --seed N  --quiet       reproducible jitter; no progress bar
   -h, --help              this text
@@ -146,16 +165,21 @@ Options:
   -X, --request METHOD     HTTP method (default GET, or POST with -d)
   -H, --header 'Name: v'   add a request header (repeatable)
   -d, --data DATA          request body; @FILE reads a file
-  --policy NAME|FILE.lua   retry policy (default: default)
+  --policy NAME|FILE.lua   retry policy (default: no-retry, so that the
+                           load goes out as with hey or vegeta)
   --policy-path DIR        where to look for policies by name (repeatable)
+]] .. POLICY_OVERRIDES_USAGE .. [[
   --seed N                 seed the jitter PRNG
   --log FILE|-             event log (default: none)
   --json                   print the summary as one JSON object
   --quiet                  no progress lines on stderr
   -h, --help               this text
 
-Exit codes: 0 the run completed (whatever the calls' outcomes), 2 usage
-or configuration error.
+SIGINT, SIGTERM and SIGHUP stop starting calls, wait for those in flight
+and print the summary of what ran, its rate over the time it ran.
+
+Exit codes: 0 the run completed (whatever the calls' outcomes), 1 a
+signal stopped it, 2 usage or configuration error.
 ]]
 
 local function fail(cmd, msg)
@@ -228,10 +252,81 @@ local function setup_log(cmd, opts)
   end
 end
 
+-- Flags that override the policy for one run (call, load, batch): what
+-- curl and hey users reach for.  Each maps to one policy field.
+local OVERRIDE_FLAGS = { ["--timeout"] = "value", ["--attempts"] = "value",
+                         ["--deadline"] = "value", ["--no-breaker"] = "flag",
+                         ["--no-budget"] = "flag" }
+
+--- spec with the override flags added (a new table).
+local function with_overrides(spec)
+  local out = {}
+  for k, v in pairs(spec) do out[k] = v end
+  for k, v in pairs(OVERRIDE_FLAGS) do out[k] = v end
+  return out
+end
+
+--- The policy fields the override flags set, in flag order, or nil, message.
+-- A --timeout longer than the policy's deadline (with no --deadline) lifts
+-- the deadline to it: one try may then run for as long as asked.
+local function override_fields(opts, p)
+  local set, shown = {}, {}
+  local function duration(flag, field)
+    if not opts[flag] then return true end
+    local s = require("resilua.load").parse_duration(opts[flag])
+    if not s or s * 1000 > 86400000 then
+      return nil, ("%s: expected a duration such as 2s, 500ms or 1.5, up to a day, got %s")
+        :format(flag, opts[flag])
+    end
+    set[field] = s * 1000
+    shown[#shown + 1] = ("%s %s"):format(flag, opts[flag])
+    return true
+  end
+  local ok, err = duration("--timeout", "per_try_timeout_ms")
+  if ok then ok, err = duration("--deadline", "deadline_ms") end
+  if not ok then return nil, err end
+  if opts["--attempts"] then
+    local n = math.tointeger(tonumber(opts["--attempts"]))
+    if not n or n < 1 or n > 100 then
+      return nil, "--attempts: expected an integer from 1 to 100, got " .. opts["--attempts"]
+    end
+    set.max_attempts = n
+    shown[#shown + 1] = "--attempts " .. n
+  end
+  if opts["--no-breaker"] then set.breaker, shown[#shown + 1] = false, "--no-breaker" end
+  if opts["--no-budget"] then set.budget, shown[#shown + 1] = false, "--no-budget" end
+  if set.per_try_timeout_ms and not set.deadline_ms
+     and set.per_try_timeout_ms > p.table.deadline_ms then
+    set.deadline_ms = set.per_try_timeout_ms
+  end
+  return set, shown
+end
+
+--- The policy `opts` ask for (--policy, default `default_name`) with the
+-- override flags applied: a policy object, or the name alone when no flag
+-- overrides it (so a client given the name hot-reloads it); and the
+-- overrides as text (a list).  nil, message on error.
+local function policy_for(opts, default_name)
+  local policy = require "resilua.policy"
+  local p, err = policy.load(opts["--policy"] or default_name, policy.path(opts["--policy-path"]))
+  if not p then return nil, "--policy: " .. err end
+  local set, shown = override_fields(opts, p)
+  if not set then return nil, shown end
+  if #shown == 0 then return p, shown end
+  local t = {}
+  for k, v in pairs(p.table) do t[k] = v end
+  for k, v in pairs(set) do t[k] = v end
+  t.version = nil
+  local q, qerr = policy.define(t, p.name, p.path)
+  if not q then return nil, table.concat(shown, " ") .. ": " .. qerr end
+  q.overrides = shown
+  return q, shown
+end
+
 --- What call and load share: the body (-d), the headers' form (-H) and
 -- the policy's client.  Returns body (or false), client; or nil and the
 -- exit code after the error is printed.
-local function request_setup(cmd, opts)
+local function request_setup(cmd, opts, default_policy)
   local body = false
   if opts["--data"] then
     local err
@@ -243,37 +338,111 @@ local function request_setup(cmd, opts)
       return nil, fail(cmd, ("-H: expected 'Name: value', got '%s'"):format(h))
     end
   end
-  local policy = require "resilua.policy"
-  local p, perr = policy.load(opts["--policy"] or "default", policy.path(opts["--policy-path"]))
-  if not p then return nil, fail(cmd, "--policy: " .. perr) end
+  local p, perr = policy_for(opts, default_policy or "default")
+  if not p then return nil, fail(cmd, perr) end
   return body, require("resilua").client{ policy = p }
 end
 
+--- call --json: the result as one object.  A body that is not UTF-8
+-- goes as body_base64, so its bytes survive.
+local function base64(s)
+  local abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
+    local quad = {}
+    for j = 1, 4 do
+      local k = (n >> (6 * (4 - j))) & 63
+      quad[j] = abc:sub(k + 1, k + 1)
+    end
+    if not b then quad[3] = "=" end
+    if not c then quad[4] = "=" end
+    out[#out + 1] = table.concat(quad)
+  end
+  return table.concat(out)
+end
+
+local CALL_JSON_ORDER = { [""] = { "outcome", "status", "error", "attempts", "elapsed_ms",
+                                   "call_id", "message", "policy", "headers", "body",
+                                   "body_base64" } }
+
+local function call_json(final, outcome, p)
+  local o = { outcome = outcome, status = final.status, error = final.error,
+              attempts = final.attempts, elapsed_ms = final.elapsed_ms,
+              call_id = final.call_id, message = final.message,
+              policy = p.name, headers = final.headers }
+  if final.body then
+    if utf8.len(final.body) then o.body = final.body else o.body_base64 = base64(final.body) end
+  end
+  return require("resilua.json").encode(o, CALL_JSON_ORDER) .. "\n"
+end
+
+--- call -i: the status and the headers (lower-case names, sorted), a
+-- blank line, then the body.
+local function head_of(final)
+  local names, lines = {}, { ("HTTP %d"):format(final.status) }
+  for k in pairs(final.headers or {}) do names[#names + 1] = k end
+  table.sort(names)
+  for _, k in ipairs(names) do lines[#lines + 1] = ("%s: %s"):format(k, final.headers[k]) end
+  return table.concat(lines, "\r\n") .. "\r\n\r\n"
+end
+
 function M.call(args)
-  local opts, pos = parse(args, 2, {
+  local opts, pos = parse(args, 2, with_overrides{
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--verbose"] = "flag", ["--output"] = "value", ["--include"] = "flag", ["--json"] = "flag",
     ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
-  }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help" })
+  }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help",
+       ["-v"] = "--verbose", ["-o"] = "--output", ["-i"] = "--include" })
   if not opts then return fail("call", pos .. " (see resilua call --help)") end
   if opts["--help"] then io.stdout:write(CALL_USAGE) return EXIT.ok end
   if #pos ~= 1 then
     return fail("call", (#pos == 0 and "missing URL" or "expected one URL, got " .. #pos)
                 .. " (see resilua call --help)")
   end
+  -- Quiet by default: the event log only with -v (stderr) or --log.
+  if not opts["--log"] and (opts["--quiet"] or not opts["--verbose"]) then core.log(false) end
   local code = setup_log("call", opts)
   if code then return code end
   local body, client = request_setup("call", opts)
   if body == nil then return client end
   body = body or nil
+  -- -o: opened before anything is sent, so a bad path costs no request.
+  local out = io.stdout
+  if opts["--output"] and opts["--output"] ~= "-" then
+    local ferr
+    out, ferr = io.open(opts["--output"], "wb")
+    if not out then return fail("call", "-o: " .. ferr) end
+  end
   local ok, res, err = pcall(client.call, client, {
     method = opts["--request"], url = pos[1], headers = opts["--header"], body = body,
   })
-  if not ok then return fail("call", tostring(res):gsub("^call: ", "")) end
+  if not ok then
+    if out ~= io.stdout then out:close() end
+    return fail("call", tostring(res):gsub("^call: ", ""))
+  end
   local final = res or err
-  if final.body then io.stdout:write(final.body) io.stdout:flush() end
+  local text
+  if opts["--json"] then
+    text = call_json(final, res and "ok" or err.outcome, client:policy())
+  elseif final.body or (opts["--include"] and final.status) then
+    text = (opts["--include"] and final.status and head_of(final) or "") .. (final.body or "")
+  end
+  local written, werr = true, nil
+  if text then written, werr = out:write(text) end
+  if written then written, werr = out:flush() end
+  if out ~= io.stdout then
+    local closed, cerr = out:close()
+    if written and not closed then written, werr = false, cerr end
+  end
+  if not written then return fail("call", "cannot write the body: " .. tostring(werr)) end
   if res then return EXIT.ok end
-  io.stderr:write(("resilua call: %s: %s\n"):format(err.outcome, err.message or ""))
+  -- A body without a final newline must not run into the error line when
+  -- both reach one terminal (or one file, with 2>&1).
+  local sep = (out == io.stdout and text and text ~= "" and text:sub(-1) ~= "\n") and "\n" or ""
+  io.stderr:write(("%sresilua call: %s: %s\n"):format(sep, err.outcome, err.message or ""))
   return EXIT[err.outcome] or EXIT.failed
 end
 
@@ -424,7 +593,7 @@ local function positive_integers(opts, flags)
 end
 
 function M.batch(args)
-  local opts, pos = parse(args, 2, {
+  local opts, pos = parse(args, 2, with_overrides{
     ["--in"] = "value", ["--out"] = "value", ["--ledger"] = "value", ["--no-ledger"] = "flag",
     ["--report"] = "value",
     ["--id-field"] = "value", ["--concurrency"] = "value", ["--chunk"] = "value",
@@ -463,13 +632,24 @@ function M.batch(args)
       return req
     end
   end
+  -- With an override flag, batch gets the policy object (no hot reload);
+  -- without, the name, which it loads and watches itself.
+  local policy = opts["--policy"]
+  for flag in pairs(OVERRIDE_FLAGS) do
+    if opts[flag] then
+      local perr
+      policy, perr = policy_for(opts, "default")
+      if not policy then return fail("batch", perr) end
+      break
+    end
+  end
   local batch = require "resilua.batch"
   local report, err = batch.run{
     input = opts["--in"], output = opts["--out"], url = pos[1],
     ledger = not opts["--no-ledger"] and opts["--ledger"],
     report = opts["--report"], id_field = opts["--id-field"], method = opts["--method"],
     concurrency = numbers["--concurrency"], chunk = numbers["--chunk"], headers = headers,
-    build = build, quiet = opts["--quiet"], policy = opts["--policy"],
+    build = build, quiet = opts["--quiet"], policy = policy,
     policy_path = opts["--policy-path"],
   }
   if not report then return fail(nil, err) end
@@ -478,7 +658,7 @@ function M.batch(args)
 end
 
 function M.load(args)
-  local opts, pos = parse(args, 2, {
+  local opts, pos = parse(args, 2, with_overrides{
     ["--rate"] = "value", ["--concurrency"] = "value", ["--duration"] = "value",
     ["--max-in-flight"] = "value", ["--connections"] = "value",
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
@@ -519,7 +699,8 @@ function M.load(args)
   if not opts["--log"] then core.log(false) end
   local code = setup_log("load", opts)
   if code then return code end
-  local body, client = request_setup("load", opts)
+  -- no-retry by default: the load goes out whatever the target answers.
+  local body, client = request_setup("load", opts, "no-retry")
   if body == nil then return client end
   body = body or nil
   local progress
@@ -529,17 +710,14 @@ function M.load(args)
   local report, err = load.run{
     url = pos[1], method = opts["--request"] or (body and "POST" or "GET"),
     headers = opts["--header"], body = body, client = client, policy_name = client:policy().name,
+    policy_overrides = client:policy().overrides,
     rate = rate, concurrency = conc, duration_s = duration_s,
     max_in_flight = caps["--max-in-flight"], connections = caps["--connections"],
     progress = progress,
   }
   if not report then return fail("load", (tostring(err):gsub("^call: ", ""))) end
-  if opts["--json"] then
-    io.stdout:write(require("cjson").encode(report), "\n")
-  else
-    io.stdout:write(load.format(report))
-  end
-  return EXIT.ok
+  io.stdout:write(opts["--json"] and load.json(report) or load.format(report))
+  return report.interrupted and EXIT.script_error or EXIT.ok
 end
 
 function M.serve(args)

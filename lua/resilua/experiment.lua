@@ -49,7 +49,8 @@ Options:
   --out DIR         where the report goes (default reports/NAME)
   --seed N          arrivals, faults and service times (default: the script's, or 1)
   --duration S      seconds of load per policy (default: the script's)
-  --only NAME,...   run only these policies
+  --only NAME,...   run only these policies (repeatable; a name may hold
+                    commas: --only "a, b" picks the policy "a, b" if there is one)
   --sequential      one policy after another (default: side by side)
   --quiet           no live progress on stderr
   -h, --help        this text
@@ -261,6 +262,7 @@ local function start_lane(x, lane, done)
                   calls = 0, ok = 0, attempts = 0, hist = core.hist() }
   end
   local in_flight, sending, n = 0, true, 0
+  local planned, stopped -- open loop: calls due per window; stopped by lane.stop
   local t0 = now() + 5 -- a little ahead, so the first start is on time
 
   local function request(i)
@@ -330,7 +332,10 @@ local function start_lane(x, lane, done)
   local function close_window()
     local k = #W.t + 1
     W.t[k] = (k - 1) * x.window
-    W.offered[k] = win.started / x.window
+    -- Open loop, the offered load is the schedule's (the same in every lane
+    -- and run, whatever the machine's load); closed loop, the starts.
+    local offered = (planned and not stopped) and (planned[k] or 0) or win.started
+    W.offered[k] = offered / x.window
     W.attempts[k] = win.attempts / x.window
     W.success_rate[k] = win.ended > 0 and win.ok / win.ended or null
     W.p50[k] = percentile_or_null(win_hist, 50)
@@ -379,6 +384,12 @@ local function start_lane(x, lane, done)
   end
 
   if x.load.rate then
+    planned = {}
+    local gen = arrivals(x.load, x.duration, x.seed)
+    for at in gen do
+      local k = math.floor(at / window_ms) + 1
+      planned[k] = (planned[k] or 0) + 1
+    end
     local next_at = arrivals(x.load, x.duration, x.seed)
     local due = next_at()
     local function tick()
@@ -419,7 +430,7 @@ local function start_lane(x, lane, done)
 
   --- Starts no more calls; the lane ends once those in flight have.
   function lane.stop()
-    sending = false
+    sending, stopped = false, true
     finish()
   end
 end
@@ -542,14 +553,41 @@ local function parse_args(args)
         error("--duration: expected seconds > 0, got " .. args[i], 0)
       end
     elseif a == "--only" then
-      o.only = {}
-      for name in value():gmatch("[^,]+") do o.only[name] = true end
+      o.only = o.only or {}
+      o.only[#o.only + 1] = value()
     else
       error(("unknown option '%s' (see --help)"):format(a), 0)
     end
     i = i + 1
   end
   return o
+end
+
+--- The policy names --only selects: each value is a name as it is (names
+-- may hold commas), or a comma-separated list of names.  Returns a set, or
+-- nil and a message that lists the names there are.
+local function only_names(values, policies)
+  local known, names = {}, {}
+  for _, p in ipairs(policies) do
+    known[p.name] = true
+    names[#names + 1] = ("'%s'"):format(p.name)
+  end
+  local set = {}
+  for _, v in ipairs(values or {}) do
+    if known[v] then
+      set[v] = true
+    else
+      for name in v:gmatch("[^,]+") do
+        name = name:match("^%s*(.-)%s*$")
+        if not known[name] then
+          return nil, ("no policy named '%s' (the policies: %s)"):format(name,
+                                                                     table.concat(names, ", "))
+        end
+        set[name] = true
+      end
+    end
+  end
+  return set
 end
 
 --- Live progress: one line per running lane, redrawn in place.
@@ -636,9 +674,14 @@ function M.run(x)
   os.remove(out_dir .. "/.resilua-write-test")
 
   core.log(false) -- the report has the figures: no event per attempt or policy load
+  local only, only_err = only_names(o.only, x.policies)
+  if not only then
+    io.stderr:write("resilua experiment: --only: ", only_err, "\n")
+    return EXIT_USAGE
+  end
   local lanes = {}
   for _, p in ipairs(x.policies) do
-    if not o.only or o.only[p.name] then
+    if not o.only or only[p.name] then
       local pol, perr
       if type(p.policy) == "table" then
         pol, perr = policy.define(p.policy, p.name, script, src)
@@ -652,10 +695,6 @@ function M.run(x)
       lanes[#lanes + 1] = { name = p.name, description = p.description or describe_policy(pol.table),
                               policy = pol }
     end
-  end
-  if #lanes == 0 then
-    io.stderr:write("resilua experiment: --only: no policy of that name\n")
-    return EXIT_USAGE
   end
 
   resilua.seed(run.seed)

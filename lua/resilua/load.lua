@@ -51,6 +51,8 @@ end
 
 local function bump(t, k) t[k] = (t[k] or 0) + 1 end
 
+local SIGNAL_NAMES = { [1] = "SIGHUP", [2] = "SIGINT", [15] = "SIGTERM" }
+
 --- Parses a duration: "10s", "500ms", "2m", "1h" or plain seconds.
 -- Returns seconds or nil.
 function M.parse_duration(s)
@@ -193,14 +195,23 @@ function M.run(o)
     win_calls, win_ok = 0, 0
   end
   local next_window = t0 + WINDOW_S * 1000
+  -- SIGINT, SIGTERM and SIGHUP (a closed terminal) stop the sending; the
+  -- calls in flight end and the summary covers what ran.
+  local stopped_by, t_stop
   core.catch_signals()
+  core.on_hangup(function() stopped_by = stopped_by or "SIGHUP" end)
   while sending or in_flight > 0 do
     core.step(math.max(0, math.min(0.25, (next_window - now()) / 1000)))
     if now() >= next_window then
       close_window()
       next_window = next_window + WINDOW_S * 1000
     end
-    if core.stop_signal() ~= 0 then sending = false end
+    local signo = core.stop_signal()
+    if signo ~= 0 and not stopped_by then stopped_by = SIGNAL_NAMES[signo] or ("signal " .. signo) end
+    if stopped_by and not t_stop then
+      t_stop = now()
+      sending = false
+    end
   end
   local t_done = now()
   close_window()
@@ -214,13 +225,15 @@ function M.run(o)
   statuses, per_call = keyed(statuses), keyed(per_call)
 
   -- The rate achieved over the sending phase: on schedule, calls over the
-  -- duration; behind schedule, over the time it really took to start them.
+  -- duration; behind schedule, over the time it really took to start them;
+  -- stopped by a signal, over the time it ran.
   local span_ms = duration_ms
   if o.rate and last_start then
     span_ms = math.max(duration_ms, last_start - t0 + 1000 / o.rate)
   end
+  if t_stop and t_stop - t0 < span_ms then span_ms = math.max(1, t_stop - t0) end
   return {
-    url = o.url, policy = o.policy_name,
+    url = o.url, policy = o.policy_name, policy_overrides = o.policy_overrides,
     mode = o.rate and "open" or "closed", rate = o.rate, concurrency = o.concurrency,
     duration_s = o.duration_s, elapsed_s = (t_done - t0) / 1000,
     calls = calls, scheduled = o.rate and scheduled or nil, drops = drops,
@@ -233,7 +246,7 @@ function M.run(o)
     latency_ok_ms = M.figures(ok_lat.total), latency_failed_ms = M.figures(failed_lat.total),
     attempt_latency_ms = M.figures(attempt_lat.total),
     schedule_lag_ms = o.rate and M.figures(lag.total) or nil,
-    windows = windows, interrupted = core.stop_signal() ~= 0 or nil,
+    windows = windows, interrupted = stopped_by,
     start_error = start_error,
   }
 end
@@ -251,17 +264,40 @@ local function counts_line(t)
   return table.concat(parts, "  ")
 end
 
+-- The JSON summary's keys: what the run was, then what happened, the
+-- latency figures in percentile order.
+local FIGURES = { "count", "min", "mean", "p50", "p90", "p95", "p99", "p999", "max" }
+local JSON_ORDER = {
+  [""] = { "url", "policy", "policy_overrides", "mode", "rate", "concurrency", "duration_s",
+           "elapsed_s", "interrupted", "calls", "scheduled", "drops", "achieved_rate",
+           "success_rate", "outcomes", "attempts", "amplification", "attempts_per_call",
+           "statuses", "errors", "latency_ms", "latency_ok_ms", "latency_failed_ms",
+           "attempt_latency_ms", "schedule_lag_ms", "windows", "start_error" },
+}
+for _, k in ipairs({ "latency_ms", "latency_ok_ms", "latency_failed_ms", "attempt_latency_ms",
+                     "schedule_lag_ms" }) do
+  JSON_ORDER[k] = FIGURES
+end
+
+--- The report as one line of JSON: keys in a stable order, numbers
+-- rounded (ms to the µs, rates to 3 decimals).
+function M.json(r)
+  return require("resilua.json").encode(r, JSON_ORDER) .. "\n"
+end
+
 --- The report as text for a terminal.
 function M.format(r)
   local out = {}
   local function say(fmt, ...) out[#out + 1] = fmt:format(...) end
+  local policy = (r.policy or "?") .. (r.policy_overrides and #r.policy_overrides > 0
+                  and (" (%s)"):format(table.concat(r.policy_overrides, " ")) or "")
   if r.mode == "open" then
-    say("resilua load %s: open loop, %g calls/s for %g s, policy %s", r.url, r.rate,
-        r.duration_s, r.policy or "?")
+    say("resilua load %s: open loop, %g calls/s for %g s", r.url, r.rate, r.duration_s)
   else
-    say("resilua load %s: closed loop, %d in flight for %g s, policy %s", r.url,
-        r.concurrency, r.duration_s, r.policy or "?")
+    say("resilua load %s: closed loop, %d in flight for %g s", r.url, r.concurrency,
+        r.duration_s)
   end
+  say("policy       %s", policy)
   say("calls        %d  (achieved %.1f/s%s)%s", r.calls, r.achieved_rate,
       r.rate and (", target %g/s"):format(r.rate) or "",
       r.drops > 0 and ("  drops %d (in-flight cap)"):format(r.drops) or "")
@@ -290,7 +326,9 @@ function M.format(r)
   if r.mode == "open" then
     say("(call latency counts from each call's intended start; start lag is how late it began)")
   end
-  if r.interrupted then say("interrupted: the figures cover what ran") end
+  if r.interrupted then
+    say("interrupted by %s after %.1f s: the figures cover what ran", r.interrupted, r.elapsed_s)
+  end
   return table.concat(out, "\n") .. "\n"
 end
 
