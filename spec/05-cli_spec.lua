@@ -1,6 +1,7 @@
 -- The `resilua` command (contract 4): help, version, usage errors naming
 -- the flag, exit codes, and `resilua run`.
 local helpers = require "helpers"
+local cjson = require "cjson"
 
 local function resilua(args, stdin)
   local argv = { helpers.bin }
@@ -44,6 +45,11 @@ describe("resilua", function()
     { { "run" }, "missing SCRIPT.lua" },
     { { "run", "/nonexistent.lua" }, "cannot open /nonexistent.lua" },
     { { "check" }, "no policy given" },
+    { { "call", "--timeout", "0", "http://127.0.0.1:1/" }, "%-%-timeout: expected a duration" },
+    { { "call", "--deadline", "2d", "http://127.0.0.1:1/" }, "%-%-deadline: expected a duration" },
+    { { "call", "--attempts", "x", "http://127.0.0.1:1/" }, "%-%-attempts: expected an integer" },
+    { { "batch", "--in", "/dev/null", "--out", "/tmp/x", "--attempts", "0", "http://127.0.0.1:1/" },
+      "%-%-attempts: expected an integer" },
   }
   for _, case in ipairs(usage_errors) do
     it(("exits 2 on `%s`"):format(table.concat(case[1], " ")), function()
@@ -67,6 +73,119 @@ describe("resilua", function()
     local r = resilua({ "call", "http://127.0.0.1:1/", "--quiet", "--policy=no-such-policy" })
     assert.equal(2, r.code)
     assert.matches("no%-such%-policy", r.stderr)
+  end)
+
+  describe("call", function()
+    local server
+    setup(function()
+      server = helpers.start_server([[
+        return function(req)
+          if req.path == "/down" then return { status = 503, body = "no newline" } end
+          if req.path == "/slow" then return { status = 200, body = "late", delay_ms = 3000 } end
+          if req.path == "/bin" then return { status = 200, body = "\0\255\254ab\n" } end
+          return { status = 200, headers = { ["X-Thing"] = "7" }, body = "hello" }
+        end]])
+    end)
+    teardown(function() server:stop() end)
+
+    it("is quiet by default; -v or --log show the event log", function()
+      local r = resilua({ "call", server.url .. "/ok" })
+      assert.equal(0, r.code)
+      assert.equal("hello", r.stdout)
+      assert.equal("", r.stderr)
+      r = resilua({ "call", "-v", server.url .. "/ok" })
+      assert.equal("hello", r.stdout)
+      assert.matches('"event":"attempt"', r.stderr)
+      assert.matches('"event":"call"', r.stderr)
+      r = resilua({ "call", "--log", "-", server.url .. "/ok" })
+      assert.matches('"event":"call"', r.stderr)
+    end)
+
+    it("keeps a body without a final newline apart from the error line", function()
+      local r = helpers.run(helpers.command({ helpers.bin, "call", "--policy", "no-retry",
+                                              server.url .. "/down" }) .. " 2>&1")
+      assert.equal(4, r.code)
+      assert.equal(1, r.stdout:find("no newline\nresilua call: gave_up: ", 1, true), r.stdout)
+      -- stdout alone carries the body's bytes and nothing else.
+      r = resilua({ "call", "--policy", "no-retry", server.url .. "/down" })
+      assert.equal("no newline", r.stdout)
+    end)
+
+    it("-o writes the body to a file, byte for byte; a bad path sends nothing", function()
+      local dir = helpers.tmpdir()
+      local r = resilua({ "call", "-o", dir .. "/body", server.url .. "/bin" })
+      assert.equal(0, r.code, r.stderr)
+      assert.equal("", r.stdout)
+      assert.equal("\0\255\254ab\n", helpers.read_file(dir .. "/body"))
+      local before = cjson.decode(helpers.curl(server.url .. "/_stats").body).requests
+      for _, bad in ipairs({ dir, "/nonexistent/dir/body" }) do
+        r = resilua({ "call", "-o", bad, server.url .. "/ok" })
+        assert.equal(2, r.code)
+        assert.matches("%-o: ", r.stderr)
+      end
+      assert.equal(before, cjson.decode(helpers.curl(server.url .. "/_stats").body).requests)
+      r = resilua({ "call", "-o", "/dev/full", server.url .. "/ok" })
+      assert.equal(2, r.code)
+      assert.matches("cannot write", r.stderr)
+    end)
+
+    it("-i writes the status and headers before the body", function()
+      local r = resilua({ "call", "-i", server.url .. "/ok" })
+      assert.equal(0, r.code)
+      assert.matches("^HTTP 200\r\n", r.stdout)
+      assert.matches("\r\nx%-thing: 7\r\n", r.stdout)
+      assert.matches("\r\n\r\nhello$", r.stdout)
+    end)
+
+    it("--json writes one result object, also for a failed call", function()
+      local r = resilua({ "call", "--json", server.url .. "/ok" })
+      assert.equal(0, r.code)
+      local o = cjson.decode(r.stdout)
+      assert.same({ "ok", 200, 1, "hello", "7", "default" },
+                  { o.outcome, o.status, o.attempts, o.body, o.headers["x-thing"], o.policy })
+      assert.matches('^{"outcome":"ok","status":200,"attempts":1,', r.stdout)
+      r = resilua({ "call", "--json", "--attempts", "2", "--no-budget", "--no-breaker",
+                    server.url .. "/down" })
+      assert.equal(4, r.code)
+      o = cjson.decode(r.stdout)
+      assert.same({ "gave_up", 503, 2 }, { o.outcome, o.status, o.attempts })
+      -- Bytes that are not UTF-8 come base64-encoded, exactly.
+      o = cjson.decode(resilua({ "call", "--json", server.url .. "/bin" }).stdout)
+      assert.is_nil(o.body)
+      assert.equal("AP/+YWIK", o.body_base64)
+    end)
+
+    it("batch takes the same overrides", function()
+      local dir = helpers.tmpdir()
+      local input = helpers.write_file(dir .. "/in.jsonl", '{"id": 1}\n{"id": 2}\n')
+      local r = resilua({ "batch", "--quiet", "--no-ledger", "--in", input, "--out", dir .. "/out.jsonl",
+                          "--attempts", "3", "--no-budget", "--no-breaker", "--timeout", "1s",
+                          server.url .. "/down" })
+      assert.equal(6, r.code, r.stderr)
+      for line in helpers.read_file(dir .. "/out.jsonl"):gmatch("[^\n]+") do
+        local o = cjson.decode(line)
+        assert.same({ "gave_up", 3 }, { o.outcome, o.attempts })
+      end
+    end)
+
+    it("--timeout, --attempts and --deadline override the policy", function()
+      local r = resilua({ "call", "--json", "--timeout", "200ms", "--attempts", "1",
+                          server.url .. "/slow" })
+      assert.equal(4, r.code)
+      local o = cjson.decode(r.stdout)
+      assert.same({ "timeout", 1 }, { o.error, o.attempts })
+      assert.is_true(o.elapsed_ms < 2500, o.elapsed_ms)
+      r = resilua({ "call", "--json", "--timeout", "200ms", "--attempts", "10",
+                    "--deadline", "500ms", server.url .. "/slow" })
+      o = cjson.decode(r.stdout)
+      assert.equal("deadline", o.outcome)
+      assert.is_true(o.attempts >= 1 and o.attempts <= 3, o.attempts)
+      -- A timeout longer than the policy's deadline lifts the deadline.
+      r = resilua({ "call", "--json", "--policy", "no-retry", "--timeout", "5s",
+                    server.url .. "/slow" })
+      assert.equal(0, r.code, r.stdout)
+      assert.equal("late", cjson.decode(r.stdout).body)
+    end)
   end)
 
   describe("run", function()

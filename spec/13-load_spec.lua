@@ -165,7 +165,8 @@ describe("resilua load", function()
       -- gRPC throttling: each failure costs a token, each success earns 0.1,
       -- so at 30 % failures the bucket drains and retries stop.
       local r = load_json({ "--rate", "100", "--duration", "2s", "-X", "POST", "-d", "{}",
-                            flaky.url })
+                            "--policy", "default", flaky.url })
+      assert.are.equal("default", r.policy)
       assert.are.equal(200, r.calls)
       assert.is_true(r.amplification > 1, "amplification " .. r.amplification)
       assert.is_true(r.outcomes.ok > 100)
@@ -214,6 +215,96 @@ describe("resilua load", function()
     assert.is_true(stats.connections <= 2, stats.connections)
   end)
 
+  describe("against an upstream that always fails", function()
+    local down
+    setup(function()
+      down = helpers.start_server("return function() return { status = 503 } end")
+    end)
+    teardown(function() down:stop() end)
+
+    it("sends every call by default (no-retry), and says which policy ran", function()
+      -- The default policy's breaker would fail almost every call fast.
+      local r = load_json({ "--rate", "100", "--duration", "1", down.url })
+      assert.are.equal("no-retry", r.policy)
+      assert.are.equal(100, r.calls)
+      assert.are.equal(100, r.statuses["503"])
+      assert.are.equal(100, r.attempts)
+      local text = load({ "--rate", "20", "--duration", "0.5", down.url })
+      assert.matches("\npolicy +no%-retry\n", text.stdout)
+      -- The default policy opens its breaker: most calls send nothing.
+      local d = load_json({ "--rate", "100", "--duration", "1", "--policy", "default", down.url })
+      assert.is_true(d.outcomes.breaker_open > 50, d.outcomes.breaker_open)
+    end)
+
+    it("--attempts, --no-breaker and --no-budget override the policy for the run", function()
+      local r = load_json({ "--rate", "20", "--duration", "1", "--policy", "default",
+                            "--attempts", "2", "--no-breaker", "--no-budget", down.url })
+      assert.same({ "--attempts 2", "--no-breaker", "--no-budget" }, r.policy_overrides)
+      -- Every call made its 2 attempts: no breaker failed one fast, no
+      -- budget refused a retry.
+      assert.are.equal(20, r.calls)
+      assert.same({ ["2"] = 20 }, r.attempts_per_call)
+      assert.same({ gave_up = 20 }, r.outcomes)
+      local text = load({ "--rate", "20", "--duration", "0.5", "--attempts", "2", down.url })
+      assert.matches("policy +no%-retry %(%-%-attempts 2%)", text.stdout)
+    end)
+  end)
+
+  it("--timeout and --deadline cut a slow upstream's calls", function()
+    local slow = helpers.start_server([[
+      return function() return { status = 200, body = "late", delay_ms = 5000 } end]])
+    local r = load_json({ "--concurrency", "2", "--duration", "0.2", "--timeout", "100ms",
+                          slow.url })
+    assert.is_true(r.calls >= 2, r.calls)
+    assert.are.equal(r.calls, r.errors.timeout)
+    local d = load_json({ "--concurrency", "2", "--duration", "0.2", "--policy", "default",
+                          "--no-breaker", "--no-budget", "--timeout", "100ms",
+                          "--deadline", "250ms", slow.url })
+    slow:stop()
+    -- Tries of 100 ms inside 250 ms: the deadline ends each call.
+    assert.are.equal(d.calls, (d.outcomes.deadline or 0) + (d.outcomes.gave_up or 0))
+    assert.is_true(d.latency_ms.max < 4000, d.latency_ms.max)
+  end)
+
+  it("on a signal: the summary of what ran, its rate over the time it ran, exit 1", function()
+    for _, sig in ipairs({ "INT", "HUP", "TERM" }) do
+      local p = helpers.spawn({ helpers.bin, "load", "--json", "--rate", "100", "--duration", "60s",
+                                stub.url })
+      -- Once calls reach the upstream, however slowly the process started.
+      assert.truthy(helpers.wait_until(function()
+        return (cjson.decode(helpers.curl(stub.url .. "/_stats").body).requests or 0) > 0
+          and not p:signal(sig) and true
+      end, 30))
+      assert.are.equal(1, p:wait(30), p:stderr())
+      local r = cjson.decode(p:stdout())
+      assert.are.equal("SIG" .. sig, r.interrupted)
+      assert.is_true(r.calls > 0 and r.calls < 6000, r.calls)
+      -- The rate is the calls over the time it ran, not over the 60 s asked.
+      assert.is_true(r.elapsed_s < 50, r.elapsed_s)
+      assert.is_true(math.abs(r.achieved_rate - r.calls / r.elapsed_s) < 0.25 * r.achieved_rate,
+                     ("achieved %s, %d calls in %s s"):format(r.achieved_rate, r.calls, r.elapsed_s))
+    end
+  end)
+
+  it("--json: keys in a stable order, numbers rounded", function()
+    local r = load({ "--json", "--rate", "50", "--duration", "0.2", stub.url })
+    assert.are.equal(0, r.code, r.stderr)
+    local keys = {}
+    for k in r.stdout:gmatch('"([%w_]+)":') do keys[#keys + 1] = k end
+    local pos = {}
+    for i, k in ipairs(keys) do pos[k] = pos[k] or i end
+    for _, pair in ipairs({ { "url", "policy" }, { "policy", "mode" }, { "mode", "calls" },
+                            { "calls", "achieved_rate" }, { "latency_ms", "latency_ok_ms" },
+                            { "p50", "p90" }, { "p99", "p999" }, { "p999", "max" } }) do
+      assert.is_true(pos[pair[1]] < pos[pair[2]], pair[1] .. " before " .. pair[2])
+    end
+    assert.are.equal(1, r.stdout:find('{"url":', 1, true))
+    -- Numbers >= 1 to 3 decimals at most; below 1, 4 significant digits.
+    assert.is_nil(r.stdout:find("[:,%[][1-9]%d*%.%d%d%d%d"), r.stdout)
+    assert.is_nil(r.stdout:find("[:,%[]0%.0*[1-9]%d%d%d%d"), r.stdout)
+    assert.are.equal(10, cjson.decode(r.stdout).calls)
+  end)
+
   describe("usage errors exit 2 and name the flag", function()
     for _, case in ipairs({
       { { "--rate", "0", "http://x" }, "%-%-rate" },
@@ -228,6 +319,11 @@ describe("resilua load", function()
       { { "--rate", "10", "-H", "nocolon", "http://x" }, "%-H" },
       { { "--rate", "10", "--policy", "no-such-policy", "http://x" }, "%-%-policy" },
       { { "--rate", "10" }, "URL" },
+      { { "--rate", "10", "--timeout", "soon", "http://x" }, "%-%-timeout" },
+      { { "--rate", "10", "--deadline", "-1", "http://x" }, "%-%-deadline" },
+      { { "--rate", "10", "--attempts", "0", "http://x" }, "%-%-attempts" },
+      { { "--rate", "10", "--attempts", "101", "http://x" }, "%-%-attempts" },
+      { { "--rate", "10", "--no-budget=1", "http://x" }, "%-%-no%-budget" },
     }) do
       it(table.concat(case[1], " "), function()
         local r = load(case[1])
