@@ -274,7 +274,8 @@ describe("resilua.report", function()
                          "no chart " .. id)
       assert.matches("<svg", fig, 1, true)
       assert.are.equal(2, count(fig, 'class="phase%-band"'), id)
-      for _, name in ipairs(names) do
+      -- The offered load is the same schedule for all: one line.
+      for _, name in ipairs(id == "offered" and { "all policies" } or names) do
         local series = assert(element(fig, '<g class="series"' .. attr("data-policy", name), "g"),
                               ("%s: no series for %s"):format(id, name))
         local points = tonumber(series:match('data%-points="(%d+)"'))
@@ -332,6 +333,45 @@ describe("resilua.report", function()
     assert.are.equal(2400, h)
     -- A blank page of this size is about 14 kB; this one is mostly charts.
     assert.is_true(size > 150000, "screenshot of " .. size .. " bytes")
+  end)
+
+  it("labels every phase, marks the drain, draws the SLO line and a shared line once", function()
+    assert(have_chromium, "chromium is missing: run tools/deps.sh")
+    local dir, r = helpers.tmpdir(), outage_report()
+    -- A phase too narrow for its name across, and an SLO on p95.
+    table.insert(r.phases, 1, { name = "blip", from_s = 3, to_s = 3.4, description = "resets" })
+    r.slo.p95_ms = 800
+    -- Two windows after the 30 s run: the calls in flight ending.
+    for _, p in ipairs(r.policies) do
+      local counts = { offered = true, attempts = true, upstream_arrivals = true,
+                       upstream_queue = true, budget_exhausted = true }
+      for k, a in pairs(p.windows) do
+        for _ = 1, 2 do
+          a[#a + 1] = (k == "t" and #a) or (k == "breaker" and "closed") or (counts[k] and 0)
+                      or null
+        end
+      end
+    end
+    -- One policy's offered load differs: two lines, one of them shared.
+    r.policies[3].windows.offered[5] = 151
+    local dom = dump_dom(dir, assert(report.write(r, dir)))
+    for _, id in ipairs({ "offered", "success", "latency-p95" }) do
+      local fig = assert(element(dom, '<figure class="chart" id="chart-' .. id .. '"', "figure"))
+      for _, name in ipairs({ "blip", "outage", "capacity drop" }) do
+        local band = assert(element(fig, '<g class="phase"' .. attr("data-phase", name), "g"), name)
+        assert.matches('<text class="phase%-label"[^>]*>' .. name .. "</text>", band)
+      end
+      local drain = assert(element(fig, '<g class="drain"', "g"), id .. ": no drain")
+      assert.matches(">drain</text>", drain)
+      assert.are.equal(id == "latency-p95" and 1 or 0, count(fig, 'class="slo%-line"'), id)
+    end
+    local offered = element(dom, '<figure class="chart" id="chart-offered"', "figure")
+    assert.are.equal(2, count(offered, '<g class="series"'))
+    assert.truthy(element(offered, '<g class="series"' .. attr("data-policy", "no-retry, naive-retry"), "g"))
+    assert.truthy(element(offered, '<g class="series"' .. attr("data-policy", "budget+breaker"), "g"))
+    assert.matches("SLO p95 &lt; 800 ms", dom, 1, true)
+    local breaker = element(dom, '<figure class="chart" id="chart-breaker"', "figure")
+    assert.are.equal(3, count(breaker, 'class="drain%-band"'))
   end)
 
   it("renders a report with one policy, no phases and no calls", function()

@@ -215,6 +215,7 @@ local function slo_of(slo)
     return not slo.success or f.success_rate >= slo.success
   end
   return { description = table.concat(parts, " and "), met = met,
+           p50_ms = slo.p50_ms, p95_ms = slo.p95_ms, p99_ms = slo.p99_ms, success = slo.success,
            from_s = slo.from_s or 0, to_s = slo.to_s or math.huge,
            windows_ok = slo.windows_ok or 1 }
 end
@@ -754,7 +755,9 @@ function M.run(x)
                            or ("%d in flight (closed loop)"):format(x.load.concurrency) },
     upstream = { description = x.upstream and describe_upstream(x.upstream) or x.url },
     phases = run.phases,
-    slo = run.slo and { description = run.slo.description } or nil,
+    slo = run.slo and { description = run.slo.description, p50_ms = run.slo.p50_ms,
+                        p95_ms = run.slo.p95_ms, p99_ms = run.slo.p99_ms,
+                        success = run.slo.success } or nil,
     policies = {},
   }
   for _, lane in ipairs(lanes) do

@@ -28,6 +28,8 @@ local DASHES = { "", "7 4", "2 3" }
 local BREAKER_FILL = { open = "#d62728", half_open = "#f2a93b" }
 local PHASE_FILL = "#8c8c8c"
 local SLO_MISSED_FILL = "#6a3d9a"
+local DRAIN_FILL = "#e6e6e6"
+local MERGED_COLOUR = "#444444" -- one line standing for several policies
 
 -- Chart geometry in SVG user units (the SVG scales to the page width).
 local CHART_W = 960
@@ -394,6 +396,19 @@ local function policy_legend(policies)
   return entries
 end
 
+-- A band's name: across its top where it fits, else upright along its
+-- left edge (a narrow band still says what it is).
+local function label_band(add, name, x0, x1, top, bottom)
+  if width(name) * 6.2 + 6 <= x1 - x0 then
+    add('<text class="phase-label" x="%.1f" y="%.1f">%s</text>', x0 + 3, top + 12, esc(name))
+  else
+    local x, y = x0 + 11, top + 4
+    add('<text class="phase-label" x="%.1f" y="%.1f" text-anchor="end" '
+        .. 'transform="rotate(-90 %.1f %.1f)">%s</text>', x, y, x, y, esc(cut(name, math.floor(
+        (bottom - top - 8) / 6.2))))
+  end
+end
+
 -- The time frame every chart shares: its end, and x of a time.
 local function time_frame(r, policies, phases)
   local t_end = duration_of(r)
@@ -403,10 +418,28 @@ local function time_frame(r, policies, phases)
   for _, ph in ipairs(phases) do t_end = math.max(t_end, ph.to or ph.from) end
   if t_end <= 0 then t_end = window_s(r) end -- nothing ran: one empty window
   local plot_w = CHART_W - PLOT_LEFT - PLOT_RIGHT
-  return { t_end = t_end, x = function(t) return PLOT_LEFT + t / t_end * plot_w end }
+  local duration = duration_of(r)
+  return { t_end = t_end, x = function(t) return PLOT_LEFT + t / t_end * plot_w end,
+           drain_from = duration > 0 and t_end > duration + 1e-9 and duration or nil }
 end
 
--- Shaded fault phases over [top, bottom], named where the name fits.  A
+-- After the run's duration no call starts: the windows there only hold
+-- calls that were in flight (the drain).  Greyed and labelled, so a
+-- chart's tail is not read as load.
+local function draw_drain(add, frame, top, bottom, labelled)
+  if not frame.drain_from then return end
+  local x0, x1 = frame.x(frame.drain_from), frame.x(frame.t_end)
+  add('<g class="drain"><title>drain: no call starts after %ss; the calls in flight end</title>',
+      fmt_tick(frame.drain_from))
+  add('<rect class="drain-band" x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s" '
+      .. 'fill-opacity="0.5"/>', x0, top, math.max(x1 - x0, 1), bottom - top, DRAIN_FILL)
+  add('<line class="drain-mark" x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="#777" '
+      .. 'stroke-dasharray="2 2"/>', x0, top, x0, bottom)
+  if labelled then label_band(add, "drain", x0, x1, top, bottom) end
+  add('</g>')
+end
+
+-- Shaded fault phases over [top, bottom], each named.  A
 -- phase without a fault (`fault = false`: a stretch the summary looks at,
 -- such as the recovery) is only a dashed line where it starts.
 local function draw_phases(add, frame, phases, top, bottom, labelled)
@@ -421,9 +454,7 @@ local function draw_phases(add, frame, phases, top, bottom, labelled)
       add('<line class="phase-mark" x1="%.1f" y1="%.1f" x2="%.1f" y2="%.1f" stroke="%s" '
           .. 'stroke-dasharray="4 3"/>', x0, top, x0, bottom, PHASE_FILL)
     end
-    if labelled and width(ph.name) * 6.2 + 6 <= x1 - x0 then
-      add('<text class="phase-label" x="%.1f" y="%.1f">%s</text>', x0 + 3, top + 12, esc(ph.name))
-    end
+    if labelled then label_band(add, ph.name, x0, x1, top, bottom) end
     add('</g>')
   end
 end
@@ -541,12 +572,56 @@ local function line_chart(c, policies, series, x, draw_x_axis, under)
   draw_y_axis(add, c, scale, y, top, bottom)
   draw_x_axis(add, bottom)
   draw_series(add, policies, series, x, y, top, bottom)
+  if c.slo_ms then
+    local sy = y(c.slo_ms)
+    add('<g class="slo-line"><title>SLO: %s</title>', esc(c.slo_text))
+    add('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="%s" stroke-width="1.5" '
+        .. 'stroke-dasharray="6 4"/>', PLOT_LEFT, sy, CHART_W - PLOT_RIGHT, sy, SLO_MISSED_FILL)
+    add('<text class="phase-label" x="%d" y="%.1f" text-anchor="end" fill="%s">SLO %s</text>',
+        CHART_W - PLOT_RIGHT - 4, sy - 4, SLO_MISSED_FILL, esc(c.slo_text))
+    add('</g>')
+  end
   add('</svg>')
   return table.concat(parts, "\n")
 end
 
 -- A time chart: one line per policy of the values `get(policy, i)` returns
 -- (nil for a gap), over the shared time frame and the phases.
+-- Policies whose series are the same point for point are drawn once,
+-- as one line named after all of them ("all policies" when every one is):
+-- lines drawn over each other show only the last colour.
+local function merge_identical(policies, series)
+  local keys, groups, order = {}, {}, {}
+  for k, points in ipairs(series) do
+    -- Lanes drain for different times: trailing empty windows do not count.
+    local last = #points
+    while last > 0 and (points[last].v or 0) == 0 do last = last - 1 end
+    local parts = {}
+    for i = 1, last do parts[i] = ("%s:%s"):format(points[i].x, points[i].v) end
+    local key = table.concat(parts, " ")
+    if not groups[key] then
+      groups[key] = {}
+      order[#order + 1] = key
+      keys[key] = k
+    end
+    table.insert(groups[key], policies[k])
+    if #points > #series[keys[key]] then keys[key] = k end -- the longest stands for all
+  end
+  if #order == #policies then return policies, series end
+  local merged, merged_series = {}, {}
+  for _, key in ipairs(order) do
+    local members, first = groups[key], policies[keys[key]]
+    local names = {}
+    for i, p in ipairs(members) do names[i] = p.name end
+    merged[#merged + 1] = { name = #members == #policies and "all policies"
+                                   or table.concat(names, ", "),
+                            colour = #members > 1 and MERGED_COLOUR or first.colour,
+                            dash = #members > 1 and "" or first.dash, n = first.n }
+    merged_series[#merged_series + 1] = series[keys[key]]
+  end
+  return merged, merged_series
+end
+
 local function time_chart(r, c, frame, phases, policies)
   local series = {}
   for k, p in ipairs(policies) do
@@ -558,9 +633,13 @@ local function time_chart(r, c, frame, phases, policies)
     end
     series[k] = points
   end
+  if c.merge_identical and #policies > 1 then policies, series = merge_identical(policies, series) end
   return line_chart(c, policies, series, frame.x,
                     function(add, bottom) draw_time_axis(add, frame, bottom) end,
-                    function(add, top, bottom) draw_phases(add, frame, phases, top, bottom, true) end)
+                    function(add, top, bottom)
+                      draw_phases(add, frame, phases, top, bottom, true)
+                      draw_drain(add, frame, top, bottom, true)
+                    end)
 end
 
 -- The latency distribution over the whole run: x is the percentile on a
@@ -629,6 +708,9 @@ local function breaker_chart(r, frame, phases, policies)
   if any_slo then
     legend[#legend + 1] = { name = "window missed the SLO", fill = SLO_MISSED_FILL }
   end
+  if frame.drain_from then
+    legend[#legend + 1] = { name = "drain (no new calls)", fill = DRAIN_FILL, opacity = 0.5 }
+  end
   local placed, legend_h = legend_layout(legend)
   local height = legend_h + #policies * BREAKER_ROW_H + PLOT_BOTTOM
   local parts, add = buffer()
@@ -645,6 +727,7 @@ local function breaker_chart(r, frame, phases, policies)
     add('<rect class="strip" x="%d" y="%.1f" width="%d" height="%.1f"/>', x0, top, x1 - x0,
         bottom - top)
     draw_phases(add, frame, phases, top, bottom, false)
+    draw_drain(add, frame, top, bottom, false)
     local states = tbl(p.windows.breaker)
     local shaded = 0
     if states then
@@ -684,7 +767,7 @@ local function breaker_chart(r, frame, phases, policies)
 end
 
 -- The time charts this report has data for, in reading order.
-local function chart_list(policies)
+local function chart_list(r, policies)
   local function has(key)
     for _, p in ipairs(policies) do
       if tbl(p.windows[key]) then return true end
@@ -699,7 +782,9 @@ local function chart_list(policies)
   end
   local charts = {
     { id = "offered", title = "Offered load", unit = "calls/s", get = field("offered"),
-      note = "Calls started per second: the same schedule for every policy." },
+      merge_identical = true,
+      note = "Calls due per second on the schedule (open loop; the same for every policy, so"
+        .. " drawn once), or started (closed loop)." },
   }
   if has("upstream_arrivals") then
     charts[#charts + 1] = {
@@ -741,11 +826,23 @@ local function chart_list(policies)
       end
     end
   end
+  -- An SLO on a percentile is a line on its chart, inside the scale.
+  local slo = tbl(r.slo) or {}
   for _, key in ipairs({ "p50", "p95", "p99" }) do
+    local limit = num(slo[key .. "_ms"])
+    if limit and limit > 0 and lat_min then
+      lat_min, lat_max = math.min(lat_min, limit), math.max(lat_max, limit)
+    end
+  end
+  for _, key in ipairs({ "p50", "p95", "p99" }) do
+    local limit = num(slo[key .. "_ms"])
+    if not (limit and limit > 0) then limit = nil end
     charts[#charts + 1] = {
       id = "latency-" .. key, title = ("Call latency, %s"):format(key), unit = "ms (log scale)",
       scale = "log", log_min = lat_min, log_max = lat_max, tick = fmt_ms_tick, get = field(key),
-      note = ("The %s of the latencies of calls that ended in each window."):format(key) }
+      slo_ms = limit, slo_text = limit and ("%s < %s ms"):format(key, fmt_tick(limit)),
+      note = ("The %s of the latencies of calls that ended in each window%s."):format(key,
+        limit and (", and the SLO's %s < %s ms (dashed)"):format(key, fmt_tick(limit)) or "") }
   end
   if has("budget_exhausted") then
     charts[#charts + 1] = {
@@ -941,7 +1038,7 @@ function M.html(r)
   add('</section>')
 
   add('<section id="charts"><h2>Over time</h2>')
-  for _, c in ipairs(chart_list(policies)) do
+  for _, c in ipairs(chart_list(r, policies)) do
     add('<figure class="chart" id="chart-%s"><figcaption><h3>%s</h3><p>%s</p></figcaption>',
         c.id, esc(c.title), esc(c.note))
     add('%s</figure>', time_chart(r, c, frame, phases, policies))
