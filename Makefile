@@ -104,21 +104,27 @@ bench:
 	$(Q)$(BIN) run bench/peers.lua
 
 # The main job: four policies through an outage and a capacity drop.
-demo: deps
-	$(Q)$(MAKE) --no-print-directory all
+# tools/deps.sh (apt-get) runs only when the build or cjson is missing.
+NEED_DEPS = ! $(MAKE) --no-print-directory all >/dev/null 2>&1 || \
+            ! $(LUA) -e 'require "cjson"' >/dev/null 2>&1
+demo:
+	$(Q)if $(NEED_DEPS); then tools/deps.sh && $(MAKE) --no-print-directory all; fi
 	$(Q)$(BIN) run experiments/outage.lua
 
-demo-call: deps
-	$(Q)$(MAKE) --no-print-directory all
+demo-call:
+	$(Q)if $(NEED_DEPS); then tools/deps.sh && $(MAKE) --no-print-directory all; fi
 	$(Q)sh tools/demo-call.sh $(BIN)
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/lua/5.4/resilua \
-	  $(DESTDIR)$(PREFIX)/share/lua/5.4/resilua $(DESTDIR)$(PREFIX)/share/resilua/policies
+	  $(DESTDIR)$(PREFIX)/share/lua/5.4/resilua $(DESTDIR)$(PREFIX)/share/resilua/policies \
+	  $(DESTDIR)$(PREFIX)/share/resilua/examples $(DESTDIR)$(PREFIX)/share/resilua/experiments
 	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/resilua
 	install -m 644 $(CORE_SO) $(DESTDIR)$(PREFIX)/lib/lua/5.4/resilua/core.so
 	install -m 644 $(LUA_SRC) $(DESTDIR)$(PREFIX)/share/lua/5.4/resilua/
 	install -m 644 policies/*.lua $(DESTDIR)$(PREFIX)/share/resilua/policies/
+	install -m 644 examples/*.lua $(DESTDIR)$(PREFIX)/share/resilua/examples/
+	install -m 644 experiments/*.lua $(DESTDIR)$(PREFIX)/share/resilua/experiments/
 
 uninstall:
 	rm -f $(DESTDIR)$(PREFIX)/bin/resilua $(DESTDIR)$(PREFIX)/lib/lua/5.4/resilua/core.so
@@ -137,6 +143,7 @@ help:
 	@echo "make demo     experiments/outage.lua: 4 policies through an outage; report.html"
 	@echo "make demo-call  flaky upstream + a call that succeeds after retries"
 	@echo "make bench    decide round trip, calls/s, RSS; resilua load vs wrk and hey"
-	@echo "make install  PREFIX=$(PREFIX) DESTDIR=..."
+	@echo "make install  PREFIX=$(PREFIX) DESTDIR=...: the binary, the Lua module, the policies,"
+	@echo "              examples and experiments (PREFIX/share/resilua)"
 
 -include $(wildcard $(BUILD)/obj/*.d)

@@ -236,8 +236,16 @@ describe("make install", function()
     local out = helpers.run(("cd / && %s check default"):format(helpers.quote(bin)))
     assert.equal(0, out.code, out.stderr)
     assert.truthy(out.stdout:find(dest .. "/opt/rsl/bin/../share/resilua/policies/default.lua", 1, true))
-    for _, f in ipairs({ "/opt/rsl/lib/lua/5.4/resilua/core.so", "/opt/rsl/share/lua/5.4/resilua/init.lua" }) do
+    for _, f in ipairs({ "/opt/rsl/lib/lua/5.4/resilua/core.so", "/opt/rsl/share/lua/5.4/resilua/init.lua",
+                         "/opt/rsl/share/resilua/examples/flaky.lua",
+                         "/opt/rsl/share/resilua/experiments/outage.lua",
+                         "/opt/rsl/share/resilua/experiments/sla.lua" }) do
       assert.truthy(helpers.read_file(dest .. f), f)
     end
+    -- An installed experiment runs from anywhere with the installed binary.
+    local exp = helpers.run(("cd / && %s run %s --help"):format(helpers.quote(bin),
+      helpers.quote(dest .. "/opt/rsl/share/resilua/experiments/outage.lua")))
+    assert.equal(0, exp.code, exp.stderr)
+    assert.matches("usage: resilua run EXPERIMENT.lua", exp.stdout)
   end)
 end)
