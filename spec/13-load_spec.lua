@@ -267,14 +267,16 @@ describe("resilua load", function()
   end)
 
   it("on a signal: the summary of what ran, its rate over the time it ran, exit 1", function()
+    local function requests()
+      return cjson.decode(helpers.curl(stub.url .. "/_stats").body).requests or 0
+    end
     for _, sig in ipairs({ "INT", "HUP", "TERM" }) do
+      local before = requests()
       local p = helpers.spawn({ helpers.bin, "load", "--json", "--rate", "100", "--duration", "60s",
                                 stub.url })
-      -- Once calls reach the upstream, however slowly the process started.
-      assert.truthy(helpers.wait_until(function()
-        return (cjson.decode(helpers.curl(stub.url .. "/_stats").body).requests or 0) > 0
-          and not p:signal(sig) and true
-      end, 30))
+      -- Once its calls reach the upstream, however slowly the process started.
+      assert.truthy(helpers.wait_until(function() return requests() > before end, 30))
+      p:signal(sig)
       assert.are.equal(1, p:wait(30), p:stderr())
       local r = cjson.decode(p:stdout())
       assert.are.equal("SIG" .. sig, r.interrupted)

@@ -31,6 +31,14 @@ local function policy_named(rep, name)
   error("no policy " .. name)
 end
 
+-- The windows of the run's duration: lanes drain for different times, so
+-- the windows after it (no call starts there) may number differently.
+local function within(list, duration_s)
+  local out = {}
+  for i = 1, math.ceil(duration_s) do out[i] = list[i] end
+  return out
+end
+
 local function sum(list, from, to)
   local s = 0
   for i = from or 1, to or #list do s = s + list[i] end
@@ -65,7 +73,7 @@ describe("resilua.experiment", function()
     assert.are.equal(2, #rep.policies)
     -- The same seed gives both lanes the same schedule.
     assert.are.equal(none.summary.calls, naive.summary.calls)
-    assert.same(none.windows.offered, naive.windows.offered)
+    assert.same(within(none.windows.offered, 3), within(naive.windows.offered, 3))
     assert.is_true(none.summary.calls > 200 and none.summary.calls < 400, none.summary.calls)
     -- The outage: no retry fails about a third of the calls, once each;
     -- naive retry sends three attempts for each call that met it.  A phase
@@ -106,9 +114,9 @@ describe("resilua.experiment", function()
     local _, c = experiment(src, { "--seed", "12" })
     local pa, pb, pc = a.policies[1], b.policies[1], c.policies[1]
     assert.are.equal(11, a.seed)
-    assert.same(pa.windows.offered, pb.windows.offered)
+    assert.same(within(pa.windows.offered, 1.5), within(pb.windows.offered, 1.5))
     assert.same(pa.summary.statuses, pb.summary.statuses)
-    assert.are_not.same(pa.windows.offered, pc.windows.offered)
+    assert.are_not.same(within(pa.windows.offered, 1.5), within(pc.windows.offered, 1.5))
     assert.is_true(pa.summary.statuses["500"] > 0)
   end)
 
