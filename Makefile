@@ -58,7 +58,7 @@ $(BIN): $(CORE_OBJ) $(BUILD)/obj/main.o $(BUILD)/obj/embedded_lua.o
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(CORE_SO): $(CORE_OBJ)
+$(CORE_SO): $(CORE_OBJ) $(BUILD)/obj/embedded_lua.o
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
 	$(Q)$(CC) -shared $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs libcurl) -lhttp_parser -lm

@@ -416,6 +416,10 @@ static int core_isatty(lua_State *L) {
 
 static int core_policy(lua_State *L) { return rsl_policy_push_new(L, 1); }
 
+static int core_policy_load(lua_State *L) {
+  return rsl_policy_push_loaded(L, &rsl_core_runtime(L)->prng);
+}
+
 typedef struct client_box {
   rsl_client *c;
 } client_box;
@@ -774,6 +778,8 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"fsync", core_fsync},
     {"isatty", core_isatty},
     {"policy", core_policy},
+    {"policy_load", core_policy_load},
+    {"policy_names", rsl_policy_names_lua},
     {"client", core_client},
     {"call", core_call},
     {"decide", core_decide},

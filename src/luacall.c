@@ -1,31 +1,83 @@
 /*
- * luacall — protected calls into user Lua with a traceback and an
- * instruction limit.  See luacall.h.
+ * luacall — protected calls into user Lua with a traceback, an instruction
+ * limit and a CPU-time limit.  See luacall.h.
  */
 #include "luacall.h"
 
 #include <lauxlib.h>
+#include <time.h>
 
 #define HOOK_EVERY_INSTRUCTIONS 1000
 
-/* The running limit lives in the registry under the address of this
- * variable, so nested calls (a handler that makes a call that runs a
- * policy) each keep their own and restore the outer one. */
+/* The running call's limits.  The registry holds a pointer to the
+ * innermost one under the address of limit_key, so nested calls (a handler
+ * that makes a call that runs a policy) each keep their own and restore the
+ * outer one.  No pointer: code runs outside any limited call. */
+typedef struct call_limit {
+  lua_Integer left;   /* instructions; <= 0: tripped */
+  double deadline_ms; /* on rsl_luacall_cpu_ms(); 0: none */
+  int limited;        /* 0: an unlimited call (scripts) */
+} call_limit;
+
 static char limit_key;
 
-static void count_hook(lua_State *L, lua_Debug *ar) {
+double rsl_luacall_cpu_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+static call_limit *current_limit(lua_State *L) {
   lua_rawgetp(L, LUA_REGISTRYINDEX, &limit_key);
-  lua_Integer left = lua_tointeger(L, -1) - HOOK_EVERY_INSTRUCTIONS;
+  call_limit *lim = lua_touserdata(L, -1);
   lua_pop(L, 1);
-  lua_pushinteger(L, left);
-  lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
-  if (left > 0) return;
+  return lim;
+}
+
+/* Raises the limit error at the running Lua code's position. */
+static int limit_error(lua_State *L, const char *what) {
   /* From now on fire on every instruction: a pcall in user code that
    * catches this error gets another one at its next instruction. */
+  lua_sethook(L, lua_gethook(L), LUA_MASKCOUNT, 1);
+  lua_Debug ar;
+  for (int level = 0; lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Sl", &ar);
+    if (ar.currentline > 0)
+      return luaL_error(L, "%s:%d: %s", ar.short_src, ar.currentline, what);
+  }
+  return luaL_error(L, "%s", what);
+}
+
+static const char *over(const call_limit *lim) {
+  if (lim->left <= 0) return "instruction limit exceeded (a runaway loop?)";
+  if (lim->deadline_ms > 0 && rsl_luacall_cpu_ms() > lim->deadline_ms) {
+    return "time limit exceeded (a runaway loop or a costly library call?)";
+  }
+  return NULL;
+}
+
+static void count_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  call_limit *lim = current_limit(L);
+  if (!lim) {
+    limit_error(L, "code ran outside a limited call");
+    return;
+  }
+  if (!lim->limited) return;
+  lim->left -= lua_gethookcount(L) == 1 ? 1 : HOOK_EVERY_INSTRUCTIONS;
+  const char *why = over(lim);
+  if (why) limit_error(L, why);
+}
+
+void rsl_luacall_check(lua_State *L) {
+  call_limit *lim = current_limit(L);
+  if (!lim || !lim->limited) return;
+  const char *why = over(lim);
+  if (why) limit_error(L, why);
+}
+
+void rsl_luacall_forbid(lua_State *L) {
   lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
-  lua_getinfo(L, "Sl", ar); /* where the runaway code is */
-  luaL_error(L, "%s:%d: instruction limit exceeded (a runaway loop?)",
-             ar->short_src, ar->currentline);
 }
 
 static int traceback(lua_State *L) {
@@ -40,33 +92,40 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit) {
+int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
+                      double time_ms) {
   int base = lua_gettop(L) - nargs; /* the function's slot */
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
 
+  call_limit lim = {.left = instr_limit, .limited = instr_limit > 0};
+  if (time_ms > 0) {
+    lim.deadline_ms = rsl_luacall_cpu_ms() + time_ms;
+    lim.limited = 1;
+    if (lim.left <= 0) lim.left = LUA_MAXINTEGER;
+  }
   lua_Hook old_hook = lua_gethook(L);
   int old_mask = lua_gethookmask(L), old_count = lua_gethookcount(L);
-  lua_rawgetp(L, LUA_REGISTRYINDEX, &limit_key);
-  lua_Integer old_left = lua_tointeger(L, -1);
-  lua_pop(L, 1);
-  if (instr_limit > 0) {
-    lua_pushinteger(L, instr_limit);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
+  call_limit *outer = current_limit(L);
+  lua_pushlightuserdata(L, &lim);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
+  if (lim.limited)
     lua_sethook(L, count_hook, LUA_MASKCOUNT, HOOK_EVERY_INSTRUCTIONS);
-  }
 
   int status = lua_pcall(L, nargs, nresults, base);
 
-  if (instr_limit > 0) {
-    lua_pushinteger(L, old_left);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
-    lua_sethook(L, old_hook, old_mask, old_count);
-  }
+  if (outer) lua_pushlightuserdata(L, outer);
+  else lua_pushnil(L);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
+  lua_sethook(L, old_hook, old_mask, old_count);
   lua_remove(L, base); /* the traceback handler */
   if (status != LUA_OK && !lua_isstring(L, -1)) {
     lua_pop(L, 1);
     lua_pushliteral(L, "(error object is not a string)");
   }
   return status;
+}
+
+int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit) {
+  return rsl_luacall_timed(L, nargs, nresults, instr_limit, 0);
 }

@@ -10,20 +10,27 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <dirent.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "luacall.h"
+#include "sandbox.h"
 
 #define POLICY_MT "resilua.policy"
+/* Nesting kept when the host copies a policy table out of its state. */
+#define COPY_MAX_DEPTH 16
+/* Policy files listed per folder. */
+#define POLICY_NAMES_MAX 512
 
 struct rsl_policy {
   int refs;
   rsl_policy_conf conf;
   char *name, *version;
-  lua_State *L;   /* main thread */
+  rsl_sandbox *sb; /* the policy's own state; NULL: a script's policy */
+  lua_State *L;   /* sb's state, or the script's main thread */
   int table_ref;  /* the normalized table, given to decide as a.policy */
   int decide_ref; /* LUA_NOREF without decide */
   int on_change_ref; /* breaker.on_change, LUA_NOREF without one */
@@ -45,9 +52,13 @@ static void conf_free(rsl_policy_conf *c) {
 
 void rsl_policy_unref(rsl_policy *p) {
   if (!p || --p->refs > 0) return;
-  luaL_unref(p->L, LUA_REGISTRYINDEX, p->table_ref);
-  luaL_unref(p->L, LUA_REGISTRYINDEX, p->decide_ref);
-  luaL_unref(p->L, LUA_REGISTRYINDEX, p->on_change_ref);
+  if (p->sb) {
+    rsl_sandbox_free(p->sb); /* the refs go with the state */
+  } else if (p->L) {
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->table_ref);
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->decide_ref);
+    luaL_unref(p->L, LUA_REGISTRYINDEX, p->on_change_ref);
+  }
   conf_free(&p->conf);
   free(p->name);
   free(p->version);
@@ -294,27 +305,11 @@ rsl_policy *rsl_policy_check(lua_State *L, int idx) {
   return box->p;
 }
 
-int rsl_policy_push_new(lua_State *L, int idx) {
+/* Reads the normalized table at idx of L (the state that will run the
+ * policy) into p: settings, and refs to the table, decide and on_change. */
+static void fill_from_table(lua_State *L, rsl_policy *p, int idx) {
   idx = lua_absindex(L, idx);
   luaL_checktype(L, idx, LUA_TTABLE);
-  /* The box exists before the policy, so a raise below frees through
-   * __gc: the box owns the policy from its birth. */
-  policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
-  box->p = NULL;
-  if (luaL_newmetatable(L, POLICY_MT)) {
-    lua_pushcfunction(L, policy_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
-  rsl_policy *p = calloc(1, sizeof *p);
-  if (!p) return luaL_error(L, "out of memory");
-  p->refs = 1;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
-  p->L = lua_tothread(L, -1);
-  lua_pop(L, 1);
-  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
-  box->p = p;
-
   p->name = str_field(L, idx, "name");
   p->version = str_field(L, idx, "version");
   read_conf(L, idx, &p->conf);
@@ -335,7 +330,161 @@ int rsl_policy_push_new(lua_State *L, int idx) {
   }
   lua_pushvalue(L, idx);
   p->table_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* A new policy owned by a new box on L's stack (the box exists before the
+ * policy, so a raise later frees it through __gc). */
+static rsl_policy *push_box(lua_State *L) {
+  policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+  box->p = NULL;
+  if (luaL_newmetatable(L, POLICY_MT)) {
+    lua_pushcfunction(L, policy_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  rsl_policy *p = calloc(1, sizeof *p);
+  if (!p) luaL_error(L, "out of memory");
+  p->refs = 1;
+  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
+  box->p = p;
+  return p;
+}
+
+int rsl_policy_push_new(lua_State *L, int idx) {
+  idx = lua_absindex(L, idx);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  rsl_policy *p = push_box(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  p->L = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  fill_from_table(L, p, idx);
   return 1;
+}
+
+/* --- policies in their own state ----------------------------------------- */
+
+/* What the host asks the sandbox to load (pointers into the host's stack,
+ * valid during the call). */
+typedef struct load_request {
+  rsl_policy *p;
+  const char *path;
+  const char **dirs; /* the policy path */
+  size_t dir_count;
+} load_request;
+
+/* Runs in the sandbox, under the load limits: the policy module's loader
+ * (its own copy of resilua.policy) builds the normalized table, then the
+ * core reads it. */
+static int build_in_sandbox(lua_State *L) {
+  const load_request *req = lua_touserdata(L, 1);
+  lua_settop(L, 0);
+  luaL_checkstack(L, 3 * COPY_MAX_DEPTH + 16, "policy");
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "resilua.policy");
+  lua_call(L, 1, 1);
+  lua_getfield(L, 1, "build_sandboxed");
+  lua_pushstring(L, req->path);
+  lua_createtable(L, (int)req->dir_count, 0);
+  for (size_t i = 0; i < req->dir_count; i++) {
+    lua_pushstring(L, req->dirs[i]);
+    lua_rawseti(L, -2, (lua_Integer)i + 1);
+  }
+  lua_call(L, 2, 1);
+  fill_from_table(L, req->p, -1);
+  lua_Integer mb = RSL_SANDBOX_DEFAULT_MEMORY_MB;
+  if (lua_getfield(L, -1, "memory_mb") == LUA_TNUMBER)
+    mb = lua_tointeger(L, -1);
+  if (mb < 1 || mb > RSL_SANDBOX_MAX_MEMORY_MB)
+    luaL_error(L, "%s: memory_mb must be in [1, %d]", req->path,
+               RSL_SANDBOX_MAX_MEMORY_MB);
+  if (rsl_sandbox_set_cap(req->p->sb, (size_t)mb << 20) < 0)
+    luaL_error(L, "%s: the policy already uses %d MB, over memory_mb = %d",
+               req->path, (int)(rsl_sandbox_memory(req->p->sb) >> 20),
+               (int)mb);
+  lua_settop(L, 0);
+  return 0;
+}
+
+/* Copies plain data from S (value at si) to H: tables, strings, numbers,
+ * booleans; a function becomes the string "<function>".  Raw reads only,
+ * nothing allocated in S, so no code of the policy runs. */
+static void copy_out(lua_State *S, int si, lua_State *H, int depth) {
+  si = lua_absindex(S, si);
+  switch (lua_type(S, si)) {
+  case LUA_TSTRING: {
+    size_t len;
+    const char *s = lua_tolstring(S, si, &len);
+    lua_pushlstring(H, s, len);
+    return;
+  }
+  case LUA_TNUMBER:
+    if (lua_isinteger(S, si)) lua_pushinteger(H, lua_tointeger(S, si));
+    else lua_pushnumber(H, lua_tonumber(S, si));
+    return;
+  case LUA_TBOOLEAN:
+    lua_pushboolean(H, lua_toboolean(S, si));
+    return;
+  case LUA_TFUNCTION:
+    lua_pushliteral(H, "<function>");
+    return;
+  case LUA_TTABLE:
+    break;
+  default:
+    lua_pushfstring(H, "<%s>", luaL_typename(S, si));
+    return;
+  }
+  if (depth >= COPY_MAX_DEPTH) {
+    lua_pushliteral(H, "<too deep>");
+    return;
+  }
+  luaL_checkstack(H, 4, "policy copy");
+  lua_newtable(H);
+  lua_pushnil(S);
+  while (lua_next(S, si)) {
+    int kt = lua_type(S, -2);
+    if (kt == LUA_TSTRING || kt == LUA_TNUMBER || kt == LUA_TBOOLEAN) {
+      copy_out(S, -2, H, depth + 1);
+      copy_out(S, -1, H, depth + 1);
+      lua_rawset(H, -3);
+    }
+    lua_pop(S, 1);
+  }
+}
+
+int rsl_policy_push_loaded(lua_State *L, rsl_prng *prng) {
+  const char *path = luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  size_t n = lua_rawlen(L, 2);
+  luaL_argcheck(L, n <= 64, 2, "at most 64 folders");
+  const char *dirs[64];
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 2, (lua_Integer)i + 1);
+    dirs[i] = lua_tostring(L, -1); /* stays on the stack */
+    luaL_argcheck(L, dirs[i] != NULL, 2, "folders must be strings");
+  }
+  rsl_policy *p = push_box(L);
+  int box = lua_gettop(L);
+  p->sb = rsl_sandbox_new((size_t)RSL_SANDBOX_DEFAULT_MEMORY_MB << 20, prng);
+  if (!p->sb) return luaL_error(L, "out of memory");
+  p->L = rsl_sandbox_state(p->sb);
+  load_request req = {.p = p, .path = path, .dirs = dirs, .dir_count = n};
+  lua_pushcfunction(p->L, build_in_sandbox);
+  lua_pushlightuserdata(p->L, &req);
+  char *err = NULL;
+  if (rsl_sandbox_call(p->sb, 1, 0, RSL_POLICY_LOAD_INSTRUCTION_LIMIT,
+                       RSL_POLICY_LOAD_TIME_LIMIT_MS, &err) < 0) {
+    lua_pushnil(L);
+    lua_pushstring(L, err ? err : "out of memory");
+    free(err);
+    return 2;
+  }
+  lua_rawgeti(p->L, LUA_REGISTRYINDEX, p->table_ref);
+  copy_out(p->L, -1, L, 0);
+  lua_pop(p->L, 1);
+  lua_pushvalue(L, box);
+  lua_insert(L, -2);
+  lua_pushinteger(L, (lua_Integer)rsl_sandbox_memory(p->sb));
+  return 3;
 }
 
 /* --- decisions ----------------------------------------------------------- */
@@ -488,109 +637,122 @@ static void push_attempt(lua_State *L, const rsl_policy *p,
   lua_setfield(L, -2, "policy");
 }
 
-static char *dup_printf(const char *fmt, const char *a, const char *b) {
-  size_t n = strlen(fmt) + strlen(a) + strlen(b) + 1;
-  char *s = malloc(n);
-  if (s) snprintf(s, n, fmt, a, b);
-  return s;
+/* Runs a prepared call (function and nargs arguments on p->L's stack)
+ * under the policy limits.  0, or -1 with *err (malloc'd first line, NULL
+ * when out of memory). */
+static int policy_call(rsl_policy *p, int nargs, char **err) {
+  if (p->sb)
+    return rsl_sandbox_call(p->sb, nargs, 0, RSL_POLICY_INSTRUCTION_LIMIT,
+                            RSL_POLICY_TIME_LIMIT_MS, err);
+  *err = NULL;
+  if (rsl_luacall_timed(p->L, nargs, 0, RSL_POLICY_INSTRUCTION_LIMIT,
+                        RSL_POLICY_TIME_LIMIT_MS) == LUA_OK)
+    return 0;
+  const char *msg = lua_tostring(p->L, -1);
+  /* The event log wants the message; the traceback is noise there. */
+  *err = strndup(msg, strcspn(msg, "\n"));
+  lua_pop(p->L, 1);
+  return -1;
 }
 
-/* Reads the decision table on top of the stack; 0, or -1 with *err. */
-static int read_decision(lua_State *L, const rsl_policy *p, rsl_decision *d,
-                         char **err) {
-  int t = lua_gettop(L);
-  if (lua_isnoneornil(L, t) ||
-      (lua_type(L, t) == LUA_TBOOLEAN && !lua_toboolean(L, t))) {
+/* Raw t[key] pushed; its type. */
+static int raw_field(lua_State *L, int t, const char *key) {
+  lua_pushstring(L, key);
+  return lua_rawget(L, t);
+}
+
+/* Reads the decision at t with raw access (a metatable on it is never
+ * consulted).  nil: no opinion, the built-in decision in *d stands; false:
+ * stop.  Raises a message naming decide's position when it is malformed. */
+static void read_decision(lua_State *L, const rsl_policy *p, int t,
+                          rsl_decision *d) {
+  if (lua_isnoneornil(L, t)) {
+    static const char prefix[] = "decide: no opinion; ";
+    size_t keep = sizeof d->reason - sizeof prefix;
+    memmove(d->reason + sizeof prefix - 1, d->reason, keep);
+    d->reason[sizeof d->reason - 1] = '\0';
+    memcpy(d->reason, prefix, sizeof prefix - 1);
+    return;
+  }
+  if (lua_type(L, t) == LUA_TBOOLEAN && !lua_toboolean(L, t)) {
     d->retry = 0;
+    d->delay_ms = 0;
     snprintf(d->reason, sizeof d->reason, "decide: no retry");
-    return 0;
+    return;
   }
-  if (!lua_istable(L, t)) {
-    *err = dup_printf("%s: decide returned a %s; expected a table "
-                      "{retry=, delay_ms=, reason=}, false or nil",
-                      p->decide_where, luaL_typename(L, t));
-    return -1;
-  }
+  if (!lua_istable(L, t))
+    luaL_error(L, "%s: decide returned a %s; expected a table "
+               "{retry=, delay_ms=, reason=}, false (stop) or nil (apply "
+               "the rules)", p->decide_where, luaL_typename(L, t));
   lua_pushnil(L);
   while (lua_next(L, t)) {
     const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
-    if (strcmp(k, "retry") && strcmp(k, "delay_ms") && strcmp(k, "reason")) {
-      *err = dup_printf("%s: decide returned an unknown field '%s' "
-                        "(expected retry, delay_ms, reason)",
-                        p->decide_where, k);
-      lua_pop(L, 2);
-      return -1;
-    }
+    if (strcmp(k, "retry") && strcmp(k, "delay_ms") && strcmp(k, "reason"))
+      luaL_error(L, "%s: decide returned an unknown field '%s' (expected "
+                 "retry, delay_ms, reason)", p->decide_where, k);
     lua_pop(L, 1);
   }
-  if (lua_getfield(L, t, "retry") != LUA_TBOOLEAN) {
-    *err = dup_printf("%s: decision.retry must be true or false, got %s",
-                      p->decide_where, luaL_typename(L, -1));
-    return -1;
-  }
+  if (raw_field(L, t, "retry") != LUA_TBOOLEAN)
+    luaL_error(L, "%s: decision.retry must be true or false, got %s",
+               p->decide_where, luaL_typename(L, -1));
   d->retry = lua_toboolean(L, -1);
-  int type = lua_getfield(L, t, "delay_ms");
+  if (!d->retry) d->delay_ms = 0;
+  int type = raw_field(L, t, "delay_ms");
   if (type != LUA_TNIL) {
     double ms = lua_tonumber(L, -1);
-    if (type != LUA_TNUMBER || !(ms >= 0 && ms <= MAX_MS)) {
-      *err = dup_printf("%s: decision.delay_ms must be a number of ms in "
-                        "[0, 86400000], got %s",
-                        p->decide_where,
-                        type == LUA_TNUMBER ? "an out-of-range number"
-                                            : luaL_typename(L, -1));
-      return -1;
-    }
+    if (type != LUA_TNUMBER || !(ms >= 0 && ms <= MAX_MS))
+      luaL_error(L, "%s: decision.delay_ms must be a number of ms in "
+                 "[0, 86400000], got %s", p->decide_where,
+                 type == LUA_TNUMBER ? "an out-of-range number"
+                                     : luaL_typename(L, -1));
     d->delay_ms = ms;
   }
-  type = lua_getfield(L, t, "reason");
-  if (type == LUA_TSTRING) {
+  type = raw_field(L, t, "reason");
+  if (type == LUA_TSTRING)
     snprintf(d->reason, sizeof d->reason, "%s", lua_tostring(L, -1));
-  } else if (type != LUA_TNIL) {
-    *err = dup_printf("%s: decision.reason must be a string, got %s",
-                      p->decide_where, luaL_typename(L, -1));
-    return -1;
-  } else {
+  else if (type != LUA_TNIL)
+    luaL_error(L, "%s: decision.reason must be a string, got %s",
+               p->decide_where, luaL_typename(L, -1));
+  else
     snprintf(d->reason, sizeof d->reason, "decide");
-  }
-  return 0;
 }
 
-/* Builds `a` and calls decide; runs inside rsl_luacall so that even an
- * out-of-memory error while building is caught. */
+/* Builds `a`, calls decide and reads its answer, all inside the limited
+ * call: a metamethod on the answer, or out of memory while building, is
+ * caught like any error of the policy. */
 static int call_decide(lua_State *L) {
-  const rsl_policy *p = lua_touserdata(L, 1);
+  rsl_policy *p = lua_touserdata(L, 1);
   const rsl_attempt_info *a = lua_touserdata(L, 2);
+  rsl_decision *d = lua_touserdata(L, 3);
   lua_settop(L, 0);
+  luaL_checkstack(L, 8, "decide");
   lua_rawgeti(L, LUA_REGISTRYINDEX, p->decide_ref);
   push_attempt(L, p, a);
   lua_call(L, 1, 1);
-  return 1;
+  read_decision(L, p, 1, d);
+  return 0;
 }
 
 int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
                       rsl_decision *d, char **err) {
-  /* The backoff the built-in rules would use is the default delay for a
-   * decide that says retry without saying how long to wait. */
+  /* The built-in rules' decision stands when decide has no opinion, and
+   * their backoff is the delay of a decide that says retry without saying
+   * how long to wait. */
   rsl_policy_decide_builtin(&p->conf, a, d);
+  *err = NULL;
   if (p->decide_ref == LUA_NOREF) return 0;
   lua_State *L = p->L;
   int top = lua_gettop(L);
-  if (!lua_checkstack(L, 8)) {
-    *err = NULL;
-    return -1;
-  }
+  if (!lua_checkstack(L, 8)) return -1;
+  rsl_decision out = *d;
   lua_pushcfunction(L, call_decide);
   lua_pushlightuserdata(L, p);
   lua_pushlightuserdata(L, (void *)a);
-  int rc = 0;
-  if (rsl_luacall(L, 2, 1, RSL_POLICY_INSTRUCTION_LIMIT) != LUA_OK) {
-    const char *msg = lua_tostring(L, -1);
-    /* The event log wants the message; the traceback is noise there. */
-    *err = strndup(msg, strcspn(msg, "\n"));
-    rc = -1;
-  } else {
+  lua_pushlightuserdata(L, &out);
+  int rc = policy_call(p, 3, err);
+  if (rc == 0) {
+    *d = out;
     d->exhausted = 0;
-    rc = read_decision(L, p, d, err);
   }
   lua_settop(L, top);
   return rc;
@@ -598,8 +760,8 @@ int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
 
 /* --- breaker hook -------------------------------------------------------- */
 
-/* Pushes the hook and its arguments inside rsl_luacall, so that even an
- * out-of-memory error while pushing is caught. */
+/* Pushes the hook and its arguments inside the limited call, so that even
+ * an out-of-memory error while pushing is caught. */
 static int call_on_change(lua_State *L) {
   const rsl_policy *p = lua_touserdata(L, 1);
   const char *key = lua_touserdata(L, 2), *from = lua_touserdata(L, 3),
@@ -625,12 +787,56 @@ int rsl_policy_breaker_changed(rsl_policy *p, const char *key,
   lua_pushlightuserdata(L, (void *)key);
   lua_pushlightuserdata(L, (void *)from);
   lua_pushlightuserdata(L, (void *)to);
-  int rc = 0;
-  if (rsl_luacall(L, 4, 0, RSL_POLICY_INSTRUCTION_LIMIT) != LUA_OK) {
-    const char *msg = lua_tostring(L, -1);
-    *err = strndup(msg, strcspn(msg, "\n"));
-    rc = -1;
-  }
+  int rc = policy_call(p, 4, err);
   lua_settop(L, top);
   return rc;
+}
+
+size_t rsl_policy_memory(const rsl_policy *p) {
+  return p->sb ? rsl_sandbox_memory(p->sb) : 0;
+}
+
+/* Sorts names for policy_names. */
+static int name_cmp(const void *a, const void *b) {
+  return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static int push_names(lua_State *L) {
+  char **names = lua_touserdata(L, 2);
+  lua_Integer n = lua_tointeger(L, 3);
+  for (lua_Integer i = 0; i < n; i++) {
+    lua_pushstring(L, names[i]);
+    lua_rawseti(L, 1, i + 1);
+  }
+  return 0;
+}
+
+int rsl_policy_names_lua(lua_State *L) {
+  const char *dir = luaL_checkstring(L, 1);
+  lua_newtable(L);
+  DIR *d = opendir(dir);
+  if (!d) return 1;
+  char *names[POLICY_NAMES_MAX];
+  size_t n = 0;
+  struct dirent *e;
+  while (n < POLICY_NAMES_MAX && (e = readdir(d)) != NULL) {
+    size_t len = strlen(e->d_name);
+    if (len < 5 || strcmp(e->d_name + len - 4, ".lua") != 0) continue;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    if (!rsl_sandbox_is_file(path)) continue;
+    if (!(names[n] = strdup(e->d_name))) break;
+    n++;
+  }
+  closedir(d);
+  qsort(names, n, sizeof *names, name_cmp);
+  /* The pushes may raise (out of memory): protected, so the names are
+   * freed either way. */
+  lua_pushcfunction(L, push_names);
+  lua_pushvalue(L, -2);
+  lua_pushlightuserdata(L, names);
+  lua_pushinteger(L, (lua_Integer)n);
+  int rc = lua_pcall(L, 3, 0, 0);
+  for (size_t i = 0; i < n; i++) free(names[i]);
+  return rc == LUA_OK ? 1 : lua_error(L);
 }

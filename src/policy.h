@@ -89,10 +89,23 @@ int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
 
 /* Builds a version from the normalized policy table at `idx` (as
  * lua/resilua/policy.lua makes it) and pushes it as a userdata owning one
- * ref.  Raises a Lua error on a malformed table.  Implemented with the Lua
+ * ref.  Raises a Lua error on a malformed table.  The policy runs in L's
+ * state: for policies a script builds (policy.define).  Implemented with the Lua
  * API; declared here so this header stays free of lua.h. */
 struct lua_State;
 int rsl_policy_push_new(struct lua_State *L, int idx);
+/* core.policy_load(path, policy_path) -> policy, table, bytes | nil, msg:
+ * loads and validates the policy file at path in a sandbox of its own (its
+ * own Lua state, see sandbox.h), under the load limits.  `table` is a
+ * plain-data copy of the normalized table for the host (functions become
+ * "<function>"), bytes the memory the policy's state holds.  `prng` (the
+ * runtime's) feeds the policy's resilua.backoff. */
+int rsl_policy_push_loaded(struct lua_State *L, rsl_prng *prng);
+/* core.policy_names(dir) -> sorted list of the *.lua regular files in dir
+ * (empty when it cannot be read). */
+int rsl_policy_names_lua(struct lua_State *L);
+/* Bytes held by the policy's own state (0 for a script's policy). */
+size_t rsl_policy_memory(const rsl_policy *p);
 /* Pushes res's headers as a table {lower-case name = value} (a.headers;
  * also a call result's headers). */
 void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);

@@ -219,7 +219,7 @@ local function version_of(src)
 end
 M.version_of = version_of
 
--- Modules a policy may require: pure helpers, no I/O, no core access.
+-- Modules a policy may require besides its own: pure helpers, no I/O.
 local SANDBOX_MODULES = { ["resilua.backoff"] = true, ["resilua.policy"] = true }
 
 local SAFE_GLOBALS = { "assert", "error", "ipairs", "next", "pairs", "pcall", "select",
@@ -232,13 +232,45 @@ local function frozen_copy(lib)
   return t
 end
 
+-- A module name as `require` and `extend` accept it: dotted words, never
+-- a path.
+local function is_module_name(name)
+  if type(name) ~= "string" or #name > 200 then return false end
+  for part in (name .. "."):gmatch("([^.]*)%.") do
+    if not part:match("^[%a_][%w_%-]*$") then return false end
+  end
+  return true
+end
+M.is_module_name = is_module_name
+
+local function file_exists(path)
+  if core.is_file then return core.is_file(path) end
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+-- A file's text: in a policy's own state through the core (regular files
+-- only, size-capped), in a script's state through io.
+local function read_source(path)
+  if core.read_file then return core.read_file(path) end
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local src, rerr = f:read("a")
+  f:close()
+  if not src then return nil, ("%s: %s"):format(path, tostring(rerr)) end
+  return src
+end
+
 --- A fresh environment for one policy: safe libraries only, `require`
--- limited to resilua helpers and the policy path, globals declared only.
+-- limited to resilua helpers and module names on the policy path, globals
+-- declared only.
 local function sandbox(policy_path, chain, file)
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _G[name] end
-  env.string, env.table, env.math, env.utf8 =
-    frozen_copy(string), frozen_copy(table), frozen_copy(math), frozen_copy(utf8)
+  env.string, env.table, env.math, env.utf8, env.coroutine =
+    frozen_copy(string), frozen_copy(table), frozen_copy(math), frozen_copy(utf8),
+    frozen_copy(coroutine)
   env.os = { time = os.time, clock = os.clock, date = os.date, difftime = os.difftime }
   local loaded = {}
   -- resilua.policy as a policy sees it: extend() bound to this policy path.
@@ -246,9 +278,12 @@ local function sandbox(policy_path, chain, file)
     extend = function(base, overrides)
       return M.extend(base, overrides, policy_path, chain, file)
     end,
-  }, { __index = M })
+  }, { __index = M, __metatable = false })
   env.require = function(name)
-    if type(name) ~= "string" then error("require: expected a module name", 2) end
+    if not is_module_name(name) then
+      error(("require: '%s' is not a module name (a policy requires modules by name, "
+             .. "never by path)"):format(tostring(name)), 2)
+    end
     if name == "resilua.policy" then return policy_view end
     if SANDBOX_MODULES[name] then return require(name) end
     if loaded[name] ~= nil then return loaded[name] end
@@ -257,9 +292,8 @@ local function sandbox(policy_path, chain, file)
       error(("module '%s' is not allowed in a policy (only resilua.backoff, "
              .. "resilua.policy and modules on the policy path)"):format(name), 2)
     end
-    local f = io.open(path, "rb")
-    local src = f:read("a")
-    f:close()
+    local src, rerr = read_source(path)
+    if not src then error(rerr, 2) end
     local chunk, err = load(src, "@" .. path, "t", env)
     if not chunk then error(err, 0) end
     loaded[name] = chunk(name) or true
@@ -273,13 +307,8 @@ local function sandbox(policy_path, chain, file)
     __index = function(_, k)
       error(("undeclared global '%s'"):format(tostring(k)), 2)
     end,
+    __metatable = false,
   })
-end
-
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() end
-  return f ~= nil
 end
 
 --- The installed and build-tree policy folders (where the binary or
@@ -427,7 +456,10 @@ end
 -- extend(...)` is a tail call, so error levels cannot find it).
 function M.extend(base_name, overrides, policy_path, chain, file)
   local function fail(msg) error(("%s: extend: %s"):format(file or "?", msg), 0) end
-  if type(base_name) ~= "string" then fail("expected a base policy name") end
+  if not is_module_name(base_name) then
+    fail(("the base must be a policy name (on the policy path), got %s"):format(
+      type(base_name) == "string" and ("'" .. base_name .. "'") or type(base_name)))
+  end
   if overrides ~= nil and type(overrides) ~= "table" then fail("overrides must be a table") end
   policy_path = policy_path or M.path()
   local path = M.find(base_name, policy_path)
@@ -437,9 +469,8 @@ function M.extend(base_name, overrides, policy_path, chain, file)
   if chain and chain[path] then fail(("%s is already being extended (a cycle)"):format(path)) end
   local sub = copy(chain or {})
   sub[path] = true
-  local f = assert(io.open(path, "rb"))
-  local src = f:read("a")
-  f:close()
+  local src, rerr = read_source(path)
+  if not src then fail(rerr) end
   local chunk, err = load(src, "@" .. path, "t", sandbox(policy_path, sub, path))
   if not chunk then error(err, 0) end
   local base = chunk()
@@ -463,25 +494,68 @@ local function build(t, path, src, default_name, version)
   return { name = norm.name, path = path, version = norm.version, table = norm, core = cerr }
 end
 
---- Loads a policy by name or file.  Returns a policy object
--- { name, path, version, table, core } or nil, message.  Either way a
--- `policy` event says what happened.
+--- Runs inside a policy's own state (see src/sandbox.c), under the load
+-- limits: reads, runs and validates the policy file at `path` and returns
+-- the normalized table with its name and version, or raises a message
+-- naming file:line.
+function M.build_sandboxed(path, policy_path)
+  local src, rerr = read_source(path)
+  if not src then error(rerr, 0) end
+  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path))
+  if not chunk then error(syntax_err, 0) end
+  local norm, err = M.validate(chunk(), path, src)
+  if not norm then error(err, 0) end
+  norm.name = norm.name or path:match("([^/]+)%.lua$") or path
+  norm.version = version_of(src)
+  return norm
+end
+
+--- A path with "." and ".." folded away (for messages).
+function M.normalize_path(path)
+  local abs, parts = path:sub(1, 1) == "/", {}
+  for part in path:gmatch("[^/]+") do
+    if part == ".." and #parts > 0 and parts[#parts] ~= ".." then
+      parts[#parts] = nil
+    elseif part ~= "." and not (part == ".." and abs) then
+      parts[#parts + 1] = part
+    end
+  end
+  local out = (abs and "/" or "") .. table.concat(parts, "/")
+  return out ~= "" and out or "."
+end
+
+--- The policy names found on the policy path: { name = path }, the first
+-- folder winning, as M.find does.
+function M.available(policy_path)
+  local out = {}
+  for _, dir in ipairs(policy_path or M.path()) do
+    for _, file in ipairs(core.policy_names and core.policy_names(dir) or {}) do
+      local name = file:match("^(.*)%.lua$")
+      if name and not out[name] then out[name] = dir .. "/" .. file end
+    end
+  end
+  return out
+end
+
+-- Loads a policy by name or file in a state of its own.  Returns a policy
+-- object { name, path, version, table, core, memory } or nil, message.
 local function load_policy(name, policy_path)
   policy_path = policy_path or M.path()
   local path = M.find(name, policy_path)
   if not path then
-    return nil, ("policy '%s' not found (looked in %s)"):format(
-      name, name:find("/") and name or table.concat(policy_path, ", "))
+    local looked = {}
+    for i, d in ipairs(policy_path) do looked[i] = M.normalize_path(d) end
+    local hint = ""
+    if not name:find("/") and not name:match("%.lua$") then
+      hint = suggest(name, M.available(policy_path))
+    end
+    return nil, ("policy '%s' not found%s (looked in %s)"):format(
+      name, hint, name:find("/") and M.normalize_path(name) or table.concat(looked, ", "))
   end
-  local f, open_err = io.open(path, "rb")
-  if not f then return nil, open_err end
-  local src = f:read("a")
-  f:close()
-  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path))
-  if not chunk then return nil, syntax_err end
-  local ok, t = core.pcall(100 * 1000000, chunk)
-  if not ok then return nil, t end
-  return build(t, path, src, path:match("([^/]+)%.lua$"), version_of(src))
+  local box, t, bytes = core.policy_load(path, policy_path)
+  if not box then return nil, t end
+  return { name = t.name, path = path, version = t.version, table = t, core = box,
+           memory = bytes }
 end
 
 -- A table as text with sorted keys: the same table, the same version.

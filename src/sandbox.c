@@ -1,0 +1,495 @@
+/*
+ * sandbox — a policy version's own Lua state.  See sandbox.h.
+ *
+ * Why a state per policy rather than an _ENV over read-only views in the
+ * host's state: isolation comes for free (the string metatable, the module
+ * tables, the defaults are all the policy's own copies), a memory cap is
+ * exact (lua_setallocf accounting is per state), and the host's state never
+ * runs a policy's metamethods or finalizers.  The cost is measured by
+ * bench/run.lua (memory per policy, decide ns).
+ */
+#include "sandbox.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "embedded.h"
+#include "luacall.h"
+
+/* Allocations at least this big check the call's deadline: copying large
+ * strings (string.format, table.concat, `..`) is where C time hides. */
+#define TIMED_ALLOC_BYTES (64 * 1024)
+/* Patterns whose worst case passes 10^this steps on their subject are
+ * refused (about 0.1 s of backtracking). */
+#define PATTERN_MAX_LOG10_STEPS 7.5
+/* Patterns that may take over 10^this steps check the deadline first. */
+#define PATTERN_TIMED_LOG10_STEPS 5.0
+
+struct rsl_sandbox {
+  lua_State *L;
+  size_t used, cap;
+  rsl_prng *prng;
+  double deadline_ms; /* of the running call; 0 outside one */
+  int over_cap, over_time; /* an allocation was refused, and why */
+  char where[160];          /* the code's position at the first refusal */
+};
+
+static char sandbox_key; /* registry: the rsl_sandbox, for the wrappers */
+
+/* --- memory -------------------------------------------------------------- */
+
+/* Where the running Lua code is: the first frame with a line. */
+static void note_position(rsl_sandbox *sb) {
+  if (!sb->L || sb->where[0]) return;
+  lua_Debug ar;
+  for (int level = 0; lua_getstack(sb->L, level, &ar); level++) {
+    if (lua_getinfo(sb->L, "Sl", &ar) && ar.currentline > 0) {
+      snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src,
+               ar.currentline);
+      return;
+    }
+  }
+}
+
+/* Counts every byte; refuses growth over the cap, and big growth after the
+ * deadline.  Shrinking never fails (Lua relies on it). */
+static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  rsl_sandbox *sb = ud;
+  if (!ptr) osize = 0;
+  if (nsize == 0) {
+    free(ptr);
+    sb->used -= osize;
+    return NULL;
+  }
+  if (nsize > osize) {
+    size_t grow = nsize - osize;
+    if (grow > sb->cap - sb->used || sb->used > sb->cap) {
+      sb->over_cap = 1;
+      note_position(sb);
+      return NULL;
+    }
+    if (grow >= TIMED_ALLOC_BYTES && sb->deadline_ms > 0 &&
+        rsl_luacall_cpu_ms() > sb->deadline_ms) {
+      sb->over_time = 1;
+      note_position(sb);
+      return NULL;
+    }
+  }
+  void *p = realloc(ptr, nsize);
+  if (!p) return nsize > osize ? NULL : ptr;
+  sb->used = sb->used - osize + nsize;
+  return p;
+}
+
+/* --- files --------------------------------------------------------------- */
+
+int rsl_sandbox_is_file(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+char *rsl_sandbox_read_file(const char *path, size_t *len, const char **why) {
+  char *buf = NULL;
+  /* O_NONBLOCK: opening a FIFO must not wait for a writer. */
+  int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  struct stat st;
+  *why = NULL;
+  if (fd < 0) {
+    *why = strerror(errno);
+    goto out;
+  }
+  if (fstat(fd, &st) < 0) {
+    *why = strerror(errno);
+    goto out;
+  }
+  if (S_ISDIR(st.st_mode)) {
+    *why = "is a directory, not a policy file";
+    goto out;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    *why = "is not a regular file";
+    goto out;
+  }
+  if (st.st_size > RSL_SANDBOX_MAX_FILE_BYTES) {
+    *why = "is over 1 MB: not a policy";
+    goto out;
+  }
+  buf = malloc((size_t)st.st_size + 1);
+  if (!buf) {
+    *why = "out of memory";
+    goto out;
+  }
+  size_t got = 0;
+  while (got <= (size_t)st.st_size) { /* one byte more: it may have grown */
+    ssize_t n = read(fd, buf + got, (size_t)st.st_size + 1 - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      *why = strerror(errno);
+      break;
+    }
+    if (n == 0) break;
+    got += (size_t)n;
+  }
+  if (!*why && got > (size_t)st.st_size) *why = "changed while being read";
+  if (*why) {
+    free(buf);
+    buf = NULL;
+    goto out;
+  }
+  buf[got] = '\0';
+  *len = got;
+out:
+  if (fd >= 0) close(fd);
+  return buf;
+}
+
+static int push_text(lua_State *L) {
+  lua_pushlstring(L, lua_touserdata(L, 1), (size_t)lua_tointeger(L, 2));
+  return 1;
+}
+
+/* core.read_file(path) -> text | nil, message */
+static int sb_read_file(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  size_t len = 0;
+  const char *why;
+  char *buf = rsl_sandbox_read_file(path, &len, &why);
+  if (!buf) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, why);
+    return 2;
+  }
+  /* The buffer is C's: push it in protected mode so a memory error does
+   * not leak it. */
+  lua_pushcfunction(L, push_text);
+  lua_pushlightuserdata(L, buf);
+  lua_pushinteger(L, (lua_Integer)len);
+  int rc = lua_pcall(L, 2, 1, 0);
+  free(buf);
+  return rc == LUA_OK ? 1 : lua_error(L);
+}
+
+/* core.is_file(path) -> boolean */
+static int sb_is_file(lua_State *L) {
+  lua_pushboolean(L, rsl_sandbox_is_file(luaL_checkstring(L, 1)));
+  return 1;
+}
+
+/* --- bounded library functions ------------------------------------------ */
+
+static rsl_sandbox *sandbox_of(lua_State *L) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &sandbox_key);
+  rsl_sandbox *sb = lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  return sb;
+}
+
+/* Calls the original library function (upvalue 1) with our arguments. */
+static int call_original(lua_State *L) {
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* string.rep: an empty result returns at once (the original loops n times
+ * even then), a result over the cap is refused before any work. */
+static int sb_rep(lua_State *L) {
+  size_t len, seplen;
+  luaL_checklstring(L, 1, &len);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_optlstring(L, 3, "", &seplen);
+  if (n <= 0 || (len == 0 && seplen == 0)) {
+    lua_pushliteral(L, "");
+    return 1;
+  }
+  double total = (double)n * (double)len + (double)(n - 1) * (double)seplen;
+  if (total > (double)sandbox_of(L)->cap)
+    return luaL_error(L, "string.rep: a %.0f-byte result is over the "
+                      "policy's memory limit", total);
+  return call_original(L);
+}
+
+/* The end of the set that starts at p[i] == '[' (Lua's own rule: the first
+ * character after '[' or '[^' is a member even when it is ']'). */
+static size_t set_end(const char *p, size_t plen, size_t i) {
+  i++;
+  if (i < plen && p[i] == '^') i++;
+  do {
+    if (i >= plen) return plen;
+    if (p[i++] == '%') i++;
+  } while (i < plen && p[i] != ']');
+  return i + 1;
+}
+
+/* An upper bound, as log10, of the steps Lua's backtracking matcher may
+ * take for pattern p on an n-byte subject: each `*`, `+` or `-` may try
+ * every length, each `?` two, an unanchored search every start, and %b or
+ * a back-reference scans the subject. */
+static double pattern_log_steps(const char *p, size_t plen, size_t n,
+                                int anchor_ok) {
+  size_t i = 0;
+  int anchored = 0, reps = 0, opts = 0, linear = 0;
+  if (anchor_ok && plen > 0 && p[0] == '^') anchored = 1, i = 1;
+  while (i < plen) {
+    size_t end;
+    if (p[i] == '(' || p[i] == ')') {
+      i++;
+      continue;
+    }
+    if (p[i] == '%' && i + 1 < plen && p[i + 1] == 'b') {
+      linear = 1;
+      i += 4;
+      continue;
+    }
+    if (p[i] == '%' && i + 1 < plen && p[i + 1] == 'f') {
+      i = i + 2 < plen ? set_end(p, plen, i + 2) : plen;
+      continue;
+    }
+    if (p[i] == '%' && i + 1 < plen && p[i + 1] >= '0' && p[i + 1] <= '9') {
+      linear = 1;
+      i += 2;
+      continue;
+    }
+    if (p[i] == '%') end = i + 2;
+    else if (p[i] == '[') end = set_end(p, plen, i);
+    else end = i + 1;
+    if (end < plen && (p[end] == '*' || p[end] == '+' || p[end] == '-')) {
+      reps++;
+      end++;
+    } else if (end < plen && p[end] == '?') {
+      opts++;
+      end++;
+    }
+    i = end;
+  }
+  return (reps + !anchored + linear) * log10((double)n + 1) +
+         opts * log10(2.0) + log10((double)plen + 1);
+}
+
+/* string.find/match/gmatch/gsub: refuses a pattern whose worst case on
+ * this subject is too long to run inside a decision, and checks the
+ * deadline before one that may take a while.  Upvalue 2: 1 when a leading
+ * '^' anchors (all but gmatch). */
+static int sb_pattern(lua_State *L) {
+  size_t n, plen;
+  luaL_checklstring(L, 1, &n);
+  const char *p = luaL_checklstring(L, 2, &plen);
+  int is_find = lua_toboolean(L, lua_upvalueindex(3));
+  if (is_find && lua_toboolean(L, 4)) return call_original(L); /* plain */
+  double steps = pattern_log_steps(p, plen, n,
+                                   lua_toboolean(L, lua_upvalueindex(2)));
+  if (steps > PATTERN_MAX_LOG10_STEPS)
+    return luaL_error(L, "pattern '%s' on a %d-byte subject may take 10^%.1f "
+                      "steps: too costly for a policy (see docs/policies.md, "
+                      "The sandbox)", plen > 40 ? "(long)" : p, (int)n, steps);
+  if (steps > PATTERN_TIMED_LOG10_STEPS) rsl_luacall_check(L);
+  return call_original(L);
+}
+
+static void wrap_pattern(lua_State *L, const char *name, int anchor_ok,
+                         int is_find) {
+  lua_getfield(L, -1, name);
+  lua_pushboolean(L, anchor_ok);
+  lua_pushboolean(L, is_find);
+  lua_pushcclosure(L, sb_pattern, 3);
+  lua_setfield(L, -2, name);
+}
+
+/* --- the sandbox's resilua.core ------------------------------------------ */
+
+/* core.pcall(limit, f, ...): the whole sandbox call is already limited, and
+ * once the limit trips every instruction raises, so a plain pcall. */
+static int sb_pcall(lua_State *L) {
+  luaL_checktype(L, 2, LUA_TFUNCTION);
+  int status = lua_pcall(L, lua_gettop(L) - 2, LUA_MULTRET, 0);
+  lua_pushboolean(L, status == LUA_OK);
+  lua_replace(L, 1);
+  return lua_gettop(L);
+}
+
+/* core.backoff(jitter, base_ms, max_ms, attempt[, prev_ms]) -> ms, on the
+ * runtime's PRNG (so --seed makes a decide's delays exact). */
+static int sb_backoff(lua_State *L) {
+  rsl_jitter j;
+  if (rsl_jitter_parse(luaL_checkstring(L, 1), &j) < 0)
+    return luaL_argerror(L, 1, "expected full, equal, decorrelated or none");
+  double base = luaL_checknumber(L, 2), max = luaL_checknumber(L, 3);
+  lua_Integer attempt = luaL_checkinteger(L, 4);
+  double prev = luaL_optnumber(L, 5, base);
+  luaL_argcheck(L, base >= 0 && max >= 0, 2, "must not be negative");
+  luaL_argcheck(L, attempt >= 1 && attempt <= 1000000, 4, "must be >= 1");
+  lua_pushnumber(L, rsl_backoff_ms(sandbox_of(L)->prng, j, base, max,
+                                   (int)attempt, prev));
+  return 1;
+}
+
+static int sb_self_path(lua_State *L) {
+  lua_pushnil(L); /* the policy path comes from the host, complete */
+  return 1;
+}
+
+static const luaL_Reg SANDBOX_CORE[] = {
+    {"pcall", sb_pcall},         {"backoff", sb_backoff},
+    {"read_file", sb_read_file}, {"is_file", sb_is_file},
+    {"self_path", sb_self_path}, {NULL, NULL},
+};
+
+/* The state's own `require` (for resilua.policy's code, not the policy's,
+ * which gets its own from policy.lua): loaded modules, else the two
+ * embedded modules a policy may use. */
+static int sb_require(lua_State *L) {
+  const char *name = luaL_checkstring(L, 1);
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  if (lua_getfield(L, -1, name) != LUA_TNIL) return 1;
+  lua_pop(L, 1);
+  if (strcmp(name, "resilua.policy") != 0 && strcmp(name, "resilua.backoff"))
+    return luaL_error(L, "module '%s' is not available in a policy", name);
+  for (const rsl_embedded *m = rsl_embedded_modules; m->name; m++) {
+    if (strcmp(m->name, name) != 0) continue;
+    if (luaL_loadbufferx(L, m->source, m->len, m->chunkname, "t") != LUA_OK)
+      return lua_error(L);
+    lua_pushstring(L, name);
+    lua_call(L, 1, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, name);
+    return 1;
+  }
+  return luaL_error(L, "module '%s' is not embedded", name);
+}
+
+/* --- the state ----------------------------------------------------------- */
+
+static const char *const REMOVED_GLOBALS[] = {
+    "dofile", "loadfile", "collectgarbage", "print", "warn", NULL};
+static const char *const OS_KEPT[] = {"time", "clock", "date", "difftime",
+                                      NULL};
+
+static int setup(lua_State *L) {
+  luaL_requiref(L, LUA_GNAME, luaopen_base, 1);
+  luaL_requiref(L, LUA_STRLIBNAME, luaopen_string, 1);
+  luaL_requiref(L, LUA_TABLIBNAME, luaopen_table, 1);
+  luaL_requiref(L, LUA_MATHLIBNAME, luaopen_math, 1);
+  luaL_requiref(L, LUA_UTF8LIBNAME, luaopen_utf8, 1);
+  luaL_requiref(L, LUA_COLIBNAME, luaopen_coroutine, 1);
+  luaL_requiref(L, LUA_OSLIBNAME, luaopen_os, 0);
+  lua_settop(L, 0);
+
+  lua_pushglobaltable(L);
+  for (const char *const *g = REMOVED_GLOBALS; *g; g++) {
+    lua_pushnil(L);
+    lua_setfield(L, 1, *g);
+  }
+  lua_pushcfunction(L, sb_require);
+  lua_setfield(L, 1, "require");
+  /* os: the clock and dates only */
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_getfield(L, -1, LUA_OSLIBNAME);
+  lua_createtable(L, 0, 4);
+  for (const char *const *k = OS_KEPT; *k; k++) {
+    lua_getfield(L, -2, *k);
+    lua_setfield(L, -2, *k);
+  }
+  lua_setfield(L, 1, LUA_OSLIBNAME);
+  lua_pop(L, 1); /* the full os table */
+  lua_pushnil(L);
+  lua_setfield(L, -2, LUA_OSLIBNAME); /* gone from package.loaded too */
+
+  /* string: bounded functions; the metatable hidden from getmetatable */
+  lua_getfield(L, 1, LUA_STRLIBNAME);
+  lua_getfield(L, -1, "rep");
+  lua_pushcclosure(L, sb_rep, 1);
+  lua_setfield(L, -2, "rep");
+  wrap_pattern(L, "find", 1, 1);
+  wrap_pattern(L, "match", 1, 0);
+  wrap_pattern(L, "gmatch", 0, 0);
+  wrap_pattern(L, "gsub", 1, 0);
+  lua_pushliteral(L, "");
+  lua_getmetatable(L, -1);
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");
+  lua_pop(L, 3);
+
+  luaL_newlib(L, SANDBOX_CORE);
+  lua_setfield(L, -2, "resilua.core"); /* into package.loaded */
+  lua_settop(L, 0);
+  return 0;
+}
+
+rsl_sandbox *rsl_sandbox_new(size_t mem_bytes, rsl_prng *prng) {
+  rsl_sandbox *sb = calloc(1, sizeof *sb);
+  if (!sb) return NULL;
+  sb->cap = mem_bytes;
+  sb->prng = prng;
+  lua_State *L = lua_newstate(sandbox_alloc, sb);
+  if (!L) {
+    free(sb);
+    return NULL;
+  }
+  lua_pushlightuserdata(L, sb);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &sandbox_key);
+  lua_pushcfunction(L, setup);
+  if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+    lua_close(L);
+    free(sb);
+    return NULL;
+  }
+  sb->L = L;
+  rsl_luacall_forbid(L);
+  return sb;
+}
+
+void rsl_sandbox_free(rsl_sandbox *sb) {
+  if (!sb) return;
+  lua_close(sb->L); /* finalizers stop at their first instruction */
+  free(sb);
+}
+
+lua_State *rsl_sandbox_state(const rsl_sandbox *sb) { return sb->L; }
+size_t rsl_sandbox_memory(const rsl_sandbox *sb) { return sb->used; }
+
+int rsl_sandbox_set_cap(rsl_sandbox *sb, size_t mem_bytes) {
+  if (sb->used > mem_bytes) return -1;
+  sb->cap = mem_bytes;
+  return 0;
+}
+
+int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
+                     long instr_limit, double time_ms, char **err) {
+  lua_State *L = sb->L;
+  *err = NULL;
+  sb->over_cap = sb->over_time = 0;
+  sb->where[0] = '\0';
+  sb->deadline_ms = rsl_luacall_cpu_ms() + time_ms;
+  int status = rsl_luacall_timed(L, nargs, nresults, instr_limit, time_ms);
+  sb->deadline_ms = 0;
+  if (status == LUA_OK) return 0;
+  const char *msg = lua_tostring(L, -1);
+  char buf[400];
+  if (sb->over_cap || sb->over_time || status == LUA_ERRMEM) {
+    /* A refused allocation says only "not enough memory": say which
+     * limit, and where. */
+    if (sb->over_time)
+      snprintf(buf, sizeof buf, "%s: time limit exceeded (%.0f ms)",
+               sb->where[0] ? sb->where : "?", time_ms);
+    else
+      snprintf(buf, sizeof buf,
+               "%s: memory limit exceeded (%zu MB; raise it with memory_mb)",
+               sb->where[0] ? sb->where : "?", sb->cap >> 20);
+    msg = buf;
+  }
+  *err = strndup(msg, strcspn(msg, "\n"));
+  lua_pop(L, 1);
+  /* A refusal may have left a finalizer-heavy garbage pile: collect it now
+   * (finalizers stop at once), so the next call starts under the cap. */
+  lua_gc(L, LUA_GCCOLLECT);
+  return -1;
+}
