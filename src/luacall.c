@@ -42,10 +42,13 @@ static int limit_error(lua_State *L, const char *what) {
   lua_Debug ar;
   for (int level = 0; lua_getstack(L, level, &ar); level++) {
     lua_getinfo(L, "Sl", &ar);
-    if (ar.currentline > 0)
-      return luaL_error(L, "%s:%d: %s", ar.short_src, ar.currentline, what);
+    if (ar.currentline > 0) {
+      lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline, what);
+      return lua_error(L);
+    }
   }
-  return luaL_error(L, "%s", what);
+  lua_pushstring(L, what);
+  return lua_error(L);
 }
 
 static const char *over(const call_limit *lim) {

@@ -14,7 +14,7 @@
 /* Instructions a policy decision may run (a few milliseconds of Lua). */
 #define RSL_POLICY_INSTRUCTION_LIMIT 1000000L
 /* CPU time a policy decision (or breaker hook) may take, C calls included. */
-#define RSL_POLICY_TIME_LIMIT_MS 50.0
+#define RSL_POLICY_TIME_LIMIT_MS 20.0
 /* Instructions and CPU time loading and validating a policy may take. */
 #define RSL_POLICY_LOAD_INSTRUCTION_LIMIT 5000000L
 #define RSL_POLICY_LOAD_TIME_LIMIT_MS 50.0

@@ -200,22 +200,36 @@ static int call_original(lua_State *L) {
   return lua_gettop(L);
 }
 
-/* string.rep: an empty result returns at once (the original loops n times
- * even then), a result over the cap is refused before any work. */
+/* string.rep, ours: the result's size is checked against the cap before
+ * any work, an empty result returns at once (the original loops n times
+ * even then), and the copy doubles what is already written, so the time is
+ * that of copying the result once (the original copies piece by piece). */
 static int sb_rep(lua_State *L) {
   size_t len, seplen;
-  luaL_checklstring(L, 1, &len);
+  const char *s = luaL_checklstring(L, 1, &len);
   lua_Integer n = luaL_checkinteger(L, 2);
-  luaL_optlstring(L, 3, "", &seplen);
+  const char *sep = luaL_optlstring(L, 3, "", &seplen);
   if (n <= 0 || (len == 0 && seplen == 0)) {
     lua_pushliteral(L, "");
     return 1;
   }
   double total = (double)n * (double)len + (double)(n - 1) * (double)seplen;
   if (total > (double)sandbox_of(L)->cap)
-    return luaL_error(L, "string.rep: a %.0f-byte result is over the "
-                      "policy's memory limit", total);
-  return call_original(L);
+    return luaL_error(L, "string.rep: a result of %d MB is over the "
+                      "policy's memory limit", (int)fmin(total / 1048576, 1e9));
+  rsl_luacall_check(L);
+  size_t unit = len + seplen, size = (size_t)n * unit; /* sep after each */
+  luaL_Buffer b;
+  char *out = luaL_buffinitsize(L, &b, size);
+  memcpy(out, s, len);
+  memcpy(out + len, sep, seplen);
+  for (size_t done = unit; done < size;) {
+    size_t chunk = done < size - done ? done : size - done;
+    memcpy(out + done, out, chunk);
+    done += chunk;
+  }
+  luaL_pushresultsize(&b, size - seplen); /* no sep after the last */
+  return 1;
 }
 
 /* The end of the set that starts at p[i] == '[' (Lua's own rule: the first
@@ -288,9 +302,11 @@ static int sb_pattern(lua_State *L) {
   double steps = pattern_log_steps(p, plen, n,
                                    lua_toboolean(L, lua_upvalueindex(2)));
   if (steps > PATTERN_MAX_LOG10_STEPS)
-    return luaL_error(L, "pattern '%s' on a %d-byte subject may take 10^%.1f "
-                      "steps: too costly for a policy (see docs/policies.md, "
-                      "The sandbox)", plen > 40 ? "(long)" : p, (int)n, steps);
+    return luaL_error(L, "pattern '%s' on a %d-byte subject may backtrack "
+                      "about 10^%d steps: too costly for a policy (see "
+                      "docs/policies.md, The sandbox)",
+                      plen > 40 ? "(long)" : p, (int)fmin((double)n, 2e9),
+                      (int)fmin(steps, 999));
   if (steps > PATTERN_TIMED_LOG10_STEPS) rsl_luacall_check(L);
   return call_original(L);
 }
@@ -302,6 +318,20 @@ static void wrap_pattern(lua_State *L, const char *name, int anchor_ok,
   lua_pushboolean(L, is_find);
   lua_pushcclosure(L, sb_pattern, 3);
   lua_setfield(L, -2, name);
+}
+
+/* setmetatable: no __gc.  Lua runs finalizers with hooks off, so no limit
+ * could stop one; and an object is marked for finalization only when its
+ * metatable has __gc at this call (a later mt.__gc = f does nothing). */
+static int sb_setmetatable(lua_State *L) {
+  if (lua_istable(L, 2)) {
+    lua_pushliteral(L, "__gc");
+    if (lua_rawget(L, 2) != LUA_TNIL)
+      return luaL_error(L, "setmetatable: __gc is not allowed in a policy "
+                        "(finalizers run outside the time limit)");
+    lua_pop(L, 1);
+  }
+  return call_original(L);
 }
 
 /* --- the sandbox's resilua.core ------------------------------------------ */
@@ -390,6 +420,9 @@ static int setup(lua_State *L) {
   }
   lua_pushcfunction(L, sb_require);
   lua_setfield(L, 1, "require");
+  lua_getfield(L, 1, "setmetatable");
+  lua_pushcclosure(L, sb_setmetatable, 1);
+  lua_setfield(L, 1, "setmetatable");
   /* os: the clock and dates only */
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_getfield(L, -1, LUA_OSLIBNAME);
@@ -405,8 +438,7 @@ static int setup(lua_State *L) {
 
   /* string: bounded functions; the metatable hidden from getmetatable */
   lua_getfield(L, 1, LUA_STRLIBNAME);
-  lua_getfield(L, -1, "rep");
-  lua_pushcclosure(L, sb_rep, 1);
+  lua_pushcfunction(L, sb_rep);
   lua_setfield(L, -2, "rep");
   wrap_pattern(L, "find", 1, 1);
   wrap_pattern(L, "match", 1, 0);
