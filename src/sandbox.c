@@ -518,7 +518,10 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
                sb->where[0] ? sb->where : "?", sb->cap >> 20);
     msg = buf;
   }
-  *err = strndup(msg, strcspn(msg, "\n"));
+  /* The message without the traceback (it may have several lines: a
+   * policy's load lists every problem). */
+  const char *tb = strstr(msg, "\nstack traceback:");
+  *err = strndup(msg, tb ? (size_t)(tb - msg) : strlen(msg));
   lua_pop(L, 1);
   /* A refusal may have left a finalizer-heavy garbage pile: collect it now
    * (finalizers stop at once), so the next call starts under the cap. */

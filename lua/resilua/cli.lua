@@ -21,7 +21,9 @@ Commands:
   serve [--listen HOST:PORT] [SCRIPT.lua]
                               the scriptable upstream
   check POLICY...             load and validate policies; run their self-tests
+  check --show POLICY         a policy's effective settings
   check --shadow LOG.jsonl    summarise the shadow events of a log
+  policies                    list the policies on the policy path
   batch --in FILE --out FILE URL
                               batch inference: resumable, each item done once
   load (--rate R | --concurrency C) [options] URL
@@ -76,6 +78,14 @@ Exit codes: 0 ok, 2 usage or policy error (or -o cannot be written),
 5 breaker open.
 ]]
 
+local POLICIES_USAGE = [[
+usage: resilua policies [--policy-path DIR]
+
+Lists the policies on the policy path (default ./policies, then the
+shipped ones): name and file; a name found in an earlier folder hides the
+later ones (marked).
+]]
+
 local RUN_USAGE = [[
 usage: resilua run SCRIPT.lua [args]
 
@@ -90,11 +100,18 @@ Load experiments are such scripts (resilua.experiment): try
 
 local CHECK_USAGE = [[
 usage: resilua check [--policy-path DIR] POLICY...
+       resilua check [--policy-path DIR] --show POLICY
        resilua check --shadow LOG.jsonl
 
 Loads and validates each policy (by name on the policy path, or FILE.lua)
 and runs its self-tests (a `tests` list in the policy).  Prints one line
-per policy.  Exit code 0 when all pass, 2 otherwise.
+per policy, then every problem (not only the first) and warnings: a
+deadline shorter than the per-try timeout, a decide without tests, a
+retry_on that decide never lets apply.  Exit code 0 when all load and
+pass (warnings included), 2 otherwise.
+
+With --show, prints the policy's effective settings (after extend and the
+defaults) as a policy file would spell them.
 
 With --shadow, summarises the `shadow` events of an event log (a client
 with a candidate policy in shadow): disagreements by (live decision,
@@ -469,31 +486,6 @@ function M.run(args)
   return math.tointeger(results[2]) or EXIT.ok
 end
 
---- Runs a policy's self-tests: each { attempt = {...}, expect = {...} }.
-local function self_test(p)
-  local tests = p.table.tests
-  if not tests then return 0 end
-  for i, t in ipairs(tests) do
-    local label = ("test %d%s"):format(i, t.name and (" (" .. t.name .. ")") or "")
-    if type(t.attempt) ~= "table" or type(t.expect) ~= "table" then
-      return nil, label .. ": expected { attempt = {...}, expect = {...} }"
-    end
-    local ok, d = pcall(core.decide, p.core, t.attempt)
-    if not ok then return nil, label .. ": " .. tostring(d) end
-    for k, want in pairs(t.expect) do
-      local got = d[k]
-      if k == "delay_ms" and type(want) == "table" then
-        if not (got >= want[1] and got <= want[2]) then
-          return nil, ("%s: delay_ms %.1f not in [%s, %s]"):format(label, got, want[1], want[2])
-        end
-      elseif got ~= want then
-        return nil, ("%s: %s = %s, expected %s"):format(label, k, tostring(got), tostring(want))
-      end
-    end
-  end
-  return #tests
-end
-
 --- Lines "  key  n" sorted by count (then key), for the shadow summary.
 local function print_counts(title, counts, total)
   local keys = {}
@@ -549,7 +541,7 @@ end
 
 function M.check(args)
   local opts, pos = parse(args, 2, { ["--policy-path"] = "list", ["--help"] = "flag",
-                                     ["--shadow"] = "value" },
+                                     ["--shadow"] = "value", ["--show"] = "value" },
                           { ["-h"] = "--help" })
   if not opts then return fail("check", pos) end
   if opts["--help"] then io.stdout:write(CHECK_USAGE) return EXIT.ok end
@@ -557,24 +549,28 @@ function M.check(args)
     if #pos > 0 then return fail("check", "--shadow takes a log, not policies") end
     return shadow_summary(opts["--shadow"])
   end
-  if #pos == 0 then return fail("check", "no policy given (see resilua check --help)") end
   local policy = require "resilua.policy"
+  local check = require "resilua.check"
   local path = policy.path(opts["--policy-path"])
   core.log(false) -- check speaks in lines for humans, not in events
-  local all_ok = true
-  for _, name in ipairs(pos) do
-    local p, err = policy.load(name, path)
-    local n
-    if p then n, err = self_test(p) end
-    if p and n then
-      print(("ok    %s  %s  version %s, %d self-test%s passed"):format(
-        p.name, p.path, p.version, n, n == 1 and "" or "s"))
-    else
-      all_ok = false
-      print(("FAIL  %s  %s"):format(name, (tostring(err):gsub("\n.*", ""))))
-    end
+  if opts["--show"] then
+    if #pos > 0 then return fail("check", "--show takes one policy, not a list") end
+    local ok, err = check.show(opts["--show"], path)
+    if not ok then return fail("check", err) end
+    return EXIT.ok
   end
-  return all_ok and EXIT.ok or EXIT.usage
+  if #pos == 0 then return fail("check", "no policy given (see resilua check --help)") end
+  return check.run(pos, path) and EXIT.ok or EXIT.usage
+end
+
+function M.policies(args)
+  local opts, pos = parse(args, 2, { ["--policy-path"] = "list", ["--help"] = "flag" },
+                          { ["-h"] = "--help" })
+  if not opts then return fail("policies", pos) end
+  if opts["--help"] then io.stdout:write(POLICIES_USAGE) return EXIT.ok end
+  if #pos > 0 then return fail("policies", "takes no arguments (see resilua policies --help)") end
+  require("resilua.check").list(require("resilua.policy").path(opts["--policy-path"]))
+  return EXIT.ok
 end
 
 --- The given flags' values as integers >= 1, by flag (absent flags are
@@ -741,6 +737,7 @@ function M.main(args)
     return EXIT.ok
   end
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
+                     policies = M.policies,
                      batch = M.batch, load = M.load })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)

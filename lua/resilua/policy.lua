@@ -32,6 +32,7 @@ local ERROR_CLASSES = { timeout = true, connect = true, dns = true, tls = true,
 local function ms(lo) return { "number", lo or 0, DAY_MS } end
 local RULES = {
   name = { "string" }, max_attempts = { "integer", 1, 100 },
+  memory_mb = { "integer", 1, 4096 },  -- the policy's own Lua state (docs/policies.md, The sandbox)
   per_try_timeout_ms = ms(1), connect_timeout_ms = ms(1), deadline_ms = ms(1),
   max_response_bytes = { "integer", 1, 1 << 30 },
   decide = { "function" }, tests = { "table" },
@@ -159,31 +160,31 @@ local function check_list(rule, v, what)
   end
 end
 
--- Checks t against rules; returns nil or the message and the offending key.
-local function check_fields(t, rules, prefix)
+-- Checks t against rules; appends every problem to errs as { message,
+-- offending key }.
+local function check_fields(t, rules, prefix, errs)
   for k, v in pairs(t) do
     local rule = type(k) == "string" and rules[k]
     local what = prefix .. tostring(k)
-    if not rule then
-      return ("unknown field '%s'%s"):format(what, type(k) == "string" and suggest(k, rules) or ""), k
-    end
     local err
-    if rule[1] == "section" then
+    if not rule then
+      err = ("unknown field '%s'%s"):format(what, type(k) == "string" and suggest(k, rules) or "")
+    elseif rule[1] == "section" then
       if v == false and rule.optional then
         err = nil
       elseif type(v) ~= "table" then
         err = ("%s must be a table%s, got %s"):format(what, rule.optional and " or false" or "", type(v))
       else
-        local e2, key = check_fields(v, rule.fields, what .. ".")
-        if e2 then return e2, key end
+        check_fields(v, rule.fields, what .. ".", errs)
       end
     elseif rule[1] == "list" then
       err = check_list(rule, v, what)
     else
       err = check_value(rule, v, what)
     end
-    if err then return err, k end
+    if err then errs[#errs + 1] = { err, k } end
   end
+  return errs
 end
 
 local function copy(t)
@@ -413,11 +414,23 @@ function M.validate(t, path, src)
   if type(t) ~= "table" then
     return nil, ("%s: a policy must return a table, got %s"):format(path, type(t))
   end
-  local err, key = check_fields(t, RULES, "")
-  if not err then err, key = check_budget_kind(t.budget) end
-  if not err then err, key = check_breaker_kind(t.breaker) end
-  if err then
-    return nil, ("%s:%d: %s"):format(path, line_of(src or "", tostring(key)) or 1, err)
+  local errs = check_fields(t, RULES, "", {})
+  for _, extra in ipairs({ { check_budget_kind(t.budget) }, { check_breaker_kind(t.breaker) } }) do
+    if extra[1] then errs[#errs + 1] = extra end
+  end
+  if #errs > 0 then
+    -- every problem, one a line, in the file's order
+    local lines = {}
+    for i, e in ipairs(errs) do
+      local line = line_of(src or "", tostring(e[2])) or 1
+      lines[i] = { line, ("%s:%d: %s"):format(path, line, e[1]) }
+    end
+    table.sort(lines, function(a, b)
+      if a[1] ~= b[1] then return a[1] < b[1] end
+      return a[2] < b[2]
+    end)
+    for i, l in ipairs(lines) do lines[i] = l[2] end
+    return nil, table.concat(lines, "\n")
   end
   local norm = normalize(t)
   err = finish_breaker(norm.breaker)
@@ -503,8 +516,13 @@ function M.build_sandboxed(path, policy_path)
   if not src then error(rerr, 0) end
   local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path))
   if not chunk then error(syntax_err, 0) end
-  local norm, err = M.validate(chunk(), path, src)
+  local t = chunk()
+  local norm, err = M.validate(t, path, src)
   if not norm then error(err, 0) end
+  -- The fields the file set itself (check warns about what they imply).
+  norm.declared = {}
+  for k in pairs(t) do norm.declared[#norm.declared + 1] = k end
+  table.sort(norm.declared)
   norm.name = norm.name or path:match("([^/]+)%.lua$") or path
   norm.version = version_of(src)
   return norm
