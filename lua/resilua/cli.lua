@@ -459,7 +459,9 @@ function M.call(args)
   -- A body without a final newline must not run into the error line when
   -- both reach one terminal (or one file, with 2>&1).
   local sep = (out == io.stdout and text and text ~= "" and text:sub(-1) ~= "\n") and "\n" or ""
-  io.stderr:write(("%sresilua call: %s: %s\n"):format(sep, err.outcome, err.message or ""))
+  -- the outcome already says "policy_error": not "policy error:" again
+  local message = (err.message or ""):gsub("^policy error: ", "")
+  io.stderr:write(("%sresilua call: %s: %s\n"):format(sep, err.outcome, message))
   return EXIT[err.outcome] or EXIT.failed
 end
 

@@ -266,7 +266,18 @@ end
 --- A fresh environment for one policy: safe libraries only, `require`
 -- limited to resilua helpers and module names on the policy path, globals
 -- declared only.
-local function sandbox(policy_path, chain, file)
+-- The first line of src where `word` appears (plain), or 1: where a
+-- message points when the call's own frame is gone (a tail call).
+local function line_with(src, word)
+  local n = 1
+  for line in ((src or "") .. "\n"):gmatch("([^\n]*)\n") do
+    if line:find(word, 1, true) then return n end
+    n = n + 1
+  end
+  return 1
+end
+
+local function sandbox(policy_path, chain, file, src)
   local env = {}
   for _, name in ipairs(SAFE_GLOBALS) do env[name] = _G[name] end
   env.string, env.table, env.math, env.utf8, env.coroutine =
@@ -277,25 +288,31 @@ local function sandbox(policy_path, chain, file)
   -- resilua.policy as a policy sees it: extend() bound to this policy path.
   local policy_view = setmetatable({
     extend = function(base, overrides)
-      return M.extend(base, overrides, policy_path, chain, file)
+      local where = ("%s:%d"):format(file, line_with(src, "extend"))
+      return M.extend(base, overrides, policy_path, chain, where)
     end,
   }, { __index = M, __metatable = false })
+  -- `return require(x)` is a tail call: its caller's frame is gone, so
+  -- messages point at the line that names the module.
+  local function fail(name, msg)
+    error(("%s:%d: %s"):format(file, line_with(src, tostring(name)), msg), 0)
+  end
   env.require = function(name)
     if not is_module_name(name) then
-      error(("require: '%s' is not a module name (a policy requires modules by name, "
-             .. "never by path)"):format(tostring(name)), 2)
+      fail(name, ("require: '%s' is not a module name (a policy requires modules by name, "
+                  .. "never by path)"):format(tostring(name)))
     end
     if name == "resilua.policy" then return policy_view end
     if SANDBOX_MODULES[name] then return require(name) end
     if loaded[name] ~= nil then return loaded[name] end
     local path = M.find(name, policy_path)
     if not path then
-      error(("module '%s' is not allowed in a policy (only resilua.backoff, "
-             .. "resilua.policy and modules on the policy path)"):format(name), 2)
+      fail(name, ("module '%s' is not allowed in a policy (only resilua.backoff, "
+                  .. "resilua.policy and modules on the policy path)"):format(name))
     end
-    local src, rerr = read_source(path)
-    if not src then error(rerr, 2) end
-    local chunk, err = load(src, "@" .. path, "t", env)
+    local msrc, rerr = read_source(path)
+    if not msrc then fail(name, rerr) end
+    local chunk, err = load(msrc, "@" .. path, "t", env)
     if not chunk then error(err, 0) end
     loaded[name] = chunk(name) or true
     return loaded[name]
@@ -412,7 +429,12 @@ end
 -- with path:line.
 function M.validate(t, path, src)
   if type(t) ~= "table" then
-    return nil, ("%s: a policy must return a table, got %s"):format(path, type(t))
+    local n, last = 0, 1  -- the file's last `return` at a line's start
+    for line in ((src or "") .. "\n"):gmatch("([^\n]*)\n") do
+      n = n + 1
+      if line:match("^%s*return") then last = n end
+    end
+    return nil, ("%s:%d: a policy must return a table, got %s"):format(path, last, type(t))
   end
   local errs = check_fields(t, RULES, "", {})
   for _, extra in ipairs({ { check_budget_kind(t.budget) }, { check_breaker_kind(t.breaker) } }) do
@@ -469,6 +491,7 @@ end
 -- extend(...)` is a tail call, so error levels cannot find it).
 function M.extend(base_name, overrides, policy_path, chain, file)
   local function fail(msg) error(("%s: extend: %s"):format(file or "?", msg), 0) end
+  -- (file: "path:line" of the extend call, from a policy's sandbox)
   if not is_module_name(base_name) then
     fail(("the base must be a policy name (on the policy path), got %s"):format(
       type(base_name) == "string" and ("'" .. base_name .. "'") or type(base_name)))
@@ -484,7 +507,7 @@ function M.extend(base_name, overrides, policy_path, chain, file)
   sub[path] = true
   local src, rerr = read_source(path)
   if not src then fail(rerr) end
-  local chunk, err = load(src, "@" .. path, "t", sandbox(policy_path, sub, path))
+  local chunk, err = load(src, "@" .. path, "t", sandbox(policy_path, sub, path, src))
   if not chunk then error(err, 0) end
   local base = chunk()
   local _, verr = M.validate(base, path, src)
@@ -514,7 +537,7 @@ end
 function M.build_sandboxed(path, policy_path)
   local src, rerr = read_source(path)
   if not src then error(rerr, 0) end
-  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path))
+  local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path, src))
   if not chunk then error(syntax_err, 0) end
   local t = chunk()
   local norm, err = M.validate(t, path, src)

@@ -1,0 +1,2 @@
+-- when: load  expect: undeclared global 'io'
+return { x = io.open("/etc/passwd") }

@@ -1,0 +1,2 @@
+-- when: load  expect: over the policy's memory limit
+return { name = string.rep("x", 1 << 40) }

@@ -1,0 +1,2 @@
+-- when: load  expect: a policy must return a table
+return 42

@@ -1,0 +1,2 @@
+-- when: load  expect: is not a module name
+return require("/dev/zero")

@@ -1,0 +1,2 @@
+-- when: load  expect: is not a module name
+return require("..etc.passwd")
