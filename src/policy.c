@@ -473,6 +473,10 @@ int rsl_policy_push_loaded(lua_State *L, rsl_prng *prng) {
   char *err = NULL;
   if (rsl_sandbox_call(p->sb, 1, 0, RSL_POLICY_LOAD_INSTRUCTION_LIMIT,
                        RSL_POLICY_LOAD_TIME_LIMIT_MS, &err) < 0) {
+    /* Give the memory back now, not when the box is collected. */
+    rsl_sandbox_free(p->sb);
+    p->sb = NULL;
+    p->L = NULL;
     lua_pushnil(L);
     lua_pushstring(L, err ? err : "out of memory");
     free(err);
