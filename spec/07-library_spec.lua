@@ -304,7 +304,7 @@ describe("resilua.policy.extend", function()
     local p, err = policy.load(policy_file("orphan",
       [[return require("resilua.policy").extend("no-such-policy", {})]]), { dir, "policies" })
     assert.is_nil(p)
-    assert.matches("orphan%.lua: extend: base policy 'no%-such%-policy' not found", err)
+    assert.matches("orphan%.lua:1: extend: base policy 'no%-such%-policy' not found", err)
     policy_file("ping", [[return require("resilua.policy").extend("pong", {})]])
     p, err = policy.load(policy_file("pong", [[return require("resilua.policy").extend("ping", {})]]),
                          { dir, "policies" })

@@ -315,9 +315,10 @@ describe("check", function()
       decide = function(a) return false end }]])
     local r = helpers.run({ helpers.bin, "check", dir .. "/warned.lua" })
     assert.equal(0, r.code, r.stdout)
-    assert.truthy(r.stdout:find("warn  warned  deadline_ms (500) < per_try_timeout_ms (2000)", 1, true), r.stdout)
-    assert.truthy(r.stdout:find("warn  warned  decide has no tests", 1, true), r.stdout)
-    assert.truthy(r.stdout:find("warn  warned  retry_on is never applied", 1, true), r.stdout)
+    local w = "warn  " .. dir .. "/warned.lua  "
+    assert.truthy(r.stdout:find(w .. "deadline_ms (500) < per_try_timeout_ms (2000)", 1, true), r.stdout)
+    assert.truthy(r.stdout:find(w .. "decide has no tests", 1, true), r.stdout)
+    assert.truthy(r.stdout:find(w .. "retry_on is never applied", 1, true), r.stdout)
   end)
 
   it("reports every problem of a policy, in the file's order", function()

@@ -141,11 +141,11 @@ function M.run(names, policy_path)
         p.name, p.path, p.version, n, n == 1 and "" or "s"))
     else
       all_ok = false
-      print(("FAIL  %s  %s"):format(p and p.name or name, problems[1]))
+      print(("FAIL  %s  %s"):format(name, problems[1]))
       for i = 2, #problems do print("      " .. problems[i]) end
     end
     for _, w in ipairs(p and M.warnings(p) or {}) do
-      print(("warn  %s  %s"):format(p.name, w))
+      print(("warn  %s  %s"):format(name, w))
     end
   end
   return all_ok
