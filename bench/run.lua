@@ -117,10 +117,20 @@ local function part_decide()
   end)
   -- The decide body alone, called from Lua with an `a` like the one the
   -- core builds (same fields): what the policy itself costs, no bridge.
-  local fn = lua_p.table.decide
+  -- (The policy's own function lives in its own Lua state: time the same
+  -- file's decide loaded in this one.)
+  local fn = assert(loadfile(here .. "/policies/lua_decide.lua", "t"))().decide
   local a_full = { attempt = 1, method = "GET", url = "http://127.0.0.1/", status = 503,
                    headers = {}, latency_ms = 0, elapsed_ms = 0, remaining_ms = 10000,
                    prev_delay_ms = 200, max_attempts = 4, policy = lua_p.table }
+  -- The same decide run in this (the script's) state, as policy.define
+  -- builds it: what the sandbox's own state costs per decision.
+  local host_p = assert(policy.define(assert(loadfile(here .. "/policies/lua_decide.lua", "t"))(),
+                                      "host", here .. "/policies/lua_decide.lua"))
+  local host_ns = ns_per(function(n)
+    local c = host_p.core
+    for _ = 1, n do decide(c, A) end
+  end)
   local body_ns = ns_per(function(n)
     for _ = 1, n do fn(a_full) end
   end)
@@ -133,6 +143,9 @@ local function part_decide()
   row("Lua decide (resilua.backoff)", fmt(lua_ns) .. " ns/decision",
       ("n=%d, runs %.0f-%.0f"):format(n_lua, lua_min, lua_max))
   row("ratio Lua decide / built-in", fmt(lua_ns / builtin_ns, 2) .. " x")
+  row("same decide in the script's state (no sandbox)", fmt(host_ns) .. " ns/decision")
+  row("ratio sandboxed / script's state", fmt(lua_ns / host_ns, 2) .. " x")
+  row("memory of the policy's own state", fmt((lua_p.memory or 0) / 1024) .. " KiB")
   row("C -> Lua -> C round trip (Lua - built-in)", fmt(lua_ns - builtin_ns) .. " ns/decision")
   row("  of which the decide body, called from Lua", fmt(body_ns) .. " ns/call")
   row("  so the bridge itself (build a, pcall, read)", fmt(lua_ns - builtin_ns - body_ns) .. " ns/decision")

@@ -15,7 +15,8 @@
  * outer one.  No pointer: code runs outside any limited call. */
 typedef struct call_limit {
   lua_Integer left;   /* instructions; <= 0: tripped */
-  double deadline_ms; /* on rsl_luacall_cpu_ms(); 0: none */
+  double time_ms;     /* CPU time allowed; 0: none */
+  double deadline_ms; /* on rsl_luacall_cpu_ms(), set at the first check */
   int limited;        /* 0: an unlimited call (scripts) */
 } call_limit;
 
@@ -51,11 +52,16 @@ static int limit_error(lua_State *L, const char *what) {
   return lua_error(L);
 }
 
-static const char *over(const call_limit *lim) {
+/* The clock is read at the first check, not at the call's start: most
+ * calls end before their first hook and never pay for it.  Until then at
+ * most HOOK_EVERY_INSTRUCTIONS instructions (or one bounded C call) ran. */
+static const char *over(call_limit *lim) {
   if (lim->left <= 0) return "instruction limit exceeded (a runaway loop?)";
-  if (lim->deadline_ms > 0 && rsl_luacall_cpu_ms() > lim->deadline_ms) {
+  if (lim->time_ms <= 0) return NULL;
+  double now = rsl_luacall_cpu_ms();
+  if (lim->deadline_ms == 0) lim->deadline_ms = now + lim->time_ms;
+  if (now > lim->deadline_ms)
     return "time limit exceeded (a runaway loop or a costly library call?)";
-  }
   return NULL;
 }
 
@@ -103,7 +109,7 @@ int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
 
   call_limit lim = {.left = instr_limit, .limited = instr_limit > 0};
   if (time_ms > 0) {
-    lim.deadline_ms = rsl_luacall_cpu_ms() + time_ms;
+    lim.time_ms = time_ms;
     lim.limited = 1;
     if (lim.left <= 0) lim.left = LUA_MAXINTEGER;
   }

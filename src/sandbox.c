@@ -37,7 +37,8 @@ struct rsl_sandbox {
   lua_State *L;
   size_t used, cap;
   rsl_prng *prng;
-  double deadline_ms; /* of the running call; 0 outside one */
+  double time_ms;     /* of the running call; 0 outside one */
+  double deadline_ms; /* set at its first big allocation */
   int over_cap, over_time; /* an allocation was refused, and why */
   char where[160];          /* the code's position at the first refusal */
 };
@@ -76,11 +77,14 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       note_position(sb);
       return NULL;
     }
-    if (grow >= TIMED_ALLOC_BYTES && sb->deadline_ms > 0 &&
-        rsl_luacall_cpu_ms() > sb->deadline_ms) {
-      sb->over_time = 1;
-      note_position(sb);
-      return NULL;
+    if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0) {
+      double now = rsl_luacall_cpu_ms();
+      if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
+      if (now > sb->deadline_ms) {
+        sb->over_time = 1;
+        note_position(sb);
+        return NULL;
+      }
     }
   }
   void *p = realloc(ptr, nsize);
@@ -500,9 +504,10 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   *err = NULL;
   sb->over_cap = sb->over_time = 0;
   sb->where[0] = '\0';
-  sb->deadline_ms = rsl_luacall_cpu_ms() + time_ms;
-  int status = rsl_luacall_timed(L, nargs, nresults, instr_limit, time_ms);
+  sb->time_ms = time_ms;
   sb->deadline_ms = 0;
+  int status = rsl_luacall_timed(L, nargs, nresults, instr_limit, time_ms);
+  sb->time_ms = sb->deadline_ms = 0;
   if (status == LUA_OK) return 0;
   const char *msg = lua_tostring(L, -1);
   char buf[400];
