@@ -420,6 +420,84 @@ static int core_policy_load(lua_State *L) {
   return rsl_policy_push_loaded(L, &rsl_core_runtime(L)->prng);
 }
 
+/* A load on a helper thread: a userdata that owns the job while it runs
+ * (registry-referenced until it ends; its __gc waits for the thread). */
+typedef struct load_box {
+  rsl_policy_job *job;
+  rsl_runtime *rt;
+  rsl_io io;
+  int cb_ref, self_ref;
+} load_box;
+
+static int load_box_gc(lua_State *L) {
+  load_box *b = lua_touserdata(L, 1);
+  if (b->io.events) rsl_io_set(b->rt->loop, &b->io, 0);
+  rsl_policy_job_free(b->job);
+  b->job = NULL;
+  return 0;
+}
+
+/* Runs protected: the results pushed, then the callback called. */
+static int finish_load(lua_State *L) {
+  load_box *b = lua_touserdata(L, 1);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->cb_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, b->self_ref); /* keeps b alive */
+  lua_insert(L, 1);
+  int n = rsl_policy_job_push_result(L, b->job, &b->rt->prng);
+  rsl_policy_job_free(b->job);
+  b->job = NULL;
+  luaL_unref(L, LUA_REGISTRYINDEX, b->self_ref);
+  luaL_unref(L, LUA_REGISTRYINDEX, b->cb_ref);
+  b->self_ref = b->cb_ref = LUA_NOREF;
+  lua_call(L, n, 0);
+  return 0;
+}
+
+static void on_loaded(void *ud, int fd, unsigned events) {
+  (void)fd;
+  (void)events;
+  load_box *b = ud;
+  rsl_io_set(b->rt->loop, &b->io, 0);
+  lua_State *L = b->rt->L;
+  int top = lua_gettop(L);
+  lua_pushcfunction(L, finish_load);
+  lua_pushlightuserdata(L, b);
+  if (rsl_luacall(L, 1, 0, 0) != LUA_OK)
+    fprintf(stderr, "resilua: error in a callback: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+}
+
+/* core.policy_load_async(path, policy_path, fn): loads as core.policy_load
+ * does, on a helper thread, and calls fn with its results on the loop. */
+static int core_policy_load_async(lua_State *L) {
+  rsl_runtime *rt = rsl_core_runtime(L);
+  luaL_checktype(L, 3, LUA_TFUNCTION);
+  load_box *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  b->rt = rt;
+  b->cb_ref = b->self_ref = LUA_NOREF;
+  if (luaL_newmetatable(L, "resilua.policy_load")) {
+    lua_pushcfunction(L, load_box_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  int box = lua_gettop(L);
+  int rc = rsl_policy_job_start(L, &b->job);
+  if (rc < 0) return luaL_error(L, "policy load: %s", strerror(-rc));
+  lua_pushvalue(L, 3);
+  b->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushvalue(L, box);
+  b->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  rsl_io_init(&b->io, rsl_policy_job_fd(b->job), on_loaded, b);
+  rc = rsl_io_set(rt->loop, &b->io, RSL_IO_READ);
+  if (rc < 0) {
+    luaL_unref(L, LUA_REGISTRYINDEX, b->self_ref); /* __gc frees the job */
+    b->self_ref = LUA_NOREF;
+    return luaL_error(L, "policy load: %s", strerror(-rc));
+  }
+  return 0;
+}
+
 typedef struct client_box {
   rsl_client *c;
 } client_box;
@@ -779,6 +857,7 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"isatty", core_isatty},
     {"policy", core_policy},
     {"policy_load", core_policy_load},
+    {"policy_load_async", core_policy_load_async},
     {"policy_names", rsl_policy_names_lua},
     {"client", core_client},
     {"call", core_call},

@@ -11,10 +11,14 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <pthread.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "luacall.h"
 #include "sandbox.h"
@@ -368,7 +372,7 @@ int rsl_policy_push_new(lua_State *L, int idx) {
 typedef struct load_request {
   rsl_policy *p;
   const char *path;
-  const char **dirs; /* the policy path */
+  const char *const *dirs; /* the policy path */
   size_t dir_count;
 } load_request;
 
@@ -451,44 +455,167 @@ static void copy_out(lua_State *S, int si, lua_State *H, int depth) {
   }
 }
 
-int rsl_policy_push_loaded(lua_State *L, rsl_prng *prng) {
-  const char *path = luaL_checkstring(L, 1);
-  luaL_checktype(L, 2, LUA_TTABLE);
-  size_t n = lua_rawlen(L, 2);
-  luaL_argcheck(L, n <= 64, 2, "at most 64 folders");
-  const char *dirs[64];
-  for (size_t i = 0; i < n; i++) {
-    lua_rawgeti(L, 2, (lua_Integer)i + 1);
-    dirs[i] = lua_tostring(L, -1); /* stays on the stack */
-    luaL_argcheck(L, dirs[i] != NULL, 2, "folders must be strings");
-  }
-  rsl_policy *p = push_box(L);
-  int box = lua_gettop(L);
-  p->sb = rsl_sandbox_new((size_t)RSL_SANDBOX_DEFAULT_MEMORY_MB << 20, prng);
-  if (!p->sb) return luaL_error(L, "out of memory");
+/* Builds the policy at path in a new sandbox (plain C and the policy's own
+ * state: safe on any thread).  The policy (one ref, owned by the caller),
+ * or NULL with *err (malloc'd, NULL when out of memory). */
+static rsl_policy *build_policy(const char *path, const char *const *dirs,
+                                size_t dir_count, char **err) {
+  *err = NULL;
+  rsl_policy *p = calloc(1, sizeof *p);
+  if (!p) return NULL;
+  p->refs = 1;
+  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
+  p->sb = rsl_sandbox_new((size_t)RSL_SANDBOX_DEFAULT_MEMORY_MB << 20, NULL);
+  if (!p->sb) goto fail;
   p->L = rsl_sandbox_state(p->sb);
-  load_request req = {.p = p, .path = path, .dirs = dirs, .dir_count = n};
+  load_request req = {.p = p, .path = path, .dirs = dirs,
+                      .dir_count = dir_count};
   lua_pushcfunction(p->L, build_in_sandbox);
   lua_pushlightuserdata(p->L, &req);
-  char *err = NULL;
   if (rsl_sandbox_call(p->sb, 1, 0, RSL_POLICY_LOAD_INSTRUCTION_LIMIT,
-                       RSL_POLICY_LOAD_TIME_LIMIT_MS, &err) < 0) {
-    /* Give the memory back now, not when the box is collected. */
-    rsl_sandbox_free(p->sb);
-    p->sb = NULL;
-    p->L = NULL;
+                       RSL_POLICY_LOAD_TIME_LIMIT_MS, err) == 0)
+    return p;
+fail:
+  /* Give the memory back now, not when a box is collected. */
+  rsl_policy_unref(p);
+  return NULL;
+}
+
+static int push_cstring(lua_State *L) {
+  lua_pushstring(L, lua_touserdata(L, 1));
+  return 1;
+}
+
+/* Pushes the results of a load for `p` (built or NULL with err) on L:
+ * policy, table, bytes; or nil, message.  Takes p and err. */
+static int push_result(lua_State *L, rsl_policy *p, char *err,
+                       rsl_prng *prng) {
+  /* The box first: a raise while pushing leaves p owned by it. */
+  policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
+  box->p = p;
+  if (luaL_newmetatable(L, POLICY_MT)) {
+    lua_pushcfunction(L, policy_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  if (!p) {
     lua_pushnil(L);
-    lua_pushstring(L, err ? err : "out of memory");
+    /* protected, so that err is freed even when the push raises */
+    lua_pushcfunction(L, push_cstring);
+    lua_pushlightuserdata(L, err ? err : "out of memory");
+    int rc = lua_pcall(L, 1, 1, 0);
     free(err);
+    if (rc != LUA_OK) return lua_error(L);
+    lua_remove(L, -3); /* the empty box */
     return 2;
   }
+  rsl_sandbox_set_prng(p->sb, prng);
   lua_rawgeti(p->L, LUA_REGISTRYINDEX, p->table_ref);
   copy_out(p->L, -1, L, 0);
   lua_pop(p->L, 1);
-  lua_pushvalue(L, box);
-  lua_insert(L, -2);
   lua_pushinteger(L, (lua_Integer)rsl_sandbox_memory(p->sb));
   return 3;
+}
+
+/* The policy path argument at idx as an array of strings (which stay on
+ * L's stack). */
+static size_t check_dirs(lua_State *L, int idx, const char *dirs[64]) {
+  luaL_checktype(L, idx, LUA_TTABLE);
+  size_t n = lua_rawlen(L, idx);
+  luaL_argcheck(L, n <= 64, idx, "at most 64 folders");
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, idx, (lua_Integer)i + 1);
+    dirs[i] = lua_tostring(L, -1);
+    luaL_argcheck(L, dirs[i] != NULL, idx, "folders must be strings");
+  }
+  return n;
+}
+
+int rsl_policy_push_loaded(lua_State *L, rsl_prng *prng) {
+  const char *path = luaL_checkstring(L, 1);
+  const char *dirs[64];
+  size_t n = check_dirs(L, 2, dirs);
+  char *err;
+  rsl_policy *p = build_policy(path, dirs, n, &err);
+  return push_result(L, p, err, prng);
+}
+
+/* --- building on a helper thread ----------------------------------------- */
+
+struct rsl_policy_job {
+  pthread_t thread;
+  int started;  /* the thread exists and is not joined yet */
+  int fds[2];   /* the thread writes a byte to fds[1] when it is done */
+  char *path;
+  char **dirs;
+  size_t dir_count;
+  rsl_policy *p; /* the result, or NULL with err */
+  char *err;
+};
+
+static void *job_main(void *arg) {
+  rsl_policy_job *j = arg;
+  j->p = build_policy(j->path, (const char *const *)j->dirs, j->dir_count,
+                      &j->err);
+  char byte = 1;
+  while (write(j->fds[1], &byte, 1) < 0 && errno == EINTR) {
+  }
+  return NULL;
+}
+
+void rsl_policy_job_free(rsl_policy_job *j) {
+  if (!j) return;
+  if (j->started) pthread_join(j->thread, NULL);
+  for (int i = 0; i < 2; i++)
+    if (j->fds[i] >= 0) close(j->fds[i]);
+  rsl_policy_unref(j->p);
+  free(j->err);
+  for (size_t i = 0; i < j->dir_count; i++) free(j->dirs[i]);
+  free(j->dirs);
+  free(j->path);
+  free(j);
+}
+
+int rsl_policy_job_start(lua_State *L, rsl_policy_job **out) {
+  const char *path = luaL_checkstring(L, 1);
+  const char *dirs[64];
+  size_t n = check_dirs(L, 2, dirs);
+  int rc = -ENOMEM;
+  rsl_policy_job *j = calloc(1, sizeof *j);
+  if (!j) return rc;
+  j->fds[0] = j->fds[1] = -1;
+  if (!(j->path = strdup(path)) || !(j->dirs = calloc(n + 1, sizeof *j->dirs)))
+    goto out;
+  for (; j->dir_count < n; j->dir_count++)
+    if (!(j->dirs[j->dir_count] = strdup(dirs[j->dir_count]))) goto out;
+  if (pipe2(j->fds, O_CLOEXEC | O_NONBLOCK) < 0) {
+    rc = -errno;
+    goto out;
+  }
+  rc = -pthread_create(&j->thread, NULL, job_main, j);
+  if (rc == 0) j->started = 1;
+out:
+  if (rc < 0) {
+    rsl_policy_job_free(j);
+    j = NULL;
+  }
+  *out = j;
+  return rc;
+}
+
+int rsl_policy_job_fd(const rsl_policy_job *j) { return j->fds[0]; }
+
+int rsl_policy_job_push_result(lua_State *L, rsl_policy_job *j,
+                               rsl_prng *prng) {
+  if (j->started) {
+    pthread_join(j->thread, NULL);
+    j->started = 0;
+  }
+  rsl_policy *p = j->p;
+  char *err = j->err;
+  j->p = NULL;
+  j->err = NULL;
+  return push_result(L, p, err, prng);
 }
 
 /* --- decisions ----------------------------------------------------------- */

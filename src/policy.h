@@ -101,6 +101,23 @@ int rsl_policy_push_new(struct lua_State *L, int idx);
  * "<function>"), bytes the memory the policy's state holds.  `prng` (the
  * runtime's) feeds the policy's resilua.backoff. */
 int rsl_policy_push_loaded(struct lua_State *L, rsl_prng *prng);
+/* Loading a policy on a helper thread (reloads off the hot path).  The
+ * thread builds the policy in its own state; the host's state is touched
+ * only by rsl_policy_job_push_result, on the caller's thread. */
+typedef struct rsl_policy_job rsl_policy_job;
+/* Starts loading (path, policy path) = the arguments at 1 and 2 of L, as
+ * core.policy_load takes them.  0 and *out (owned by the caller), or
+ * -errno. */
+int rsl_policy_job_start(struct lua_State *L, rsl_policy_job **out);
+/* Readable once the job is done. */
+int rsl_policy_job_fd(const rsl_policy_job *j);
+/* Waits for the job (it is done when its fd is readable) and pushes what
+ * core.policy_load returns; the result is L's from then on. */
+int rsl_policy_job_push_result(struct lua_State *L, rsl_policy_job *j,
+                               rsl_prng *prng);
+/* Waits for the thread if it still runs (at most the load limits), then
+ * frees everything the job holds. */
+void rsl_policy_job_free(rsl_policy_job *j);
 /* core.policy_names(dir) -> sorted list of the *.lua regular files in dir
  * (empty when it cannot be read). */
 int rsl_policy_names_lua(struct lua_State *L);

@@ -36,7 +36,8 @@
 struct rsl_sandbox {
   lua_State *L;
   size_t used, cap;
-  rsl_prng *prng;
+  rsl_prng *prng;    /* the runtime's, or own_prng until it is given */
+  rsl_prng own_prng; /* while loading, maybe on a helper thread */
   double time_ms;     /* of the running call; 0 outside one */
   double deadline_ms; /* set at its first big allocation */
   int over_cap, over_time; /* an allocation was refused, and why */
@@ -464,7 +465,8 @@ rsl_sandbox *rsl_sandbox_new(size_t mem_bytes, rsl_prng *prng) {
   rsl_sandbox *sb = calloc(1, sizeof *sb);
   if (!sb) return NULL;
   sb->cap = mem_bytes;
-  sb->prng = prng;
+  rsl_prng_seed(&sb->own_prng, 1);
+  sb->prng = prng ? prng : &sb->own_prng;
   lua_State *L = lua_newstate(sandbox_alloc, sb);
   if (!L) {
     free(sb);
@@ -490,6 +492,10 @@ void rsl_sandbox_free(rsl_sandbox *sb) {
 }
 
 lua_State *rsl_sandbox_state(const rsl_sandbox *sb) { return sb->L; }
+
+void rsl_sandbox_set_prng(rsl_sandbox *sb, rsl_prng *prng) {
+  sb->prng = prng ? prng : &sb->own_prng;
+}
 size_t rsl_sandbox_memory(const rsl_sandbox *sb) { return sb->used; }
 
 int rsl_sandbox_set_cap(rsl_sandbox *sb, size_t mem_bytes) {

@@ -26,9 +26,12 @@
 typedef struct rsl_sandbox rsl_sandbox;
 
 /* A new sandbox whose allocations stop at mem_bytes; `prng` (the
- * runtime's, it must outlive the sandbox) feeds resilua.backoff.  NULL when
- * out of memory.  The caller owns it (rsl_sandbox_free). */
+ * runtime's, it must outlive the sandbox; NULL: one of its own, fixed seed)
+ * feeds resilua.backoff.  NULL when out of memory.  The caller owns it
+ * (rsl_sandbox_free).  A sandbox is used by one thread at a time. */
 rsl_sandbox *rsl_sandbox_new(size_t mem_bytes, rsl_prng *prng);
+/* Hands the sandbox the runtime's PRNG (once loaded, on the main thread). */
+void rsl_sandbox_set_prng(rsl_sandbox *sb, rsl_prng *prng);
 
 /* Frees the state; its finalizers run under the forbidding hook, so a
  * looping __gc stops at its first instruction. */

@@ -578,25 +578,34 @@ function M.available(policy_path)
   return out
 end
 
+-- The policy object for a core.policy_load result.
+local function policy_object(path, box, t, bytes)
+  if not box then return nil, t end
+  return { name = t.name, path = path, version = t.version, table = t, core = box,
+           memory = bytes }
+end
+
+-- The policy file for name, or nil and a message (with a did-you-mean).
+local function locate(name, policy_path)
+  local path = M.find(name, policy_path)
+  if path then return path end
+  local looked = {}
+  for i, d in ipairs(policy_path) do looked[i] = M.normalize_path(d) end
+  local hint = ""
+  if not name:find("/") and not name:match("%.lua$") then
+    hint = suggest(name, M.available(policy_path))
+  end
+  return nil, ("policy '%s' not found%s (looked in %s)"):format(
+    name, hint, name:find("/") and M.normalize_path(name) or table.concat(looked, ", "))
+end
+
 -- Loads a policy by name or file in a state of its own.  Returns a policy
 -- object { name, path, version, table, core, memory } or nil, message.
 local function load_policy(name, policy_path)
   policy_path = policy_path or M.path()
-  local path = M.find(name, policy_path)
-  if not path then
-    local looked = {}
-    for i, d in ipairs(policy_path) do looked[i] = M.normalize_path(d) end
-    local hint = ""
-    if not name:find("/") and not name:match("%.lua$") then
-      hint = suggest(name, M.available(policy_path))
-    end
-    return nil, ("policy '%s' not found%s (looked in %s)"):format(
-      name, hint, name:find("/") and M.normalize_path(name) or table.concat(looked, ", "))
-  end
-  local box, t, bytes = core.policy_load(path, policy_path)
-  if not box then return nil, t end
-  return { name = t.name, path = path, version = t.version, table = t, core = box,
-           memory = bytes }
+  local path, err = locate(name, policy_path)
+  if not path then return nil, err end
+  return policy_object(path, core.policy_load(path, policy_path))
 end
 
 -- A table as text with sorted keys: the same table, the same version.
@@ -620,10 +629,14 @@ function M.define(t, name, path, src)
   return build(t, path, src, name, version_of(canonical(t)))
 end
 
-function M.load(name, policy_path)
-  local p, err = load_policy(name, policy_path)
+local function log_load(name, p, err)
   core.log_event("policy", p and { name = p.name, path = p.path, version = p.version, ok = true }
                              or { name = name, ok = false, error = (tostring(err):gsub("\n.*", "")) })
+end
+
+function M.load(name, policy_path)
+  local p, err = load_policy(name, policy_path)
+  log_load(name, p, err)
   return p, err
 end
 
@@ -633,15 +646,31 @@ end
 local slots = {}  -- policy file -> slot
 local watch       -- one inotify watch over every folder that holds a slot
 
---- Loads the slot's file again; swaps it in only when it loads and
--- validates (a broken edit keeps the old version; both are logged).
+--- Loads the slot's file again, on a helper thread: calls in flight go on
+-- meanwhile.  Swaps the new version in only when it loads and validates (a
+-- broken edit keeps the old version; both are logged).  The latest edit
+-- wins: a load that ends after a newer one started is dropped.  Then
+-- M.reloaded(slot, ok, err) runs (a hook for tests and benches).
 function M.reload(slot)
-  local p, err = M.load(slot.path, slot.policy_path)
-  -- The same source is the same version: keep the one in force (and the
-  -- state its functions hold).
-  if p and p.version ~= slot.current.version then slot.current = p end
-  return p ~= nil, err
+  slot.generation = (slot.generation or 0) + 1
+  local generation = slot.generation
+  local function finish(p, err)
+    if generation ~= slot.generation then return end
+    log_load(slot.path, p, err)
+    -- The same source is the same version: keep the one in force (and the
+    -- state its functions hold).
+    if p and p.version ~= slot.current.version then slot.current = p end
+    M.reloaded(slot, p ~= nil, err)
+  end
+  local path, err = locate(slot.path, slot.policy_path)
+  if not path then return finish(nil, err) end
+  core.policy_load_async(path, slot.policy_path, function(box, t, bytes)
+    finish(policy_object(path, box, t, bytes))
+  end)
 end
+
+--- Called after each reload of a slot ends: ok, or false and the message.
+function M.reloaded(slot, ok, err) end -- luacheck: ignore
 
 local function reload_changed(dir, name)
   for _, slot in pairs(slots) do
