@@ -101,6 +101,7 @@ bench:
 	$(Q)$(BIN) run bench/run.lua
 	$(Q)$(BIN) run bench/batch.lua
 	$(Q)$(BIN) run bench/reload.lua
+	$(Q)$(BIN) run bench/sandbox.lua
 	$(Q)$(BIN) run bench/peers.lua
 
 # The main job: four policies through an outage and a capacity drop.

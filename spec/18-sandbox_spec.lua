@@ -228,6 +228,49 @@ describe("sandbox: live reload of each hostile case under load", function()
   end)
 end)
 
+describe("sandbox: odd files and hooks", function()
+  it("a policy file replaced by a directory: a policy event, the old version kept", function()
+    local dir = helpers.tmpdir()
+    local live, log = dir .. "/live.lua", dir .. "/events.jsonl"
+    helpers.write_file(live, "return { max_attempts = 2 }")
+    local script = helpers.write_file(dir .. "/dir.lua", ([[
+      local resilua = require "resilua"
+      local policy = require "resilua.policy"
+      resilua.log(%q)
+      local slot = assert(policy.slot(%q))
+      local done
+      policy.reloaded = function(_, ok, err) done = { ok, err } end
+      assert(os.remove(%q))
+      assert(os.execute("mkdir " .. %q))
+      policy.reload(slot)
+      while not done do resilua.sleep(0.01) end
+      print(done[1], slot.current.table.max_attempts)]]):format(log, live, live, live))
+    local r = helpers.run({ helpers.bin, "run", script })
+    assert.equal(0, r.code, r.stderr)
+    assert.equal("false\t2\n", r.stdout)
+    local loads = helpers.of_kind(helpers.events(log), "policy")
+    assert.equal(2, #loads)
+    assert.is_false(loads[2].ok)
+    assert.truthy(loads[2].error:find("is a directory", 1, true), loads[2].error)
+  end)
+
+  it("a breaker.on_change that loops is stopped; the breaker event says where", function()
+    local server = helpers.start_server("return function() return { status = 503 } end")
+    finally(function() server:stop() end)
+    local dir = helpers.tmpdir()
+    local file, log = dir .. "/hooked.lua", dir .. "/events.jsonl"
+    helpers.write_file(file, [[return { max_attempts = 1, budget = false,
+      breaker = { failures = 1, open_ms = 60000,
+                  on_change = function(key, from, to) while true do end end } }]])
+    local r = helpers.run({ helpers.bin, "call", "--policy", file, "--log", log, server.url })
+    assert.equal(4, r.code, r.stderr) -- gave up: one attempt, 503
+    local b = helpers.of_kind(helpers.events(log), "breaker")
+    assert.equal(1, #b)
+    assert.truthy(tostring(b[1].hook_error):match("hooked%.lua:%d+: instruction limit exceeded"),
+                  tostring(b[1].hook_error))
+  end)
+end)
+
 describe("sandbox: isolation", function()
   local dir, write
   setup(function()

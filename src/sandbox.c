@@ -27,6 +27,8 @@
 /* Allocations at least this big check the call's deadline: copying large
  * strings (string.format, table.concat, `..`) is where C time hides. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
+/* table.move and table.sort: elements handled by one call. */
+#define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 17)
 /* Patterns whose worst case passes 10^this steps on their subject are
  * refused (about 0.1 s of backtracking). */
 #define PATTERN_MAX_LOG10_STEPS 7.5
@@ -325,6 +327,28 @@ static void wrap_pattern(lua_State *L, const char *name, int anchor_ok,
   lua_setfield(L, -2, name);
 }
 
+/* table.move: it loops in C over the range, whatever the table holds
+ * (`table.move({}, 1, 1 << 40, 1)` spins for hours): the range is capped. */
+static int sb_move(lua_State *L) {
+  lua_Integer f = luaL_checkinteger(L, 2), e = luaL_checkinteger(L, 3);
+  if (e >= f && (e - f >= TABLE_MAX_ELEMENTS || f < -TABLE_MAX_ELEMENTS))
+    return luaL_error(L, "table.move: over %d elements in a policy",
+                      (int)TABLE_MAX_ELEMENTS);
+  rsl_luacall_check(L);
+  return call_original(L);
+}
+
+/* table.sort: comparisons of plain values run in C without instructions,
+ * so the size is capped (a comparator's own code is counted as usual). */
+static int sb_sort(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (lua_rawlen(L, 1) > (size_t)TABLE_MAX_ELEMENTS)
+    return luaL_error(L, "table.sort: over %d elements in a policy",
+                      (int)TABLE_MAX_ELEMENTS);
+  rsl_luacall_check(L);
+  return call_original(L);
+}
+
 /* setmetatable: no __gc.  Lua runs finalizers with hooks off, so no limit
  * could stop one; and an object is marked for finalization only when its
  * metatable has __gc at this call (a later mt.__gc = f does nothing). */
@@ -449,6 +473,14 @@ static int setup(lua_State *L) {
   wrap_pattern(L, "match", 1, 0);
   wrap_pattern(L, "gmatch", 0, 0);
   wrap_pattern(L, "gsub", 1, 0);
+  lua_getfield(L, 1, LUA_TABLIBNAME);
+  lua_getfield(L, -1, "move");
+  lua_pushcclosure(L, sb_move, 1);
+  lua_setfield(L, -2, "move");
+  lua_getfield(L, -1, "sort");
+  lua_pushcclosure(L, sb_sort, 1);
+  lua_setfield(L, -2, "sort");
+  lua_pop(L, 1);
   lua_pushliteral(L, "");
   lua_getmetatable(L, -1);
   lua_pushboolean(L, 0);
