@@ -6,7 +6,7 @@
  * tables, the defaults are all the policy's own copies), a memory cap is
  * exact (lua_setallocf accounting is per state), and the host's state never
  * runs a policy's metamethods or finalizers.  The cost is measured by
- * bench/run.lua (memory per policy, decide ns).
+ * bench/sandbox.lua (memory per policy, decide ns).
  */
 #include "sandbox.h"
 
