@@ -271,6 +271,23 @@ describe("sandbox: odd files and hooks", function()
   end)
 end)
 
+describe("sandbox: overrides from the command line", function()
+  it("keep the policy's decide (it lives in the policy's own state)", function()
+    local server = helpers.start_server("return function() return { status = 503 } end")
+    finally(function() server:stop() end)
+    local dir = helpers.tmpdir()
+    local file, log = dir .. "/mine.lua", dir .. "/events.jsonl"
+    helpers.write_file(file, [[return { breaker = false, budget = false,
+      decide = function(a) return { retry = true, delay_ms = 1, reason = "mine" } end }]])
+    local r = helpers.run({ helpers.bin, "call", "--policy", file, "--attempts", "2", "--log", log,
+                            server.url })
+    assert.equal(4, r.code, r.stderr)
+    local attempts = helpers.of_kind(helpers.events(log), "attempt")
+    assert.equal(2, #attempts)
+    assert.equal("mine", attempts[1].reason)
+  end)
+end)
+
 describe("sandbox: isolation", function()
   local dir, write
   setup(function()

@@ -374,7 +374,11 @@ typedef struct load_request {
   const char *path;
   const char *const *dirs; /* the policy path */
   size_t dir_count;
+  lua_State *host; /* with overrides: the state that holds them (only read) */
+  int overrides;   /* their index in host; 0: none */
 } load_request;
+
+static void copy_out(lua_State *S, int si, lua_State *H, int depth);
 
 /* Runs in the sandbox, under the load limits: the policy module's loader
  * (its own copy of resilua.policy) builds the normalized table, then the
@@ -393,7 +397,9 @@ static int build_in_sandbox(lua_State *L) {
     lua_pushstring(L, req->dirs[i]);
     lua_rawseti(L, -2, (lua_Integer)i + 1);
   }
-  lua_call(L, 2, 1);
+  if (req->overrides) copy_out(req->host, req->overrides, L, 0);
+  else lua_pushnil(L);
+  lua_call(L, 3, 1);
   fill_from_table(L, req->p, -1);
   lua_Integer mb = RSL_SANDBOX_DEFAULT_MEMORY_MB;
   if (lua_getfield(L, -1, "memory_mb") == LUA_TNUMBER)
@@ -411,7 +417,8 @@ static int build_in_sandbox(lua_State *L) {
 
 /* Copies plain data from S (value at si) to H: tables, strings, numbers,
  * booleans; a function becomes the string "<function>".  Raw reads only,
- * nothing allocated in S, so no code of the policy runs. */
+ * nothing allocated in S, so no code of S runs (S needs two free stack
+ * slots a level); pushes into H may raise, in H. */
 static void copy_out(lua_State *S, int si, lua_State *H, int depth) {
   si = lua_absindex(S, si);
   switch (lua_type(S, si)) {
@@ -459,7 +466,8 @@ static void copy_out(lua_State *S, int si, lua_State *H, int depth) {
  * state: safe on any thread).  The policy (one ref, owned by the caller),
  * or NULL with *err (malloc'd, NULL when out of memory). */
 static rsl_policy *build_policy(const char *path, const char *const *dirs,
-                                size_t dir_count, char **err) {
+                                size_t dir_count, lua_State *host,
+                                int overrides, char **err) {
   *err = NULL;
   rsl_policy *p = calloc(1, sizeof *p);
   if (!p) return NULL;
@@ -469,7 +477,8 @@ static rsl_policy *build_policy(const char *path, const char *const *dirs,
   if (!p->sb) goto fail;
   p->L = rsl_sandbox_state(p->sb);
   load_request req = {.p = p, .path = path, .dirs = dirs,
-                      .dir_count = dir_count};
+                      .dir_count = dir_count, .host = host,
+                      .overrides = overrides};
   lua_pushcfunction(p->L, build_in_sandbox);
   lua_pushlightuserdata(p->L, &req);
   if (rsl_sandbox_call(p->sb, 1, 0, RSL_POLICY_LOAD_INSTRUCTION_LIMIT,
@@ -533,10 +542,13 @@ static size_t check_dirs(lua_State *L, int idx, const char *dirs[64]) {
 
 int rsl_policy_push_loaded(lua_State *L, rsl_prng *prng) {
   const char *path = luaL_checkstring(L, 1);
+  int overrides = lua_istable(L, 3) ? 3 : 0;
   const char *dirs[64];
   size_t n = check_dirs(L, 2, dirs);
+  /* the overrides are read from here by the sandbox: room to walk them */
+  luaL_checkstack(L, 2 * COPY_MAX_DEPTH + 8, "policy overrides");
   char *err;
-  rsl_policy *p = build_policy(path, dirs, n, &err);
+  rsl_policy *p = build_policy(path, dirs, n, L, overrides, &err);
   return push_result(L, p, err, prng);
 }
 
@@ -556,7 +568,7 @@ struct rsl_policy_job {
 static void *job_main(void *arg) {
   rsl_policy_job *j = arg;
   j->p = build_policy(j->path, (const char *const *)j->dirs, j->dir_count,
-                      &j->err);
+                      NULL, 0, &j->err);
   char byte = 1;
   while (write(j->fds[1], &byte, 1) < 0 && errno == EINTR) {
   }

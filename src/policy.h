@@ -94,9 +94,11 @@ int rsl_policy_decide(rsl_policy *p, const rsl_attempt_info *a,
  * API; declared here so this header stays free of lua.h. */
 struct lua_State;
 int rsl_policy_push_new(struct lua_State *L, int idx);
-/* core.policy_load(path, policy_path) -> policy, table, bytes | nil, msg:
- * loads and validates the policy file at path in a sandbox of its own (its
- * own Lua state, see sandbox.h), under the load limits.  `table` is a
+/* core.policy_load(path, policy_path[, overrides]) -> policy, table, bytes
+ * | nil, msg: loads and validates the policy file at path in a sandbox of
+ * its own (its own Lua state, see sandbox.h), under the load limits;
+ * `overrides` (plain data) replace fields of the file's table before
+ * validation (the command line's --timeout, --no-breaker, ...).  `table` is a
  * plain-data copy of the normalized table for the host (functions become
  * "<function>"), bytes the memory the policy's state holds.  `prng` (the
  * runtime's) feeds the policy's resilua.backoff. */

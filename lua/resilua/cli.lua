@@ -330,11 +330,9 @@ local function policy_for(opts, default_name)
   local set, shown = override_fields(opts, p)
   if not set then return nil, shown end
   if #shown == 0 then return p, shown end
-  local t = {}
-  for k, v in pairs(p.table) do t[k] = v end
-  for k, v in pairs(set) do t[k] = v end
-  t.version = nil
-  local q, qerr = policy.define(t, p.name, p.path)
+  -- loaded again with the fields replaced, in its own state (its decide
+  -- and hooks live there)
+  local q, qerr = policy.load(p.path, policy.path(opts["--policy-path"]), set)
   if not q then return nil, table.concat(shown, " ") .. ": " .. qerr end
   q.overrides = shown
   return q, shown

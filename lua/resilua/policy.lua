@@ -534,12 +534,15 @@ end
 -- limits: reads, runs and validates the policy file at `path` and returns
 -- the normalized table with its name and version, or raises a message
 -- naming file:line.
-function M.build_sandboxed(path, policy_path)
+function M.build_sandboxed(path, policy_path, overrides)
   local src, rerr = read_source(path)
   if not src then error(rerr, 0) end
   local chunk, syntax_err = load(src, "@" .. path, "t", sandbox(policy_path, nil, path, src))
   if not chunk then error(syntax_err, 0) end
   local t = chunk()
+  if overrides and type(t) == "table" then
+    for k, v in pairs(overrides) do t[k] = v end
+  end
   local norm, err = M.validate(t, path, src)
   if not norm then error(err, 0) end
   -- The fields the file set itself (check warns about what they imply).
@@ -547,7 +550,7 @@ function M.build_sandboxed(path, policy_path)
   for k in pairs(t) do norm.declared[#norm.declared + 1] = k end
   table.sort(norm.declared)
   norm.name = norm.name or path:match("([^/]+)%.lua$") or path
-  norm.version = version_of(src)
+  norm.version = version_of(overrides and (src .. M.canonical(overrides)) or src)
   return norm
 end
 
@@ -601,11 +604,11 @@ end
 
 -- Loads a policy by name or file in a state of its own.  Returns a policy
 -- object { name, path, version, table, core, memory } or nil, message.
-local function load_policy(name, policy_path)
+local function load_policy(name, policy_path, overrides)
   policy_path = policy_path or M.path()
   local path, err = locate(name, policy_path)
   if not path then return nil, err end
-  return policy_object(path, core.policy_load(path, policy_path))
+  return policy_object(path, core.policy_load(path, policy_path, overrides))
 end
 
 -- A table as text with sorted keys: the same table, the same version.
@@ -617,6 +620,7 @@ local function canonical(v)
   for i, k in ipairs(keys) do keys[i] = ("[%s]=%s"):format(canonical(k), canonical(v[k])) end
   return "{" .. table.concat(keys, ",") .. "}"
 end
+M.canonical = canonical
 
 --- A policy object from a table that code built (an experiment's inline
 -- policy, say), checked and filled in like a file's.  `path` and its
@@ -634,8 +638,11 @@ local function log_load(name, p, err)
                              or { name = name, ok = false, error = (tostring(err):gsub("\n.*", "")) })
 end
 
-function M.load(name, policy_path)
-  local p, err = load_policy(name, policy_path)
+--- Loads a policy by name or file: a policy object or nil, message; a
+-- `policy` event either way.  `overrides` (plain data, optional) replace
+-- fields of the file's table before validation.
+function M.load(name, policy_path, overrides)
+  local p, err = load_policy(name, policy_path, overrides)
   log_load(name, p, err)
   return p, err
 end
