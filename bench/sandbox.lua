@@ -1,14 +1,14 @@
 --- bench/sandbox.lua — `make bench`: what the policy sandbox costs, and how
 -- fast it stops a hostile policy (issue 13).
 --
---   1. a decision: the same `decide` in its own state (a loaded policy)
---      against the script's state (policy.define), ns per core.decide;
---   2. memory: bytes of a policy's own state, and of the script's state
+--   (a decision in the policy's own state against the script's state is
+--   in bench/run.lua, part 1)
+--   1. memory: bytes of a policy's own state, and of the script's state
 --      per loaded policy, over POLICIES loads of the default policy;
---   3. the hostile corpus (spec/hostile): for each case, the wall and CPU
+--   2. the hostile corpus (spec/hostile): for each case, the wall and CPU
 --      time from the start of the load (or of the decision) to its policy
 --      error; the slowest of each kind;
---   4. calls during reloads: a closed loop (LOAD_CONC coroutines, every
+--   3. calls during reloads: a closed loop (LOAD_CONC coroutines, every
 --      call decided) against `resilua serve`, without reloads and during
 --      SLOW_RELOADS saves of a policy that loops at load until the load
 --      limit stops it; p50, p99 and max call latency of both windows.
@@ -38,40 +38,6 @@ end
 
 local function cpu_ms() return os.clock() * 1000 end
 
--- Median ns per iteration of f(n), calibrated to ~0.2 s a repetition.
-local function ns_per(f)
-  local n = 1000
-  while true do
-    local t = core.now_ms()
-    f(n)
-    local ms = core.now_ms() - t
-    if ms >= 50 then n = math.max(1000, math.floor(n * 200 / ms)) break end
-    n = n * 4
-  end
-  local samples = {}
-  for i = 1, 5 do
-    collectgarbage("collect")
-    local t = core.now_ms()
-    f(n)
-    samples[i] = (core.now_ms() - t) * 1e6 / n
-  end
-  table.sort(samples)
-  return samples[3]
-end
-
-local function part_decide()
-  local file = here .. "/policies/lua_decide.lua"
-  local own = assert(policy.load(file))
-  local script = assert(policy.define(assert(loadfile(file, "t"))(), "script", file))
-  local A = { attempt = 1, status = 503 }
-  local own_ns = ns_per(function(n) for _ = 1, n do core.decide(own.core, A) end end)
-  local script_ns = ns_per(function(n) for _ = 1, n do core.decide(script.core, A) end end)
-  section("1. one decision, core.decide(policy, {attempt=1, status=503}), median of 5")
-  row("decide in the policy's own state (sandbox)", fmt(own_ns) .. " ns")
-  row("the same decide in the script's state", fmt(script_ns) .. " ns")
-  row("ratio own state / script's state", fmt(own_ns / script_ns, 2) .. " x")
-end
-
 local function part_memory()
   collectgarbage("collect")
   local host_before = collectgarbage("count") * 1024
@@ -84,7 +50,7 @@ local function part_memory()
   local load_ms = (core.now_ms() - t) / POLICIES
   collectgarbage("collect")
   local host = collectgarbage("count") * 1024 - host_before
-  section(("2. memory, %d loads of the default policy"):format(POLICIES))
+  section(("1. memory, %d loads of the default policy"):format(POLICIES))
   row("a policy's own state", fmt(own / POLICIES / 1024) .. " KiB")
   row("the script's state, per policy (its table copy)", fmt(host / POLICIES / 1024) .. " KiB")
   row("load + validate, wall", fmt(load_ms, 2) .. " ms/policy")
@@ -96,7 +62,7 @@ local function part_hostile()
   local ls = assert(io.popen("ls " .. proc.q(corpus)))
   for f in ls:lines() do if f:match("%.lua$") then names[#names + 1] = f end end
   ls:close()
-  section(("3. the hostile corpus (%d cases in spec/hostile): start to policy error"):format(#names))
+  section(("2. the hostile corpus (%d cases in spec/hostile): start to policy error"):format(#names))
   local worst = {}
   for _, f in ipairs(names) do
     local when = proc.read_file(corpus .. "/" .. f):match("^%-%- when: (%a+)")
@@ -193,7 +159,7 @@ end]])
   policy.reload, policy.reloaded = reload, function() end
   proc.stop(server)
   table.sort(reload_ms)
-  section(("4. calls (%d concurrent, every call decided) during %d slow reloads"):format(
+  section(("3. calls (%d concurrent, every call decided) during %d slow reloads"):format(
     LOAD_CONC, SLOW_RELOADS))
   row("no reloads: p50 / p99 / max", ("%s / %s / %s ms"):format(fmt(percentile(quiet, 0.5), 2),
     fmt(percentile(quiet, 0.99), 2), fmt(quiet[#quiet], 1)), ("n=%d"):format(#quiet))
@@ -210,7 +176,7 @@ local function main()
   local load = (proc.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
   io.stdout:write(("resilua bench — the policy sandbox (%s run %s/sandbox.lua), load average %s\n")
                   :format(bin, here, load))
-  return proc.run_parts({ part_decide, part_memory, part_hostile, part_reload })
+  return proc.run_parts({ part_memory, part_hostile, part_reload })
 end
 
 return session:run_main(main)

@@ -22,6 +22,7 @@
 #include <curl/curl.h>
 
 #include "luacall.h"
+#include "sandbox.h"
 #include "watch.h"
 
 #define RUNTIME_MT "resilua.runtime"
@@ -248,18 +249,7 @@ static int core_pcall(lua_State *L) {
 
 /* core.backoff(jitter, base_ms, max_ms, attempt[, prev_ms]) -> ms */
 static int core_backoff(lua_State *L) {
-  rsl_jitter j;
-  const char *name = luaL_checkstring(L, 1);
-  if (rsl_jitter_parse(name, &j) < 0)
-    return luaL_argerror(L, 1, "expected full, equal, decorrelated or none");
-  double base = luaL_checknumber(L, 2), max = luaL_checknumber(L, 3);
-  lua_Integer attempt = luaL_checkinteger(L, 4);
-  double prev = luaL_optnumber(L, 5, base);
-  luaL_argcheck(L, base >= 0 && max >= 0, 2, "must not be negative");
-  luaL_argcheck(L, attempt >= 1 && attempt <= 1000000, 4, "must be >= 1");
-  lua_pushnumber(L, rsl_backoff_ms(&rsl_core_runtime(L)->prng, j, base, max,
-                                   (int)attempt, prev));
-  return 1;
+  return rsl_sandbox_backoff(L, &rsl_core_runtime(L)->prng);
 }
 
 static void push_nothing(lua_State *L, void *arg) {

@@ -336,28 +336,29 @@ static void fill_from_table(lua_State *L, rsl_policy *p, int idx) {
   p->table_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
-/* A new policy owned by a new box on L's stack (the box exists before the
- * policy, so a raise later frees it through __gc). */
-static rsl_policy *push_box(lua_State *L) {
+/* Pushes a box that owns p (NULL: filled in later).  The box exists
+ * before anything else is done with p, so a raise later frees p through
+ * __gc. */
+static policy_box *push_box(lua_State *L, rsl_policy *p) {
   policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
-  box->p = NULL;
+  box->p = p;
   if (luaL_newmetatable(L, POLICY_MT)) {
     lua_pushcfunction(L, policy_gc);
     lua_setfield(L, -2, "__gc");
   }
   lua_setmetatable(L, -2);
-  rsl_policy *p = calloc(1, sizeof *p);
-  if (!p) luaL_error(L, "out of memory");
-  p->refs = 1;
-  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
-  box->p = p;
-  return p;
+  return box;
 }
 
 int rsl_policy_push_new(lua_State *L, int idx) {
   idx = lua_absindex(L, idx);
   luaL_checktype(L, idx, LUA_TTABLE);
-  rsl_policy *p = push_box(L);
+  policy_box *box = push_box(L, NULL);
+  rsl_policy *p = calloc(1, sizeof *p);
+  if (!p) return luaL_error(L, "out of memory");
+  p->refs = 1;
+  p->table_ref = p->decide_ref = p->on_change_ref = LUA_NOREF;
+  box->p = p;
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   p->L = lua_tothread(L, -1);
   lua_pop(L, 1);
@@ -500,13 +501,7 @@ static int push_cstring(lua_State *L) {
 static int push_result(lua_State *L, rsl_policy *p, char *err,
                        rsl_prng *prng) {
   /* The box first: a raise while pushing leaves p owned by it. */
-  policy_box *box = lua_newuserdatauv(L, sizeof *box, 0);
-  box->p = p;
-  if (luaL_newmetatable(L, POLICY_MT)) {
-    lua_pushcfunction(L, policy_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
+  push_box(L, p);
   if (!p) {
     lua_pushnil(L);
     /* protected, so that err is freed even when the push raises */

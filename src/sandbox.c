@@ -375,9 +375,7 @@ static int sb_pcall(lua_State *L) {
   return lua_gettop(L);
 }
 
-/* core.backoff(jitter, base_ms, max_ms, attempt[, prev_ms]) -> ms, on the
- * runtime's PRNG (so --seed makes a decide's delays exact). */
-static int sb_backoff(lua_State *L) {
+int rsl_sandbox_backoff(lua_State *L, rsl_prng *prng) {
   rsl_jitter j;
   if (rsl_jitter_parse(luaL_checkstring(L, 1), &j) < 0)
     return luaL_argerror(L, 1, "expected full, equal, decorrelated or none");
@@ -386,9 +384,14 @@ static int sb_backoff(lua_State *L) {
   double prev = luaL_optnumber(L, 5, base);
   luaL_argcheck(L, base >= 0 && max >= 0, 2, "must not be negative");
   luaL_argcheck(L, attempt >= 1 && attempt <= 1000000, 4, "must be >= 1");
-  lua_pushnumber(L, rsl_backoff_ms(sandbox_of(L)->prng, j, base, max,
-                                   (int)attempt, prev));
+  lua_pushnumber(L, rsl_backoff_ms(prng, j, base, max, (int)attempt, prev));
   return 1;
+}
+
+/* The policy's resilua.backoff: on the runtime's PRNG, so --seed makes a
+ * decide's delays exact. */
+static int sb_backoff(lua_State *L) {
+  return rsl_sandbox_backoff(L, sandbox_of(L)->prng);
 }
 
 static int sb_self_path(lua_State *L) {

@@ -49,6 +49,10 @@ int rsl_sandbox_set_cap(rsl_sandbox *sb, size_t mem_bytes);
 int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
                      long instr_limit, double time_ms, char **err);
 
+/* core.backoff(jitter, base_ms, max_ms, attempt[, prev_ms]) -> ms on prng:
+ * the body of the host's and the sandbox's binding alike. */
+int rsl_sandbox_backoff(lua_State *L, rsl_prng *prng);
+
 /* For the host too: reads a regular file of at most
  * RSL_SANDBOX_MAX_FILE_BYTES (never blocks on a FIFO or device).  Returns
  * a malloc'd buffer and its length, or NULL with *why set to a static
