@@ -28,7 +28,7 @@
  * strings (string.format, table.concat, `..`) is where C time hides. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
 /* table.move and table.sort: elements handled by one call. */
-#define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 17)
+#define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 16)
 /* Patterns whose worst case passes 10^this steps on their subject are
  * refused (about 0.1 s of backtracking). */
 #define PATTERN_MAX_LOG10_STEPS 7.5
