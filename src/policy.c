@@ -954,7 +954,7 @@ int rsl_policy_names_lua(lua_State *L) {
   lua_newtable(L);
   DIR *d = opendir(dir);
   if (!d) return 1;
-  char *names[POLICY_NAMES_MAX];
+  char *names[POLICY_NAMES_MAX] = {0};
   size_t n = 0;
   struct dirent *e;
   while (n < POLICY_NAMES_MAX && (e = readdir(d)) != NULL) {
