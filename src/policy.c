@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <pthread.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "luacall.h"
@@ -26,6 +27,8 @@
 #define POLICY_MT "resilua.policy"
 /* Nesting kept when the host copies a policy table out of its state. */
 #define COPY_MAX_DEPTH 16
+/* The nice value of the thread that loads a policy on reload. */
+#define LOADER_NICE 10
 /* Policy files listed per folder. */
 #define POLICY_NAMES_MAX 512
 
@@ -562,6 +565,9 @@ struct rsl_policy_job {
 
 static void *job_main(void *arg) {
   rsl_policy_job *j = arg;
+  /* A load yields the CPU to the loop's thread (on Linux the nice value
+   * is per thread): calls in flight go first on a busy machine. */
+  setpriority(PRIO_PROCESS, (id_t)gettid(), LOADER_NICE);
   j->p = build_policy(j->path, (const char *const *)j->dirs, j->dir_count,
                       NULL, 0, &j->err);
   char byte = 1;
