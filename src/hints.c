@@ -193,6 +193,160 @@ static const struct {
     {"x-should-retry", on_should_retry},
 };
 
+/* --- Retry-After (RFC 9110 10.2.3, 5.6.7) --------------------------------- */
+
+static const char *const WEEKDAYS[7] = {"Mon", "Tue", "Wed", "Thu",
+                                        "Fri", "Sat", "Sun"};
+static const char *const WEEKDAYS_LONG[7] = {
+    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday",
+    "Sunday"};
+static const char *const MONTHS[12] = {"Jan", "Feb", "Mar", "Apr",
+                                       "May", "Jun", "Jul", "Aug",
+                                       "Sep", "Oct", "Nov", "Dec"};
+
+/* A cursor over one field value: every reader consumes exactly what it
+ * accepts and fails otherwise (the names are case-sensitive, as RFC 9110
+ * 5.6.7 says). */
+typedef struct cursor {
+  const char *p, *end;
+} cursor;
+
+static int take_lit(cursor *c, const char *lit) {
+  size_t n = strlen(lit);
+  if ((size_t)(c->end - c->p) < n || memcmp(c->p, lit, n) != 0) return -1;
+  c->p += n;
+  return 0;
+}
+
+/* Exactly `n` digits. */
+static int take_digits(cursor *c, int n, int *out) {
+  int v = 0;
+  for (int i = 0; i < n; i++) {
+    if (c->p == c->end || *c->p < '0' || *c->p > '9') return -1;
+    v = v * 10 + (*c->p++ - '0');
+  }
+  *out = v;
+  return 0;
+}
+
+static int take_name(cursor *c, const char *const *names, int count) {
+  for (int i = 0; i < count; i++)
+    if (take_lit(c, names[i]) == 0) return i;
+  return -1;
+}
+
+/* hour ":" minute ":" second; 60 allowed as a leap second. */
+static int take_time(cursor *c, int *h, int *m, int *s) {
+  if (take_digits(c, 2, h) < 0 || take_lit(c, ":") < 0 ||
+      take_digits(c, 2, m) < 0 || take_lit(c, ":") < 0 ||
+      take_digits(c, 2, s) < 0)
+    return -1;
+  return *h <= 23 && *m <= 59 && *s <= 60 ? 0 : -1;
+}
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's
+ * days_from_civil): no timegm, no time zone, no locale. */
+static long long days_from_civil(long long y, int m, int d) {
+  y -= m <= 2;
+  long long era = (y >= 0 ? y : y - 399) / 400;
+  long long yoe = y - era * 400;
+  long long doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1;
+  long long doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+  return era * 146097 + doe - 719468;
+}
+
+static int days_in_month(int y, int m) {
+  static const int DAYS[12] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+  int leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+  return DAYS[m] + (m == 1 && leap);
+}
+
+/* An HTTP-date in [p, end) as seconds since the epoch; 0 or -1.  The
+ * weekday must be well-formed but is not checked against the date (as
+ * most recipients do). */
+static int parse_http_date(const char *p, const char *end, double now_s,
+                           double *out) {
+  cursor c = {p, end};
+  int year = 0, month, day, h, m, s;
+  if (take_name(&c, WEEKDAYS, 7) >= 0 && take_lit(&c, ", ") == 0) {
+    /* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
+    if (take_digits(&c, 2, &day) < 0 || take_lit(&c, " ") < 0 ||
+        (month = take_name(&c, MONTHS, 12)) < 0 || take_lit(&c, " ") < 0 ||
+        take_digits(&c, 4, &year) < 0 || take_lit(&c, " ") < 0 ||
+        take_time(&c, &h, &m, &s) < 0 || take_lit(&c, " GMT") < 0)
+      return -1;
+  } else if ((c = (cursor){p, end}), take_name(&c, WEEKDAYS_LONG, 7) >= 0) {
+    /* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT.  A two-digit year more
+     * than 50 years ahead is the latest past year with those digits. */
+    int yy;
+    if (take_lit(&c, ", ") < 0 || take_digits(&c, 2, &day) < 0 ||
+        take_lit(&c, "-") < 0 || (month = take_name(&c, MONTHS, 12)) < 0 ||
+        take_lit(&c, "-") < 0 || take_digits(&c, 2, &yy) < 0 ||
+        take_lit(&c, " ") < 0 || take_time(&c, &h, &m, &s) < 0 ||
+        take_lit(&c, " GMT") < 0)
+      return -1;
+    long long this_year = 1970 + (long long)(now_s / 31556952.0);
+    year = (int)(this_year / 100 * 100) + yy;
+    if (year > this_year + 50) year -= 100;
+  } else if ((c = (cursor){p, end}), take_name(&c, WEEKDAYS, 7) >= 0) {
+    /* asctime: Sun Nov  6 08:49:37 1994 */
+    if (take_lit(&c, " ") < 0 || (month = take_name(&c, MONTHS, 12)) < 0 ||
+        take_lit(&c, " ") < 0)
+      return -1;
+    if (take_lit(&c, " ") == 0) {
+      if (take_digits(&c, 1, &day) < 0) return -1;
+    } else if (take_digits(&c, 2, &day) < 0) {
+      return -1;
+    }
+    if (take_lit(&c, " ") < 0 || take_time(&c, &h, &m, &s) < 0 ||
+        take_lit(&c, " ") < 0 || take_digits(&c, 4, &year) < 0)
+      return -1;
+  } else {
+    return -1;
+  }
+  if (c.p != c.end || day < 1 || day > days_in_month(year, month)) return -1;
+  *out = (double)days_from_civil(year, month + 1, day) * 86400.0 +
+         h * 3600.0 + m * 60.0 + s;
+  return 0;
+}
+
+/* One Retry-After field value as ms, or -1 when malformed. */
+static double retry_after_value_ms(const char *v, double now_s) {
+  const char *end = v + strlen(v);
+  while (is_ows(*v)) v++;
+  while (end > v && is_ows(end[-1])) end--;
+  if (v == end) return -1;
+  size_t digits = strspn(v, "0123456789");
+  if (v + digits >= end) { /* delay-seconds, saturating */
+    double seconds = 0;
+    for (const char *d = v; d < end; d++) {
+      seconds = seconds * 10 + (*d - '0');
+      if (seconds >= RSL_HINTS_RETRY_AFTER_MAX_S) {
+        seconds = RSL_HINTS_RETRY_AFTER_MAX_S;
+        break;
+      }
+    }
+    return seconds * 1000.0;
+  }
+  double at;
+  if (parse_http_date(v, end, now_s, &at) < 0) return -1;
+  return at > now_s ? (at - now_s) * 1000.0 : 0;
+}
+
+double rsl_hints_retry_after_ms(const rsl_response *res, double now_s) {
+  double wait_ms = -1;
+  for (size_t i = 0; i < res->header_count; i++) {
+    if (strcmp(res->headers[i].name, "retry-after") != 0 ||
+        !res->headers[i].value)
+      continue;
+    double ms = retry_after_value_ms(res->headers[i].value, now_s);
+    if (ms > wait_ms) wait_ms = ms;
+  }
+  return wait_ms;
+}
+
+/* --- all hints ----------------------------------------------------------- */
+
 void rsl_hints_parse(rsl_hints *h, const rsl_response *res, double now_s) {
   slots s = {.ra_ms = -1, .amz_ms = -1, .reset_ms = -1, .remaining = -1,
              .quota = -1, .window_s = -1, .pushback_ms = -1,

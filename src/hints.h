@@ -2,7 +2,8 @@
  * hints — the retry hints a server may send, read from a response's headers
  * and normalised into one struct (a.server for a policy's decide):
  *
- *   Retry-After (either form; transport.c parsed it through libcurl),
+ *   Retry-After (RFC 9110: delay-seconds or an HTTP-date, parsed here
+ *   strictly; see rsl_hints_retry_after_ms),
  *   retry-after-ms, x-amz-retry-after (ms), X-RateLimit-Reset (epoch or
  *   delta seconds) and X-RateLimit-Remaining, the IETF RateLimit /
  *   RateLimit-Policy fields (draft-ietf-httpapi-ratelimit-headers: t=, r=,
@@ -40,6 +41,20 @@ typedef struct rsl_hints {
    * response says the limit is hit (429, or 0 remaining); -1 for none. */
   double wait_ms;
 } rsl_hints;
+
+/* Retry-After wider than this saturates here (RFC 9111 1.2.2's rule for
+ * delta-seconds): past any policy's cap, so the call gives up. */
+#define RSL_HINTS_RETRY_AFTER_MAX_S 2147483648.0
+
+/* The wait res's Retry-After asks for, in ms, or -1 when it has none that
+ * is valid.  RFC 9110 10.2.3: a value is delay-seconds (1*DIGIT, nothing
+ * else: no sign, fraction, exponent or trailing text; saturating) or an
+ * HTTP-date (IMF-fixdate, or the obsolete RFC 850 and asctime forms; a
+ * date in the past is 0).  Surrounding spaces are allowed.  Each field is
+ * read alone; malformed ones are ignored, and with several valid ones the
+ * longest wait wins (never retry sooner than any of them asked).  now_s is
+ * the wall clock in seconds since the epoch.  Borrows res. */
+double rsl_hints_retry_after_ms(const rsl_response *res, double now_s);
 
 /* Reads res's headers (and res->retry_after_ms, the parsed Retry-After).
  * now_s is the wall clock in seconds since the epoch, to tell an absolute

@@ -19,7 +19,6 @@
 #include <limits.h>
 #include <time.h>
 
-#include <curl/curl.h>
 
 #include "luacall.h"
 #include "sandbox.h"
@@ -580,18 +579,6 @@ static int client_budget(lua_State *L) {
 #define DECIDE_MAX_HEADERS 64
 #define DECIDE_HEADER_NAME_MAX 128 /* longer names are left out */
 
-/* A described response's Retry-After in ms, as transport.c reads a real
- * one (delta-seconds or an HTTP-date), or -1. */
-double rsl_described_retry_after_ms(const char *raw, double now_s) {
-  if (!raw) return -1;
-  size_t n = strlen(raw);
-  if (n && n <= 12 && strspn(raw, "0123456789") == n)
-    return strtod(raw, NULL) * 1000.0;
-  time_t at = curl_getdate(raw, NULL);
-  if (at < 0) return -1;
-  return (double)at > now_s ? ((double)at - now_s) * 1000.0 : 0;
-}
-
 /* core.decide(policy, a) -> { retry, delay_ms, reason, exhausted }: the
  * policy's decision for an attempt described by a table (fields of
  * contract 1's `a`), without any network.  For self-tests and test kits.
@@ -661,9 +648,7 @@ static int core_decide(lua_State *L) {
   res.headers = headers;
   double now_s = (double)time(NULL);
   if (res.retry_after_ms < 0)
-    res.retry_after_ms =
-        rsl_described_retry_after_ms(rsl_response_header(&res, "retry-after"),
-                                 now_s);
+    res.retry_after_ms = rsl_hints_retry_after_ms(&res, now_s);
   rsl_hints_parse(&hints, &res, now_s);
   int key_type = lua_getfield(L, 2, "idempotency_key");
   a.has_idempotency_key =

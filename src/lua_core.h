@@ -41,8 +41,4 @@ void rsl_lua_server_open(lua_State *L);
 void rsl_lua_testing_open(lua_State *L);
 void rsl_lua_hist_open(lua_State *L);
 
-/* A described response's Retry-After (delta-seconds or an HTTP date, as
- * the transport reads a real one) in ms from now_s, or -1. */
-double rsl_described_retry_after_ms(const char *raw, double now_s);
-
 #endif

@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "call.h"
+#include "hints.h"
 #include "lua_core.h"
 
 #define PLAY_MAX_CALLS 10000
@@ -119,10 +120,8 @@ static int build_response(const script_outcome *o, rsl_response *res) {
   memcpy(res->body, o->body ? o->body : "", o->body_len);
   res->body[o->body_len] = '\0';
   res->body_len = o->body_len;
-  /* As the transport reads it (CURLINFO_RETRY_AFTER): delta-seconds or
-   * an HTTP date, against the wall clock. */
-  res->retry_after_ms = rsl_described_retry_after_ms(
-      rsl_response_header(res, "retry-after"), (double)time(NULL));
+  /* As the transport reads it, against the wall clock. */
+  res->retry_after_ms = rsl_hints_retry_after_ms(res, (double)time(NULL));
   return 0;
 }
 

@@ -4,6 +4,8 @@
  */
 #include "transport.h"
 
+#include "hints.h"
+
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* The connection cache's floor.  curl counts every connection in its
  * cache, in use or idle, against CURLMOPT_MAXCONNECTS, and when a transfer
@@ -58,6 +61,9 @@ struct rsl_attempt {
   rsl_response res;
   size_t header_bytes, max_body_bytes;
   int too_large;
+  /* Requests curl started for this attempt (see prereq_cb); resent: it
+   * tried a second, which was stopped before it went out. */
+  int sends, resent;
   uint64_t started_ns;
   rsl_attempt_done cb;
   void *ud;
@@ -513,9 +519,27 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
   return n;
 }
 
+/* Hidden resends (docs/internals.md): when a reused keep-alive connection
+ * dies before any byte of the answer, curl sends the request again on a
+ * fresh connection by itself ("Connection died, retrying a fresh
+ * connect"), up to five times, and reports one transfer.  The server may
+ * have run the first request: a POST would run twice behind the policy's
+ * back, and the attempts counted would be fewer than those sent.  curl
+ * calls this before every request it sends (CURLOPT_PREREQFUNCTION), so
+ * the second call of a transfer is such a resend: it is stopped before it
+ * goes out, and the attempt ends as a `reset` for the policy to judge. */
+static int prereq_cb(void *ud, char *conn_primary_ip, char *conn_local_ip,
+                     int conn_primary_port, int conn_local_port) {
+  rsl_attempt *a = ud;
+  if (a->sends++ == 0) return CURL_PREREQFUNC_OK;
+  a->resent = 1;
+  return CURL_PREREQFUNC_ABORT;
+}
+
 static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   curl_off_t connect_us = 0;
   if (a->expired) return RSL_ERR_TIMEOUT; /* never sent: nothing to ask */
+  if (a->resent) return RSL_ERR_RESET;
   switch (code) {
   case CURLE_OK:
     return RSL_ERR_NONE;
@@ -547,8 +571,14 @@ static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   case CURLE_USE_SSL_FAILED:
   case CURLE_SSL_CLIENTCERT:
     return RSL_ERR_TLS;
-  case CURLE_SEND_ERROR:
   case CURLE_RECV_ERROR:
+    /* curl fails a malformed chunked body with RECV_ERROR too ("... in
+     * chunked-encoding", "invalid chunk size"...): the peer sent bytes
+     * that are not HTTP, which no retry mends.  A truncated one is
+     * PARTIAL_FILE, a reset. */
+    if (strstr(a->errbuf, "chunk")) return RSL_ERR_PROTOCOL;
+    return RSL_ERR_RESET;
+  case CURLE_SEND_ERROR:
   case CURLE_GOT_NOTHING:
   case CURLE_PARTIAL_FILE:
     return RSL_ERR_RESET;
@@ -559,20 +589,6 @@ static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   default: /* malformed replies, HTTP/2 framing, encodings, out of memory */
     return RSL_ERR_PROTOCOL;
   }
-}
-
-/* The server's Retry-After in ms, or -1 when absent or unusable.  curl
- * parses both forms (delta-seconds, HTTP-date) but answers 0 both for
- * "retry now" and for a value it could not parse; the raw header tells. */
-static double retry_after_ms(const rsl_attempt *a) {
-  const char *raw = rsl_response_header(&a->res, "retry-after");
-  if (!raw) return -1;
-  curl_off_t seconds = 0;
-  if (curl_easy_getinfo(a->easy, CURLINFO_RETRY_AFTER, &seconds) != CURLE_OK)
-    return -1;
-  if (seconds > 0) return (double)seconds * 1000.0;
-  if (strspn(raw, "0123456789") == strlen(raw) && *raw) return 0;
-  return curl_getdate(raw, NULL) >= 0 ? 0 : -1;
 }
 
 /* curl reports a socket() that failed for want of descriptors as a failed
@@ -592,13 +608,15 @@ static void finish(rsl_attempt *a, CURLcode code) {
   res->error = classify(a, code);
   if (res->error == RSL_ERR_NONE) {
     curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &res->status);
-    res->retry_after_ms = retry_after_ms(a);
+    res->retry_after_ms = rsl_hints_retry_after_ms(res, (double)time(NULL));
   } else {
     res->local = code == CURLE_COULDNT_CONNECT && out_of_fds();
     res->status = 0;
     snprintf(res->message, sizeof res->message, "%s%.200s",
              res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
+             : a->resent ? "reused connection died before the answer; "
+                           "not resent"
              : a->errbuf[0] ? a->errbuf
                             : curl_easy_strerror(code));
   }
@@ -677,6 +695,8 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     SET(CURLOPT_OPENSOCKETDATA, t);
     SET(CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     SET(CURLOPT_CLOSESOCKETDATA, t);
+    SET(CURLOPT_PREREQFUNCTION, prereq_cb);
+    SET(CURLOPT_PREREQDATA, a);
     a->configured = rc == CURLE_OK;
   }
   a->errbuf[0] = '\0';
