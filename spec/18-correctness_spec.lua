@@ -189,3 +189,134 @@ describe("malformed chunked encoding", function()
     end)
   end
 end)
+
+describe("a breaker with key = \"url\"", function()
+  it("works for a URL of any length", function()
+    local server = helpers.start_server [[return function() return { status = 503 } end]]
+    local p = policy_file("url-key", [[
+      return { max_attempts = 1, breaker = { failures = 2, open_ms = 60000, key = "url" }, budget = false }]])
+    local client = resilua.client{ policy = p, name = "long-url" }
+    local url = server.url .. "/" .. ("a"):rep(5000)
+    local outcomes = {}
+    for i = 1, 3 do
+      local _, err = client:call{ url = url }
+      outcomes[i] = err.outcome
+    end
+    local _, other = client:call{ url = server.url .. "/" .. ("a"):rep(4999) .. "b" }
+    server:stop()
+    assert.same({ "gave_up", "gave_up", "breaker_open" }, outcomes)
+    assert.equal("open", client:breaker(url))
+    assert.equal("gave_up", other.outcome) -- another path, another breaker
+  end)
+end)
+
+describe("secrets and bytes in the event log", function()
+  local server
+  setup(function()
+    server = helpers.start_server [[return function() return { status = 503, body = "no\255\254" } end]]
+  end)
+  teardown(function() server:stop() end)
+
+  local function every_line_is_json(path)
+    for line in (helpers.read_file(path) or ""):gmatch("[^\n]+") do
+      assert.is_truthy(utf8.len(line), "not UTF-8: " .. line)
+      cjson.decode(line)
+    end
+  end
+
+  it("masks secret query parameters, user:password and --redact'ed names", function()
+    local logf = helpers.tmpname(".jsonl")
+    local url = server.url:gsub("^http://", "http://me:pw1@")
+                .. "/x?api_key=S1&Token=S2&session=S3&keep=v&ACCESS_TOKEN=S4&sig=S5&pass%77ord=S6#secret=S7"
+    local r = helpers.run({ helpers.bin, "call", "--policy", "no-retry", "--log", logf,
+                            "--redact", "session", url })
+    assert.equal(4, r.code)
+    local raw = helpers.read_file(logf)
+    for i = 1, 7 do assert.is_nil(raw:find("S" .. i, 1, true), "S" .. i .. " logged") end
+    assert.is_nil(raw:find("pw1", 1, true))
+    local attempt = helpers.of_kind(helpers.events(logf), "attempt")[1]
+    assert.equal(server.url:gsub("^http://", "http://***@")
+                 .. "/x?api_key=***&Token=***&session=***&keep=v&ACCESS_TOKEN=***&sig=***"
+                 .. "&pass%77ord=***#secret=***", attempt.url)
+  end)
+
+  it("masks them in load's summary and in bad-URL messages", function()
+    local r = helpers.run({ helpers.bin, "load", "--json", "--quiet", "--policy", "no-retry",
+                            "--rate", "20", "--duration", "0.2", server.url .. "/x?token=S8" })
+    assert.equal(0, r.code, r.stderr)
+    assert.is_nil((r.stdout .. r.stderr):find("S8", 1, true))
+    assert.equal(server.url .. "/x?token=***", cjson.decode(r.stdout).url)
+    local bad = helpers.run({ helpers.bin, "call", "--quiet", "ftp://h/?password=S9" })
+    assert.equal(2, bad.code)
+    assert.matches("bad URL 'ftp://h/%?password=%*%*%*'", bad.stderr)
+  end)
+
+  it("writes invalid UTF-8 in reasons and URLs escaped, never raw", function()
+    local logf = helpers.tmpname(".jsonl")
+    local p = policy_file("latin1", [[
+      return { decide = function(a) return { retry = false, reason = "caf\233 \255 ok \226\130\172" } end }]])
+    local r = helpers.run({ helpers.bin, "call", "--policy", p, "--log", logf, server.url .. "/\255x" })
+    assert.equal(3, r.code, r.stderr)
+    every_line_is_json(logf)
+    local attempt = helpers.of_kind(helpers.events(logf), "attempt")[1]
+    assert.equal("caf\u{FFFD} \u{FFFD} ok \u{20AC}", attempt.reason)
+    assert.equal(server.url .. "/\u{FFFD}x", attempt.url)
+  end)
+end)
+
+describe("unknown fields", function()
+  local client = resilua.client{ policy = "no-retry", name = "fields" }
+  local HERE = "18%-correctness_spec%.lua:%d+: "
+
+  it("in client:call are an error at the caller, with a suggestion", function()
+    local ok, err = pcall(function() client:call{ methd = "GET", url = "http://127.0.0.1:1/" } end)
+    assert.is_false(ok)
+    assert.matches(HERE .. "call: unknown field 'methd' %(did you mean 'method'%?%)$", err)
+    ok, err = pcall(function() client:call{ url = "http://127.0.0.1:1/", headrs = {} } end)
+    assert.matches(HERE .. "call: unknown field 'headrs' %(did you mean 'headers'%?%)$", err)
+    ok, err = pcall(function() client:call{ "http://127.0.0.1:1/", url = "http://127.0.0.1:1/" } end)
+    assert.matches(HERE .. "call: unknown field %[1%]", err)
+  end)
+
+  it("in resilua.client are an error at the caller, with a suggestion", function()
+    local ok, err = pcall(function() resilua.client{ polcy = "no-retry" } end)
+    assert.is_false(ok)
+    assert.matches(HERE .. "resilua.client: unknown field 'polcy' %(did you mean 'policy'%?%)$", err)
+    ok, err = pcall(function() resilua.client{ policy = "no-retry", nmae = "x" } end)
+    assert.matches("unknown field 'nmae' %(did you mean 'name'%?%)$", err)
+    ok, err = pcall(function() resilua.client{ policy = "no-retry", zzzzzzzz = 1 } end)
+    assert.matches("unknown field 'zzzzzzzz'$", err)
+  end)
+end)
+
+describe("a bad URL", function()
+  -- URL, what the message says
+  local CASES = {
+    { "notaurl", "no scheme %(expected http:// or https://%)" },
+    { "127.0.0.1:8080/x", "no scheme" },
+    { "ftp://host/x", "unsupported scheme 'ftp' %(expected http or https%)" },
+    { "http:///path", "no host" },
+    { "http://", "no host" },
+    { "http://host:99999/", "bad port %(expected a number from 1 to 65535%)" },
+    { "http://host:0/", "bad port" },
+    { "http://host:abc/", "bad port" },
+    { "http://exa mple.com/", "bad host name" },
+    { "http://[::1/", "bad IPv6 address" },
+    { "", "empty" },
+  }
+  for _, case in ipairs(CASES) do
+    it(("'%s': %s"):format(case[1], case[2]:gsub("%%", "")), function()
+      local r = helpers.run({ helpers.bin, "call", "--quiet", case[1] })
+      assert.equal(2, r.code)
+      local shown = case[1]:gsub("%p", "%%%0")
+      assert.matches("^resilua call: bad URL '" .. shown .. "': " .. case[2], r.stderr)
+    end)
+  end
+
+  it("is echoed, with what is wrong, by client:call", function()
+    local client = resilua.client{ policy = "no-retry", name = "bad-url" }
+    local ok, err = pcall(function() client:call{ url = "localhost:8080" } end)
+    assert.is_false(ok)
+    assert.matches("call: bad URL 'localhost:8080': no scheme", err)
+  end)
+end)

@@ -10,6 +10,8 @@
  */
 #include "call.h"
 
+#include "redact.h"
+
 #include <curl/curl.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -106,21 +108,18 @@ static void memo_keep(url_memo *m, const char *url, int kind, int rc,
 static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
                              size_t size);
 
-/* The breaker key of url: "scheme://host:port" by default. */
+/* The breaker key of url ("scheme://host:port" by default) written to out
+ * as snprintf does: its length, which may be >= size (then ask again with
+ * more room), or -1 when the URL does not parse. */
 static int breaker_key(rsl_breaker_key kind, const char *url, char *out,
                        size_t size) {
   static url_memo memo;
-  if (kind == RSL_BREAKER_KEY_GLOBAL) {
-    snprintf(out, size, "*");
-    return 0;
-  }
-  if (memo_hit(&memo, url, (int)kind)) {
-    if (memo.rc < 0) return -1;
-    int n = snprintf(out, size, "%s", memo.out);
-    return n > 0 && (size_t)n < size ? 0 : -1;
-  }
+  if (kind == RSL_BREAKER_KEY_GLOBAL) return snprintf(out, size, "*");
+  if (memo_hit(&memo, url, (int)kind))
+    return memo.rc < 0 ? -1 : snprintf(out, size, "%s", memo.out);
   int rc = breaker_key_parse(kind, url, out, size);
-  memo_keep(&memo, url, (int)kind, rc, rc == 0 ? out : NULL);
+  if (rc < 0 || (size_t)rc < size)
+    memo_keep(&memo, url, (int)kind, rc, rc >= 0 ? out : NULL);
   return rc;
 }
 
@@ -135,10 +134,10 @@ static int breaker_key_parse(rsl_breaker_key kind, const char *url, char *out,
       curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK ||
       curl_url_get(u, CURLUPART_PATH, &path, 0) != CURLUE_OK)
     goto out;
-  int n = kind == RSL_BREAKER_KEY_URL
-              ? snprintf(out, size, "%s://%s:%s%s", scheme, host, port, path)
-              : snprintf(out, size, "%s://%s:%s", scheme, host, port);
-  rc = n > 0 && (size_t)n < size ? 0 : -1;
+  rc = kind == RSL_BREAKER_KEY_URL
+           ? snprintf(out, size, "%s://%s:%s%s", scheme, host, port, path)
+           : snprintf(out, size, "%s://%s:%s", scheme, host, port);
+  if (rc < 0) rc = -1;
 out:
   curl_free(scheme);
   curl_free(host);
@@ -148,13 +147,27 @@ out:
   return rc;
 }
 
+/* Keys of any length: on the stack when they fit, else on the heap (a
+ * fixed buffer used to turn key = "url" off for long URLs). */
+#define BREAKER_KEY_STACK 1024
+
 rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
                                 const char *url) {
-  char key[1024];
-  if (!conf->breaker_enabled ||
-      breaker_key(conf->breaker_key, url, key, sizeof key) < 0)
-    return NULL;
-  return rsl_breakers_get(&c->breakers, key, &conf->breaker);
+  if (!conf->breaker_enabled) return NULL;
+  char buf[BREAKER_KEY_STACK], *key = buf;
+  int n = breaker_key(conf->breaker_key, url, buf, sizeof buf);
+  if (n < 0) return NULL;
+  if ((size_t)n >= sizeof buf) {
+    key = malloc((size_t)n + 1);
+    if (!key ||
+        breaker_key(conf->breaker_key, url, key, (size_t)n + 1) != n) {
+      free(key);
+      return NULL;
+    }
+  }
+  rsl_breaker *b = rsl_breakers_get(&c->breakers, key, &conf->breaker);
+  if (key != buf) free(key);
+  return b;
 }
 
 rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
@@ -698,19 +711,23 @@ static char *copy_or_null(const char *s, size_t n, int *failed) {
   return out;
 }
 
-/* An http or https URL curl can parse.  Remembers the last answer. */
-static int url_ok(const char *url) {
+/* NULL for a URL the transport can send to; else what is wrong with it,
+ * the URL shown with its secrets masked, in a buffer valid until the next
+ * call.  Remembers the last answer. */
+static const char *url_problem(const char *url) {
   static url_memo memo;
-  if (memo_hit(&memo, url, 0)) return memo.rc;
-  CURLU *u = curl_url();
-  char *scheme = NULL;
-  int ok = u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
-           curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
-           (strcmp(scheme, "http") == 0 || strcmp(scheme, "https") == 0);
-  curl_free(scheme);
-  curl_url_cleanup(u);
-  memo_keep(&memo, url, 0, ok, NULL);
-  return ok;
+  static char msg[URL_MEMO_MAX];
+  if (memo_hit(&memo, url, 0)) return memo.rc ? NULL : memo.out;
+  char why[128];
+  int ok = rsl_transport_check_url(url, why, sizeof why) == 0;
+  if (!ok) {
+    char *shown = rsl_redact_url(url);
+    snprintf(msg, sizeof msg, "bad URL '%.200s%s': %s", shown ? shown : "",
+             shown && strlen(shown) > 200 ? "..." : "", why);
+    free(shown);
+  }
+  memo_keep(&memo, url, 0, ok, ok ? NULL : msg);
+  return ok ? NULL : msg;
 }
 
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
@@ -720,8 +737,9 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     *err = "bad method: not an HTTP token";
     return -1;
   }
-  if (!url_ok(req->url)) {
-    *err = "bad URL: expected http://host[:port]/path or https://...";
+  const char *bad_url = url_problem(req->url);
+  if (bad_url) {
+    *err = bad_url;
     return -1;
   }
   for (size_t i = 0; i < req->header_count; i++) {

@@ -3,6 +3,8 @@
  */
 #include "log.h"
 
+#include "redact.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -96,12 +98,51 @@ static void append(rsl_event *e, const char *s, size_t n) {
   e->len += n;
 }
 
+/* The length of the well-formed UTF-8 sequence at s[0..n), or 0 (RFC
+ * 3629: no overlong forms, no surrogates, nothing past U+10FFFF). */
+static size_t utf8_sequence(const unsigned char *s, size_t n) {
+  unsigned char c = s[0];
+  size_t len;
+  unsigned lo = 0x80, hi = 0xbf; /* the second byte's range */
+  if (c >= 0xc2 && c <= 0xdf) len = 2;
+  else if (c >= 0xe0 && c <= 0xef) {
+    len = 3;
+    if (c == 0xe0) lo = 0xa0;
+    if (c == 0xed) hi = 0x9f;
+  } else if (c >= 0xf0 && c <= 0xf4) {
+    len = 4;
+    if (c == 0xf0) lo = 0x90;
+    if (c == 0xf4) hi = 0x8f;
+  } else {
+    return 0;
+  }
+  if (n < len || s[1] < lo || s[1] > hi) return 0;
+  for (size_t i = 2; i < len; i++)
+    if (s[i] < 0x80 || s[i] > 0xbf) return 0;
+  return len;
+}
+
 void rsl_json_quote(rsl_event *e, const char *s, size_t len) {
   static const char HEX[] = "0123456789abcdef";
+  const unsigned char *u = (const unsigned char *)s;
   append(e, "\"", 1);
   size_t run = 0; /* bytes to copy as they are */
   for (size_t i = 0; i < len; i++) {
-    unsigned char c = (unsigned char)s[i];
+    unsigned char c = u[i];
+    if (c >= 0x80) {
+      size_t seq = utf8_sequence(u + i, len - i);
+      if (seq) {
+        run += seq;
+        i += seq - 1;
+        continue;
+      }
+      /* Not UTF-8 (binary, Latin-1): JSON text must be, so the byte is
+       * written as U+FFFD, escaped, never raw. */
+      append(e, s + i - run, run);
+      run = 0;
+      append(e, "\\ufffd", 6);
+      continue;
+    }
     if (c >= 0x20 && c != '"' && c != '\\') {
       run++;
       continue;
@@ -149,32 +190,11 @@ void rsl_event_str(rsl_event *e, const char *k, const char *value) {
 }
 
 void rsl_event_url(rsl_event *e, const char *k, const char *url) {
-  /* Userinfo is masked: http://user:secret@host/x is logged with *** in
-   * place of user:secret. */
-  const char *auth = strstr(url, "://");
-  const char *at = NULL;
-  if (auth) {
-    auth += 3;
-    size_t span = strcspn(auth, "/?#");
-    const char *p = memchr(auth, '@', span);
-    while (p) { /* the last '@' before the path ends the userinfo */
-      at = p;
-      p = memchr(p + 1, '@', span - (size_t)(p + 1 - auth));
-    }
-  }
-  if (!at) {
-    rsl_event_str(e, k, url);
-    return;
-  }
-  size_t head = (size_t)(auth - url), tail = strlen(at);
-  char *masked = malloc(head + 3 + tail + 1);
+  char *masked = rsl_redact_url(url);
   if (!masked) {
     e->failed = 1;
     return;
   }
-  memcpy(masked, url, head);
-  memcpy(masked + head, "***", 3);
-  memcpy(masked + head + 3, at, tail + 1);
   rsl_event_str(e, k, masked);
   free(masked);
 }

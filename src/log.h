@@ -2,7 +2,9 @@
  * log — the JSON-lines event log (contract 3).  A line is built in memory
  * and written with one write(2) on an O_APPEND descriptor, so concurrent
  * writers never interleave and nothing is left in a user-space buffer.
- * Uses: nothing.
+ * Strings are written as JSON text must be: valid UTF-8, any byte that is
+ * not (binary in a body, Latin-1 in a reason) escaped as \ufffd.
+ * Uses: redact.
  */
 #ifndef RSL_LOG_H
 #define RSL_LOG_H
@@ -32,7 +34,7 @@ typedef struct rsl_event {
 /* Starts {"ts": now (RFC 3339, ms, UTC), "event": name. */
 void rsl_event_begin(rsl_event *e, const char *name);
 void rsl_event_str(rsl_event *e, const char *key, const char *value);
-/* Like rsl_event_str, with any user:password in a URL masked. */
+/* Like rsl_event_str, with the URL's secrets masked (rsl_redact_url). */
 void rsl_event_url(rsl_event *e, const char *key, const char *url);
 void rsl_event_num(rsl_event *e, const char *key, double value);
 void rsl_event_int(rsl_event *e, const char *key, long long value);

@@ -21,6 +21,7 @@
 
 
 #include "luacall.h"
+#include "redact.h"
 #include "sandbox.h"
 #include "watch.h"
 
@@ -811,6 +812,24 @@ static int core_call(lua_State *L) {
   return 0;
 }
 
+/* core.redact(name): masks the values of query parameters (and headers)
+ * called `name` from now on, in every event, result and report. */
+static int core_redact(lua_State *L) {
+  int rc = rsl_redact_add(luaL_checkstring(L, 1));
+  if (rc == -2) return luaL_error(L, "out of memory");
+  luaL_argcheck(L, rc == 0, 1, "expected a name of 1 to 64 bytes");
+  return 0;
+}
+
+/* core.redact_url(url) -> url with its secrets masked (redact.h). */
+static int core_redact_url(lua_State *L) {
+  char *masked = rsl_redact_url(luaL_checkstring(L, 1));
+  if (!masked) return luaL_error(L, "out of memory");
+  lua_pushstring(L, masked);
+  free(masked);
+  return 1;
+}
+
 /* --- module -------------------------------------------------------------- */
 
 static const luaL_Reg CORE_FUNCS[] = {
@@ -837,6 +856,8 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"client", core_client},
     {"call", core_call},
     {"decide", core_decide},
+    {"redact", core_redact},
+    {"redact_url", core_redact_url},
     {NULL, NULL},
 };
 

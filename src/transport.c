@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 
 /* The connection cache's floor.  curl counts every connection in its
@@ -137,6 +138,60 @@ const char *rsl_response_header(const rsl_response *res, const char *name) {
   for (size_t i = 0; i < res->header_count; i++)
     if (strcmp(res->headers[i].name, name) == 0) return res->headers[i].value;
   return NULL;
+}
+
+/* --- URLs ---------------------------------------------------------------- */
+
+int rsl_transport_check_url(const char *url, char *why, size_t size) {
+  const char *sep = strstr(url, "://");
+  size_t scheme_len = sep ? (size_t)(sep - url) : 0;
+  if (!*url) {
+    snprintf(why, size, "empty");
+    return -1;
+  }
+  if (!sep || scheme_len == 0 || strcspn(url, "/?#") < scheme_len) {
+    snprintf(why, size, "no scheme (expected http:// or https://)");
+    return -1;
+  }
+  if (!((scheme_len == 4 && strncasecmp(url, "http", 4) == 0) ||
+        (scheme_len == 5 && strncasecmp(url, "https", 5) == 0))) {
+    snprintf(why, size, "unsupported scheme '%.*s' (expected http or https)",
+             (int)(scheme_len > 16 ? 16 : scheme_len), url);
+    return -1;
+  }
+  if (strchr("/?#", sep[3])) { /* curl takes http:///x as host "x" */
+    snprintf(why, size, "no host");
+    return -1;
+  }
+  CURLU *u = curl_url();
+  char *port = NULL;
+  CURLUcode rc = u ? curl_url_set(u, CURLUPART_URL, url, 0) : CURLUE_OUT_OF_MEMORY;
+  if (rc == CURLUE_OK &&
+      curl_url_get(u, CURLUPART_PORT, &port, 0) == CURLUE_OK &&
+      strcmp(port, "0") == 0)
+    rc = CURLUE_BAD_PORT_NUMBER;
+  curl_free(port);
+  curl_url_cleanup(u);
+  switch (rc) {
+  case CURLUE_OK:
+    return 0;
+  case CURLUE_BAD_PORT_NUMBER:
+    snprintf(why, size, "bad port (expected a number from 1 to 65535)");
+    break;
+  case CURLUE_NO_HOST:
+    snprintf(why, size, "no host");
+    break;
+  case CURLUE_BAD_HOSTNAME:
+    snprintf(why, size, "bad host name (a space or a character not allowed)");
+    break;
+  case CURLUE_BAD_IPV6:
+    snprintf(why, size, "bad IPv6 address (expected [address])");
+    break;
+  default:
+    snprintf(why, size, "%s", curl_url_strerror(rc));
+    break;
+  }
+  return -1;
 }
 
 /* --- curl → loop --------------------------------------------------------- */

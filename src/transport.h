@@ -74,6 +74,11 @@ typedef struct rsl_request {
   size_t max_active;
 } rsl_request;
 
+/* Whether url is one an attempt can be sent to: http or https, a host, a
+ * port in 1..65535.  0, or -1 with what is wrong written to why ("no
+ * scheme ...", "bad port ..."), for a message that also shows the URL. */
+int rsl_transport_check_url(const char *url, char *why, size_t size);
+
 typedef struct rsl_transport rsl_transport;
 typedef struct rsl_attempt rsl_attempt;
 

@@ -70,6 +70,9 @@ Options:
 ]] .. POLICY_OVERRIDES_USAGE .. [[
   -v, --verbose            the event log on stderr
   --log FILE|-             the event log to FILE (- is stderr)
+  --redact NAME            also mask the values of query parameters (and
+                           headers) called NAME in the log (repeatable;
+                           api_key, token, sig, password... always are)
   --seed N                 seed the jitter PRNG (reproducible delays)
   -h, --help               this text
 
@@ -145,6 +148,7 @@ Options:
   -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
 ]] .. POLICY_OVERRIDES_USAGE .. [[
   --log FILE              event log (default: none; batches are long)
+  --redact NAME           mask NAME's values too (repeatable; see call --help)
   --seed N  --quiet       reproducible jitter; no progress bar
   -h, --help              this text
 
@@ -188,6 +192,7 @@ Options:
 ]] .. POLICY_OVERRIDES_USAGE .. [[
   --seed N                 seed the jitter PRNG
   --log FILE|-             event log (default: none)
+  --redact NAME            mask NAME's values too (repeatable; see call --help)
   --json                   print the summary as one JSON object
   --quiet                  no progress lines on stderr
   -h, --help               this text
@@ -256,6 +261,11 @@ local function read_data(arg)
 end
 
 local function setup_log(cmd, opts)
+  for _, name in ipairs(opts["--redact"] or {}) do
+    if not pcall(core.redact, name) then
+      return fail(cmd, ("--redact: expected a parameter or header name of 1 to 64 bytes, got '%s'"):format(name))
+    end
+  end
   if opts["--log"] then
     local ok, err = core.log(opts["--log"])
     if not ok then return fail(cmd, "--log: " .. err) end
@@ -406,7 +416,7 @@ end
 function M.call(args)
   local opts, pos = parse(args, 2, with_overrides{
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
-    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--verbose"] = "flag", ["--output"] = "value", ["--include"] = "flag", ["--json"] = "flag",
     ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
   }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help",
@@ -594,7 +604,7 @@ function M.batch(args)
     ["--report"] = "value",
     ["--id-field"] = "value", ["--concurrency"] = "value", ["--chunk"] = "value",
     ["--request"] = "value", ["--header"] = "list", ["--method"] = "value",
-    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
   }, { ["-X"] = "--method", ["-H"] = "--header", ["-h"] = "--help" })
   if not opts then return fail("batch", pos .. " (see resilua batch --help)") end
@@ -658,7 +668,7 @@ function M.load(args)
     ["--rate"] = "value", ["--concurrency"] = "value", ["--duration"] = "value",
     ["--max-in-flight"] = "value", ["--connections"] = "value",
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
-    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value",
+    ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--json"] = "flag", ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
   }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help" })
   if not opts then return fail("load", pos .. " (see resilua load --help)") end

@@ -47,6 +47,27 @@ Client.__index = Client
 -- changes a call; each disagreement is a `shadow` event).
 -- A policy given by name or file is hot-reloaded (resilua.policy.slot);
 -- a policy object is used as it is.
+-- The fields resilua.client{...} and client:call{...} take: any other is a
+-- mistake (methd=, headrs=) and an error, as in policies.  Other modules
+-- may add theirs.  on_chunk, grpc and metadata: contracts 7 and 8.
+M.CLIENT_FIELDS = { policy = true, policy_path = true, name = true, shadow = true }
+M.CALL_FIELDS = { method = true, url = true, headers = true, body = true, max_active = true,
+                  on_chunk = true, grpc = true, metadata = true }
+
+-- Raises, at the caller's caller, on the first field of t not in fields.
+local function check_fields(t, fields, prefix)
+  local bad = {}
+  for k in pairs(t) do
+    if not fields[k] then bad[#bad + 1] = k end
+  end
+  if #bad == 0 then return end
+  table.sort(bad, function(a, b) return tostring(a) < tostring(b) end)
+  local k = bad[1]
+  local msg = type(k) == "string" and ("unknown field '%s'%s"):format(k, policy.suggest(k, fields))
+              or ("unknown field [%s] (fields have names)"):format(tostring(k))
+  error(prefix .. msg, 3)
+end
+
 local function slot_of(spec, opts)
   if type(spec) == "table" then return { current = spec } end
   return policy.slot(spec, opts.policy_path and policy.path(opts.policy_path))
@@ -55,6 +76,7 @@ end
 function M.client(opts)
   opts = opts or {}
   if type(opts) ~= "table" then error("resilua.client: expected a table of options", 2) end
+  check_fields(opts, M.CLIENT_FIELDS, "resilua.client: ")
   local slot, err = slot_of(opts.policy or "default", opts)
   if not slot then error("resilua.client: " .. err, 2) end
   local shadow
@@ -86,6 +108,7 @@ end
 -- Returns res or nil, err (err.outcome, err.status, err.error, err.message...).
 function Client:call(req)
   if type(req) ~= "table" then error("call: expected a request table", 2) end
+  check_fields(req, M.CALL_FIELDS, "call: ")
   if type(req.url) ~= "string" then error("call: request.url must be a string", 2) end
   local shadow = self.shadow and self.shadow.current.core
   local co = in_go()
@@ -168,6 +191,17 @@ end
 
 --- Where events go: a file (appended), "-" for stderr, false for nowhere.
 function M.log(target) return core.log(target) end
+
+--- Masks the values of query parameters (and headers) called `name` in
+-- every event, result and report from now on (api_key, key, token,
+-- access_token, sig, signature, password, secret... always are).
+function M.redact(name)
+  local ok, err = pcall(core.redact, name)
+  if not ok then error("redact: " .. tostring(err):gsub("^.-: ", ""), 2) end
+end
+
+--- url with user:password and secret parameters masked, as the log writes it.
+function M.redact_url(url) return core.redact_url(url) end
 
 --- Seeds the jitter PRNG: the same seed, the same delays.
 function M.seed(n) core.seed(n) end

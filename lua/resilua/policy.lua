@@ -104,6 +104,9 @@ end
 
 M.line_of = line_of
 
+--- " (did you mean 'x'?)" for the name in `fields` (a set) closest to word, or "".
+M.suggest = suggest
+
 local OPEN_STEPS = 32  -- RSL_BREAKER_OPEN_STEPS: durations the core keeps
 
 local function check_value(rule, v, what)
