@@ -264,6 +264,25 @@ describe("secrets and bytes in the event log", function()
   end)
 end)
 
+describe("invalid UTF-8 in batch results", function()
+  it("is written as U+FFFD, and every line is JSON text", function()
+    local server = helpers.start_server [[return function() return { status = 200, body = "no\255\254 caf\195\169" } end]]
+    local items = helpers.write_file(helpers.tmpname(".jsonl"), '{"id": 1}\n{"id": 2}\n')
+    local out = helpers.tmpname(".jsonl")
+    local r = helpers.run({ helpers.bin, "batch", "--quiet", "--no-ledger", "--policy", "no-retry",
+                            "--in", items, "--out", out, server.url .. "/b" })
+    server:stop()
+    assert.equal(0, r.code, r.stderr)
+    local n = 0
+    for line in helpers.read_file(out):gmatch("[^\n]+") do
+      assert.is_truthy(utf8.len(line), "not UTF-8: " .. line)
+      assert.equal("no\u{FFFD}\u{FFFD} caf\u{E9}", cjson.decode(line).response)
+      n = n + 1
+    end
+    assert.equal(2, n)
+  end)
+end)
+
 describe("unknown fields", function()
   local client = resilua.client{ policy = "no-retry", name = "fields" }
   local HERE = "18%-correctness_spec%.lua:%d+: "

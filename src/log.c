@@ -98,12 +98,11 @@ static void append(rsl_event *e, const char *s, size_t n) {
   e->len += n;
 }
 
-/* The length of the well-formed UTF-8 sequence at s[0..n), or 0 (RFC
- * 3629: no overlong forms, no surrogates, nothing past U+10FFFF). */
-static size_t utf8_sequence(const unsigned char *s, size_t n) {
+size_t rsl_utf8_sequence(const unsigned char *s, size_t n) {
   unsigned char c = s[0];
   size_t len;
   unsigned lo = 0x80, hi = 0xbf; /* the second byte's range */
+  if (c < 0x80) return 1;
   if (c >= 0xc2 && c <= 0xdf) len = 2;
   else if (c >= 0xe0 && c <= 0xef) {
     len = 3;
@@ -130,7 +129,7 @@ void rsl_json_quote(rsl_event *e, const char *s, size_t len) {
   for (size_t i = 0; i < len; i++) {
     unsigned char c = u[i];
     if (c >= 0x80) {
-      size_t seq = utf8_sequence(u + i, len - i);
+      size_t seq = rsl_utf8_sequence(u + i, len - i);
       if (seq) {
         run += seq;
         i += seq - 1;

@@ -44,6 +44,11 @@ void rsl_event_null(rsl_event *e, const char *key);
  * the buffer. */
 void rsl_event_emit(rsl_event *e, rsl_log *log);
 
+/* The length of the well-formed UTF-8 sequence that starts s[0..n) (n >
+ * 0; 1 for ASCII), or 0 when none does (RFC 3629: no overlong forms, no
+ * surrogates, nothing past U+10FFFF). */
+size_t rsl_utf8_sequence(const unsigned char *s, size_t n);
+
 /* Appends `s` as a JSON string literal to the event; shared with callers
  * that build JSON elsewhere. */
 void rsl_json_quote(rsl_event *e, const char *s, size_t len);

@@ -830,6 +830,35 @@ static int core_redact_url(lua_State *L) {
   return 1;
 }
 
+/* core.utf8_clean(s) -> s, or a copy with each byte that is not part of
+ * well-formed UTF-8 replaced by U+FFFD: what JSON written with cjson
+ * (results, reports) needs, as the event log does it (log.h). */
+static int core_utf8_clean(lua_State *L) {
+  size_t len, i = 0;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
+  size_t seq;
+  while (i < len && (seq = rsl_utf8_sequence(s + i, len - i))) i += seq;
+  if (i == len) {
+    lua_settop(L, 1);
+    return 1;
+  }
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luaL_addlstring(&b, (const char *)s, i);
+  while (i < len) {
+    seq = rsl_utf8_sequence(s + i, len - i);
+    if (seq) {
+      luaL_addlstring(&b, (const char *)s + i, seq);
+      i += seq;
+    } else {
+      luaL_addstring(&b, "\xEF\xBF\xBD"); /* U+FFFD */
+      i++;
+    }
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
 /* --- module -------------------------------------------------------------- */
 
 static const luaL_Reg CORE_FUNCS[] = {
@@ -858,6 +887,7 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"decide", core_decide},
     {"redact", core_redact},
     {"redact_url", core_redact_url},
+    {"utf8_clean", core_utf8_clean},
     {NULL, NULL},
 };
 

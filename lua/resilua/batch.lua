@@ -217,8 +217,11 @@ function M.run(opts)
     local ok = r.outcome == "ok"
     line_fields.id, line_fields.ok, line_fields.attempts = it.id, ok, attempts
     line_fields.latency_ms, line_fields.status, line_fields.outcome = latency_ms, r.status, r.outcome
-    line_fields.response = ok and (cjson_safe.decode(r.body or "") or r.body) or nil
-    line_fields.error = not ok and (r.error or r.message) or nil
+    -- A body that is not JSON is kept as a string, as JSON text: UTF-8.
+    local text = ok and r.body or not ok and (r.error or r.message)
+    text = text and core.utf8_clean(text)
+    line_fields.response = ok and (cjson_safe.decode(text or "") or text) or nil
+    line_fields.error = not ok and text or nil
     local line = cjson.encode(line_fields)
     done[it.key] = line
     tally(ok, r.outcome, attempts, r.status, latency_ms)

@@ -753,7 +753,7 @@ function M.run(x)
              description = x.load.rate and (describe_rate(x.load.rate)
                            .. (x.load.poisson and ", Poisson arrivals" or ""))
                            or ("%d in flight (closed loop)"):format(x.load.concurrency) },
-    upstream = { description = x.upstream and describe_upstream(x.upstream) or core.redact_url(x.url) },
+    upstream = { description = x.upstream and describe_upstream(x.upstream) or core.utf8_clean(core.redact_url(x.url)) },
     phases = run.phases,
     slo = run.slo and { description = run.slo.description, p50_ms = run.slo.p50_ms,
                         p95_ms = run.slo.p95_ms, p99_ms = run.slo.p99_ms,

@@ -233,7 +233,7 @@ function M.run(o)
   end
   if t_stop and t_stop - t0 < span_ms then span_ms = math.max(1, t_stop - t0) end
   return {
-    url = core.redact_url(o.url), policy = o.policy_name, policy_overrides = o.policy_overrides,
+    url = core.utf8_clean(core.redact_url(o.url)), policy = o.policy_name, policy_overrides = o.policy_overrides,
     mode = o.rate and "open" or "closed", rate = o.rate, concurrency = o.concurrency,
     duration_s = o.duration_s, elapsed_s = (t_done - t0) / 1000,
     calls = calls, scheduled = o.rate and scheduled or nil, drops = drops,
