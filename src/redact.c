@@ -10,13 +10,12 @@
 /* Parameters that carry credentials in the wild: API keys, OAuth tokens,
  * signed-URL signatures (AWS, GCS), passwords. */
 static const char *const DEFAULT_NAMES[] = {
-    "api_key",       "apikey",        "api-key",       "key",
-    "token",         "access_token",  "refresh_token", "id_token",
-    "client_secret", "sig",           "signature",     "password",
-    "passwd",        "secret",        "auth",          "authorization",
-    "cookie",        "set-cookie",    "proxy-authorization",
-    "x-api-key",     "x-amz-signature", "x-amz-security-token",
-    "x-amz-credential", "x-goog-signature", "x-goog-credential",
+    "api_key", "apikey", "api-key", "x-api-key", "key",
+    "token", "access_token", "refresh_token", "id_token",
+    "secret", "client_secret", "password", "passwd",
+    "sig", "signature", "x-amz-signature", "x-goog-signature",
+    "x-amz-credential", "x-goog-credential", "x-amz-security-token",
+    "auth", "authorization", "proxy-authorization", "cookie", "set-cookie",
 };
 
 static char *added[RSL_REDACT_MAX_NAMES];
