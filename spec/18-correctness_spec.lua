@@ -259,13 +259,13 @@ describe("secrets and bytes in the event log", function()
     assert.equal(3, r.code, r.stderr)
     every_line_is_json(logf)
     local attempt = helpers.of_kind(helpers.events(logf), "attempt")[1]
-    assert.equal("caf\u{FFFD} \u{FFFD} ok \u{20AC}", attempt.reason)
-    assert.equal(server.url .. "/\u{FFFD}x", attempt.url)
+    assert.equal("caf\u{E9} \u{FF} ok \u{20AC}", attempt.reason)
+    assert.equal(server.url .. "/\u{FF}x", attempt.url)
   end)
 end)
 
 describe("invalid UTF-8 in batch results", function()
-  it("is written as U+FFFD, and every line is JSON text", function()
+  it("is written as U+00XX, and every line is JSON text", function()
     local server = helpers.start_server [[return function() return { status = 200, body = "no\255\254 caf\195\169" } end]]
     local items = helpers.write_file(helpers.tmpname(".jsonl"), '{"id": 1}\n{"id": 2}\n')
     local out = helpers.tmpname(".jsonl")
@@ -276,7 +276,7 @@ describe("invalid UTF-8 in batch results", function()
     local n = 0
     for line in helpers.read_file(out):gmatch("[^\n]+") do
       assert.is_truthy(utf8.len(line), "not UTF-8: " .. line)
-      assert.equal("no\u{FFFD}\u{FFFD} caf\u{E9}", cjson.decode(line).response)
+      assert.equal("no\u{FF}\u{FE} caf\u{E9}", cjson.decode(line).response)
       n = n + 1
     end
     assert.equal(2, n)

@@ -136,10 +136,13 @@ void rsl_json_quote(rsl_event *e, const char *s, size_t len) {
         continue;
       }
       /* Not UTF-8 (binary, Latin-1): JSON text must be, so the byte is
-       * written as U+FFFD, escaped, never raw. */
+       * escaped as the code point of the same value, \u00XX (Latin-1
+       * text then reads right, a binary byte keeps its value), as
+       * resilua.json does. */
       append(e, s + i - run, run);
       run = 0;
-      append(e, "\\ufffd", 6);
+      char esc[6] = {'\\', 'u', '0', '0', HEX[c >> 4], HEX[c & 15]};
+      append(e, esc, 6);
       continue;
     }
     if (c >= 0x20 && c != '"' && c != '\\') {

@@ -3,7 +3,7 @@
  * and written with one write(2) on an O_APPEND descriptor, so concurrent
  * writers never interleave and nothing is left in a user-space buffer.
  * Strings are written as JSON text must be: valid UTF-8, any byte that is
- * not (binary in a body, Latin-1 in a reason) escaped as \ufffd.
+ * not (binary in a body, Latin-1 in a reason) escaped as \u00XX.
  * Uses: redact.
  */
 #ifndef RSL_LOG_H

@@ -830,9 +830,10 @@ static int core_redact_url(lua_State *L) {
   return 1;
 }
 
-/* core.utf8_clean(s) -> s, or a copy with each byte that is not part of
- * well-formed UTF-8 replaced by U+FFFD: what JSON written with cjson
- * (results, reports) needs, as the event log does it (log.h). */
+/* core.utf8_clean(s) -> s, or a copy in which each byte that is not part
+ * of well-formed UTF-8 stands for the code point of its value (U+0080 to
+ * U+00FF, Latin-1): what JSON written with cjson (results, reports) needs,
+ * and what the event log and resilua.json write as \u00XX. */
 static int core_utf8_clean(lua_State *L) {
   size_t len, i = 0;
   const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &len);
@@ -851,7 +852,8 @@ static int core_utf8_clean(lua_State *L) {
       luaL_addlstring(&b, (const char *)s + i, seq);
       i += seq;
     } else {
-      luaL_addstring(&b, "\xEF\xBF\xBD"); /* U+FFFD */
+      luaL_addchar(&b, (char)(0xc0 | (s[i] >> 6))); /* U+00XX in UTF-8 */
+      luaL_addchar(&b, (char)(0x80 | (s[i] & 0x3f)));
       i++;
     }
   }
