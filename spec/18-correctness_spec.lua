@@ -254,6 +254,16 @@ describe("secrets and bytes in the event log", function()
     assert.matches("bad URL 'ftp://h/%?password=%*%*%*'", bad.stderr)
   end)
 
+  it("takes more names from resilua.redact, and refuses a bad one", function()
+    assert.equal("http://h/?Sessid=abc", resilua.redact_url("http://h/?Sessid=abc"))
+    resilua.redact("sessid")
+    assert.equal("http://h/?Sessid=***&x=1", resilua.redact_url("http://h/?Sessid=abc&x=1"))
+    assert.has_error(function() resilua.redact("") end, "redact: expected a name of 1 to 64 bytes")
+    local r = helpers.run({ helpers.bin, "call", "--redact", "", server.url })
+    assert.equal(2, r.code)
+    assert.matches("%-%-redact: expected a parameter name", r.stderr)
+  end)
+
   it("writes invalid UTF-8 in reasons and URLs escaped, never raw", function()
     local logf = helpers.tmpname(".jsonl")
     local p = policy_file("latin1", [[

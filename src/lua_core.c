@@ -812,8 +812,8 @@ static int core_call(lua_State *L) {
   return 0;
 }
 
-/* core.redact(name): masks the values of query parameters (and headers)
- * called `name` from now on, in every event, result and report. */
+/* core.redact(name): masks the values of query parameters called `name`
+ * from now on, in every event, result and report. */
 static int core_redact(lua_State *L) {
   int rc = rsl_redact_add(luaL_checkstring(L, 1));
   if (rc == -2) return luaL_error(L, "out of memory");

@@ -48,7 +48,8 @@ static int decode_name(const char *name, size_t len, char *out) {
   return (int)n;
 }
 
-int rsl_redact_is_secret(const char *name, size_t len) {
+/* Whether name[0..len) (percent-encoding allowed) is a secret's name. */
+static int is_secret(const char *name, size_t len) {
   char plain[RSL_REDACT_NAME_MAX + 1];
   if (decode_name(name, len, plain) <= 0) return 0;
   for (size_t i = 0; i < sizeof DEFAULT_NAMES / sizeof *DEFAULT_NAMES; i++)
@@ -61,7 +62,7 @@ int rsl_redact_is_secret(const char *name, size_t len) {
 int rsl_redact_add(const char *name) {
   size_t len = strlen(name);
   if (len == 0 || len > RSL_REDACT_NAME_MAX) return -1;
-  if (rsl_redact_is_secret(name, len)) return 0;
+  if (is_secret(name, len)) return 0;
   if (added_count == RSL_REDACT_MAX_NAMES) return -1;
   char *copy = strdup(name);
   if (!copy) return -2;
@@ -83,7 +84,7 @@ static void put_params(char *out, size_t *len, const char *p,
     const char *stop = p;
     while (stop < end && *stop != '&' && *stop != ';') stop++;
     const char *eq = memchr(p, '=', (size_t)(stop - p));
-    if (eq && eq + 1 < stop && rsl_redact_is_secret(p, (size_t)(eq - p))) {
+    if (eq && eq + 1 < stop && is_secret(p, (size_t)(eq - p))) {
       put(out, len, p, (size_t)(eq + 1 - p));
       put(out, len, RSL_REDACT_MASK, strlen(RSL_REDACT_MASK));
     } else {

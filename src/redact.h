@@ -7,8 +7,9 @@
  *
  * A query (or fragment) parameter is secret when its name, percent-decoded
  * and compared case-insensitively, is one of RSL_REDACT_DEFAULT_NAMES or a
- * name added with rsl_redact_add (`--redact NAME`).  The same names mark
- * secret header names (rsl_redact_is_secret).
+ * name added with rsl_redact_add (`--redact NAME`).  (No event carries
+ * headers; the list holds the usual secret header names too, for when a
+ * header's name is used as a parameter's.)
  * Uses: nothing.  The added names are process-wide.
  */
 #ifndef RSL_REDACT_H
@@ -20,13 +21,10 @@
 #define RSL_REDACT_NAME_MAX 64 /* longer names are never secret */
 #define RSL_REDACT_MAX_NAMES 256
 
-/* Adds a name to mask (query parameter or header).  0; -1 when the name
+/* Adds a query parameter's name to mask.  0; -1 when the name
  * is empty, longer than RSL_REDACT_NAME_MAX or the list is full; -2 on
  * ENOMEM.  A name already known is not added twice. */
 int rsl_redact_add(const char *name);
-
-/* Whether name[0..len) (percent-encoding allowed) is a secret's name. */
-int rsl_redact_is_secret(const char *name, size_t len);
 
 /* url with its user:password and secret parameters' values masked.  The
  * caller frees it; NULL on ENOMEM. */

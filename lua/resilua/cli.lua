@@ -70,9 +70,9 @@ Options:
 ]] .. POLICY_OVERRIDES_USAGE .. [[
   -v, --verbose            the event log on stderr
   --log FILE|-             the event log to FILE (- is stderr)
-  --redact NAME            also mask the values of query parameters (and
-                           headers) called NAME in the log (repeatable;
-                           api_key, token, sig, password... always are)
+  --redact NAME            also mask the values of query parameters
+                           called NAME in the log (repeatable; api_key,
+                           token, sig, password... always are)
   --seed N                 seed the jitter PRNG (reproducible delays)
   -h, --help               this text
 
@@ -263,7 +263,7 @@ end
 local function setup_log(cmd, opts)
   for _, name in ipairs(opts["--redact"] or {}) do
     if not pcall(core.redact, name) then
-      return fail(cmd, ("--redact: expected a parameter or header name of 1 to 64 bytes, got '%s'"):format(name))
+      return fail(cmd, ("--redact: expected a parameter name of 1 to 64 bytes, got '%s'"):format(name))
     end
   end
   if opts["--log"] then

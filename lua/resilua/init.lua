@@ -192,12 +192,14 @@ end
 --- Where events go: a file (appended), "-" for stderr, false for nowhere.
 function M.log(target) return core.log(target) end
 
---- Masks the values of query parameters (and headers) called `name` in
--- every event, result and report from now on (api_key, key, token,
--- access_token, sig, signature, password, secret... always are).
+--- Masks the values of query parameters called `name` (any case) in every
+-- event, result and report from now on (api_key, key, token, access_token,
+-- sig, signature, password, secret... always are).
 function M.redact(name)
-  local ok, err = pcall(core.redact, name)
-  if not ok then error("redact: " .. tostring(err):gsub("^.-: ", ""), 2) end
+  if type(name) ~= "string" or #name < 1 or #name > 64 then
+    error("redact: expected a name of 1 to 64 bytes", 2)
+  end
+  core.redact(name)
 end
 
 --- url with user:password and secret parameters masked, as the log writes it.
