@@ -154,19 +154,20 @@ out:
 rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
                                 const char *url) {
   if (!conf->breaker_enabled) return NULL;
-  char buf[BREAKER_KEY_STACK], *key = buf;
+  char buf[BREAKER_KEY_STACK], *heap = NULL;
   int n = breaker_key(conf->breaker_key, url, buf, sizeof buf);
   if (n < 0) return NULL;
   if ((size_t)n >= sizeof buf) {
-    key = malloc((size_t)n + 1);
-    if (!key ||
-        breaker_key(conf->breaker_key, url, key, (size_t)n + 1) != n) {
-      free(key);
+    heap = malloc((size_t)n + 1);
+    if (!heap ||
+        breaker_key(conf->breaker_key, url, heap, (size_t)n + 1) != n) {
+      free(heap);
       return NULL;
     }
   }
-  rsl_breaker *b = rsl_breakers_get(&c->breakers, key, &conf->breaker);
-  if (key != buf) free(key);
+  rsl_breaker *b =
+      rsl_breakers_get(&c->breakers, heap ? heap : buf, &conf->breaker);
+  free(heap);
   return b;
 }
 
