@@ -19,7 +19,6 @@
 #include <limits.h>
 #include <time.h>
 
-
 #include "luacall.h"
 #include "redact.h"
 #include "sandbox.h"

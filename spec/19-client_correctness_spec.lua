@@ -298,7 +298,7 @@ end)
 
 describe("unknown fields", function()
   local client = resilua.client{ policy = "no-retry", name = "fields" }
-  local HERE = "18%-correctness_spec%.lua:%d+: "
+  local HERE = "19%-client_correctness_spec%.lua:%d+: "
 
   it("in client:call are an error at the caller, with a suggestion", function()
     local ok, err = pcall(function() client:call{ methd = "GET", url = "http://127.0.0.1:1/" } end)
