@@ -28,7 +28,7 @@ else
   Q := @
 endif
 
-CORE_SRC  := $(filter-out src/main.c,$(wildcard src/*.c))
+CORE_SRC  := $(filter-out src/main.c,$(wildcard src/*.c src/*/*.c))
 CORE_OBJ  := $(CORE_SRC:src/%.c=$(BUILD)/obj/%.o)
 LUA_SRC   := $(wildcard lua/resilua/*.lua)
 BIN       := $(BUILD)/bin/resilua
@@ -147,4 +147,4 @@ help:
 	@echo "make install  PREFIX=$(PREFIX) DESTDIR=...: the binary, the Lua module, the policies,"
 	@echo "              examples and experiments (PREFIX/share/resilua)"
 
--include $(wildcard $(BUILD)/obj/*.d)
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/obj/*/*.d)

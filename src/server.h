@@ -7,7 +7,7 @@
  * counters, and is a model stub without a handler.
  *
  * Provides: rsl_server_* (this file).
- * Uses: loop (watchers, timers), http-parser (request parsing), libc.
+ * Uses: http/conn (connections), loop (timers), libc.
  * Never includes lua.h: the Lua bridge is lua_server.c.
  */
 #ifndef RSL_SERVER_H
@@ -16,26 +16,23 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "http/conn.h"
 #include "loop.h"
 
 /* Hard limits, enforced per connection / per server. */
 #define RSL_SERVER_MAX_HEADER_BYTES (16 * 1024)   /* URL + header fields: 431 */
-#define RSL_SERVER_MAX_HEADERS 100                /* header fields: 431 */
 #define RSL_SERVER_MAX_BODY_BYTES (1024 * 1024)   /* request body: 413 */
 #define RSL_SERVER_MAX_RESPONSE_BYTES (8 * 1024 * 1024) /* handler's body */
 #define RSL_SERVER_MAX_DELAY_MS (24 * 3600 * 1000ull)
 #define RSL_SERVER_MAX_KEY_BYTES 255              /* Idempotency-Key: 400 */
 #define RSL_SERVER_MAX_STORED_KEYS 10000          /* completed keys kept */
+#define RSL_SERVER_MAX_STORED_BYTES (64u << 20)   /* and their bytes */
+#define RSL_SERVER_IDLE_TIMEOUT_MS 60000          /* idle keep-alive: closed */
 #define RSL_SERVER_MAX_CONNECTIONS 10000          /* more are closed at once */
 
 typedef struct rsl_server rsl_server;
 
-typedef struct rsl_server_header {
-  const char *name; /* lower-case */
-  size_t name_len;
-  const char *value;
-  size_t value_len;
-} rsl_server_header;
+typedef rsl_http_header rsl_server_header; /* name lower-case */
 
 /* One request, as the handler sees it.  Everything is borrowed from the
  * server and valid only during the handler call; strings are not
@@ -132,6 +129,6 @@ void rsl_server_free(rsl_server *s);
 const char *rsl_server_address(const rsl_server *s);
 
 /* Live counters; owned by s. */
-const rsl_server_stats *rsl_server_stats_get(const rsl_server *s);
+const rsl_server_stats *rsl_server_stats_get(rsl_server *s);
 
 #endif
