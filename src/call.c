@@ -49,6 +49,17 @@ struct rsl_call {
   double prev_delay_ms;
   double quota_paid; /* what the last retry took from a quota budget */
   rsl_call_result result;
+
+  /* Per-request overrides (a copy of the policy's conf), or NULL. */
+  rsl_policy_conf *own_conf;
+  char *route, *request_id; /* for the events, or NULL */
+  /* Streaming and the byte timeouts (contract 7; see "streaming"). */
+  rsl_call_stream stream;
+  int has_stream, raw;
+  int committed, paused, consumer_abort, got_byte;
+  double try_timeout_ms; /* this attempt's: min(per-try, time left) */
+  uint64_t try_started_ns, last_byte_ns, committed_ns;
+  rsl_timer watchdog;
 };
 
 static const char *const OUTCOME_NAMES[] = {
@@ -309,6 +320,7 @@ static void call_free(rsl_call *call) {
   else env->calls = call->next;
   if (call->next) call->next->prev = call->prev;
   rsl_timer_stop(env->loop, &call->timer);
+  rsl_timer_stop(env->loop, &call->watchdog);
   if (call->attempt) {
     cancel_through(env, call->attempt);
     if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
@@ -318,6 +330,9 @@ static void call_free(rsl_call *call) {
   free(call->method);
   free(call->url);
   free(call->body);
+  free(call->own_conf);
+  free(call->route);
+  free(call->request_id);
   rsl_response_free(&call->result.last);
   rsl_policy_unref(call->policy);
   if (call->shadow) rsl_policy_unref(call->shadow);
@@ -327,6 +342,14 @@ static void call_free(rsl_call *call) {
 
 void rsl_call_cancel_all(rsl_call_env *env) {
   while (env->calls) call_free(env->calls);
+}
+
+void rsl_call_cancel(rsl_call *call) { call_free(call); }
+
+/* The request's route and id, on every event of the call. */
+static void event_ids(rsl_event *e, const rsl_call *call) {
+  if (call->route) rsl_event_str(e, "route", call->route);
+  if (call->request_id) rsl_event_str(e, "request_id", call->request_id);
 }
 
 /* Logs a transition and runs the policy's on_change hook; a failing hook
@@ -344,6 +367,7 @@ static void log_breaker_change(rsl_call *call, rsl_breaker_change ch) {
   rsl_event_str(&e, "to", rsl_breaker_state_name(ch.to));
   rsl_event_str(&e, "client", call->client->name);
   rsl_event_str(&e, "policy_version", rsl_policy_version(call->policy));
+  event_ids(&e, call);
   if (hook_rc < 0)
     rsl_event_str(&e, "hook_error", hook_err ? hook_err : "out of memory");
   rsl_event_emit(&e, call->env->log);
@@ -363,6 +387,8 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
     rsl_event_num(&e, "elapsed_ms", r->elapsed_ms);
     if (r->last.status) rsl_event_int(&e, "status", r->last.status);
     else rsl_event_null(&e, "status");
+    if (r->committed) rsl_event_bool(&e, "streamed", 1);
+    event_ids(&e, call);
     rsl_event_emit(&e, call->env->log);
   }
 
@@ -398,12 +424,116 @@ static void log_attempt(rsl_call *call, const char *decision,
   if (call->breaker)
     rsl_event_str(&e, "breaker", rsl_breaker_state_name(call->breaker->state));
   else rsl_event_null(&e, "breaker");
+  event_ids(&e, call);
   rsl_event_emit(&e, call->env->log);
 }
 
-/* --- the machine --------------------------------------------------------- */
+/* --- streaming ----------------------------------------------------------
+ *
+ * Byte timeouts and the stream consumer (contract 7).  One watchdog timer
+ * per call bounds what curl's own timeout cannot: the time to the first
+ * body byte, the gaps between bytes, and, for a call with a consumer, the
+ * per-try timeout until the commit (curl's timeout would also cut the
+ * stream after it) and stream_timeout_ms after it.  The timer is not moved
+ * for every byte: when it fires it works out the due time again. */
 
 static void on_attempt_done(void *ud, rsl_response *res);
+
+static uint64_t ms_to_ns(double ms) { return (uint64_t)(ms * 1e6); }
+
+/* When the attempt in flight times out (UINT64_MAX: never), and why. */
+static uint64_t watchdog_due(const rsl_call *call, const char **why) {
+  const rsl_policy_conf *c = call->conf;
+  uint64_t due = UINT64_MAX;
+#define CONSIDER(at, what) \
+  if ((at) < due) { due = (at); *why = (what); }
+  if (!call->committed) {
+    if (call->has_stream)
+      CONSIDER(call->try_started_ns + ms_to_ns(call->try_timeout_ms),
+               "per-try timeout");
+    if (c->first_byte_timeout_ms && !call->got_byte)
+      CONSIDER(call->try_started_ns + ms_to_ns(c->first_byte_timeout_ms),
+               "first_byte_timeout_ms");
+  } else if (c->stream_timeout_ms) {
+    CONSIDER(call->committed_ns + ms_to_ns(c->stream_timeout_ms),
+             "stream_timeout_ms");
+  }
+  if (c->idle_timeout_ms && call->got_byte && !call->paused)
+    CONSIDER(call->last_byte_ns + ms_to_ns(c->idle_timeout_ms),
+             "idle_timeout_ms");
+#undef CONSIDER
+  return due;
+}
+
+static void watchdog_arm(rsl_call *call) {
+  const char *why = NULL;
+  uint64_t due = watchdog_due(call, &why),
+           now = rsl_loop_now_ns(call->env->loop);
+  if (due == UINT64_MAX) rsl_timer_stop(call->env->loop, &call->watchdog);
+  else rsl_timer_start(call->env->loop, &call->watchdog,
+                       due > now ? due - now : 0);
+}
+
+/* The attempt in flight timed out: it ends as a `timeout` (before the
+ * commit the policy may retry it; after it the call fails). */
+static void on_watchdog(void *ud) {
+  rsl_call *call = ud;
+  const char *why = "timeout";
+  uint64_t due = watchdog_due(call, &why),
+           now = rsl_loop_now_ns(call->env->loop);
+  if (!call->attempt) return;
+  if (due > now) {
+    watchdog_arm(call);
+    return;
+  }
+  cancel_through(call->env, call->attempt);
+  call->attempt = NULL;
+  rsl_response res = {.error = RSL_ERR_TIMEOUT, .retry_after_ms = -1,
+                      .latency_ms = (double)(now - call->try_started_ns) / 1e6};
+  snprintf(res.message, sizeof res.message, "%s reached", why);
+  on_attempt_done(call, &res);
+}
+
+/* The transport's body hook, set for a call with a consumer or a byte
+ * timeout.  The consumer's callbacks must not cancel the call. */
+static int on_data(void *ud, const rsl_response *head, const char *data,
+                   size_t len) {
+  rsl_call *call = ud;
+  call->got_byte = 1;
+  call->last_byte_ns = rsl_loop_now_ns(call->env->loop);
+  if (!call->has_stream) return RSL_DATA_KEEP;
+  if (!call->committed) {
+    if (!is_success(head->status)) return RSL_DATA_KEEP; /* for the policy */
+    call->committed = call->result.committed = 1;
+    call->committed_ns = call->last_byte_ns;
+    watchdog_arm(call); /* the per-try timeout and the deadline are off */
+    if (call->stream.on_commit(call->stream.ud, head) < 0) {
+      call->consumer_abort = 1;
+      return RSL_DATA_ABORT;
+    }
+  }
+  int rc = call->stream.on_chunk(call->stream.ud, data, len);
+  if (rc == RSL_CHUNK_PAUSE) {
+    call->paused = 1;
+    return RSL_DATA_PAUSE;
+  }
+  if (rc < 0) {
+    call->consumer_abort = 1;
+    return RSL_DATA_ABORT;
+  }
+  return RSL_DATA_TAKEN;
+}
+
+void rsl_call_resume(rsl_call *call) {
+  if (!call->paused) return;
+  call->paused = 0;
+  call->last_byte_ns = rsl_loop_now_ns(call->env->loop); /* our wait */
+  watchdog_arm(call);
+  if (call->attempt && !call->env->sender)
+    rsl_transport_resume(call->env->transport, call->attempt);
+}
+
+/* --- the machine --------------------------------------------------------- */
 
 static void send_attempt(void *ud) {
   rsl_call *call = ud;
@@ -450,7 +580,16 @@ static void send_attempt(void *ud) {
       .connect_timeout_ms = (long)c->connect_timeout_ms,
       .max_response_bytes = c->max_response_bytes,
       .max_active = call->max_active,
+      .raw = call->raw,
   };
+  int watched = call->has_stream || c->first_byte_timeout_ms ||
+                c->idle_timeout_ms;
+  if (watched) {
+    req.on_data = on_data;
+    call->try_timeout_ms = (double)req.timeout_ms;
+    call->got_byte = call->paused = 0;
+    if (call->has_stream) req.timeout_ms = 0; /* the watchdog's, see above */
+  }
   const char *err = NULL;
   call->result.attempts++;
   if (call->result.attempts == 1) {
@@ -461,6 +600,10 @@ static void send_attempt(void *ud) {
   int rc = send_through(call->env, &req, on_attempt_done, call,
                         &call->attempt, &err);
   call->headers[call->header_count] = NULL; /* key_line dies here */
+  if (rc == 0 && watched) {
+    call->try_started_ns = rsl_loop_now_ns(call->env->loop);
+    watchdog_arm(call);
+  }
   if (rc < 0) {
     call->attempt = NULL;
     if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
@@ -599,6 +742,8 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_call *call = ud;
   const rsl_policy_conf *c = call->conf;
   call->attempt = NULL;
+  rsl_timer_stop(call->env->loop, &call->watchdog);
+  if (call->consumer_abort) res->local = 1; /* not the dependency's doing */
   int k = call->result.attempts - 1;
   if (k >= 0 && k < RSL_CALL_MAX_ATTEMPTS)
     call->result.attempt_ms[k] = (float)res->latency_ms;
@@ -620,6 +765,20 @@ static void on_attempt_done(void *ud, rsl_response *res) {
       log_breaker_change(call, ch);
     }
     if (budget) rsl_budget_record(budget, !failure);
+  }
+
+  if (call->committed && !is_success(res->status)) {
+    /* Past the commit point: the consumer has part of the body. */
+    rsl_decision d = {0};
+    snprintf(d.reason, sizeof d.reason, "%s after the first body byte went "
+             "out: no retry", call->consumer_abort ? "consumer gone"
+                                                   : "response broken");
+    snprintf(call->result.message, sizeof call->result.message,
+             "%s (%.200s): %s", rsl_error_class_name(res->error),
+             res->message, d.reason);
+    log_attempt(call, "stop", &d);
+    finish(call, RSL_OUTCOME_FAILED);
+    return;
   }
 
   if (is_success(res->status)) {
@@ -766,8 +925,31 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
   if (call->next) call->next->prev = call;
   env->calls = call;
   rsl_timer_init(&call->timer, send_attempt, call);
+  rsl_timer_init(&call->watchdog, on_watchdog, call);
 
   int failed = 0;
+  if ((req->deadline_ms > 0 && req->deadline_ms < call->conf->deadline_ms) ||
+      (req->max_attempts > 0 && req->max_attempts < call->conf->max_attempts)) {
+    if (!(call->own_conf = malloc(sizeof *call->own_conf))) failed = 1;
+    else {
+      *call->own_conf = *call->conf; /* borrows the policy's pointers */
+      if (req->deadline_ms > 0 && req->deadline_ms < call->conf->deadline_ms)
+        call->own_conf->deadline_ms = req->deadline_ms;
+      if (req->max_attempts > 0 && req->max_attempts < call->conf->max_attempts)
+        call->own_conf->max_attempts = req->max_attempts;
+      call->conf = call->own_conf;
+    }
+  }
+  if (req->route) call->route = copy_or_null(req->route, strlen(req->route),
+                                             &failed);
+  if (req->request_id)
+    call->request_id =
+        copy_or_null(req->request_id, strlen(req->request_id), &failed);
+  if (req->stream) {
+    call->stream = *req->stream;
+    call->has_stream = 1;
+  }
+  call->raw = req->raw;
   call->method = copy_or_null(req->method, strlen(req->method), &failed);
   call->url = copy_or_null(req->url, strlen(req->url), &failed);
   /* Methods that carry a body send an empty one rather than none. */
@@ -802,6 +984,7 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     call_free(call);
     goto oom;
   }
+  if (req->handle) *req->handle = call;
   return 0;
 oom:
   *err = "out of memory";

@@ -72,6 +72,24 @@ rsl_breaker *rsl_client_breaker(rsl_client *c, const rsl_policy_conf *conf,
 /* The budget, created from conf on first use; NULL without one. */
 rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf);
 
+/* A consumer of the response body as it arrives (contract 7).  The call
+ * commits when the first body byte of a successful response is handed to
+ * it: before, everything of the policy applies (retries, per-try timeout,
+ * first_byte_timeout_ms, the deadline); after, no retry, and only
+ * idle_timeout_ms and stream_timeout_ms bound the response.  A failing
+ * response is never streamed: its body is kept for the policy and the
+ * result, as without a consumer. */
+enum { RSL_CHUNK_TAKEN = 0, RSL_CHUNK_PAUSE = 1, RSL_CHUNK_ABORT = -1 };
+typedef struct rsl_call_stream {
+  /* The commit point: status and headers of the response that will be
+   * the call's.  0, or -1 to abort (the call then fails). */
+  int (*on_commit)(void *ud, const rsl_response *head);
+  /* A piece of body: RSL_CHUNK_TAKEN, RSL_CHUNK_PAUSE (not taken: it
+   * comes again after rsl_call_resume), or RSL_CHUNK_ABORT. */
+  int (*on_chunk)(void *ud, const char *data, size_t len);
+  void *ud;
+} rsl_call_stream;
+
 /* Borrowed: the call copies what it keeps. */
 typedef struct rsl_call_request {
   const char *method;
@@ -81,6 +99,13 @@ typedef struct rsl_call_request {
   const char *body; /* NULL: none */
   size_t body_len;
   size_t max_active; /* 0, or see rsl_request.max_active */
+  const rsl_call_stream *stream; /* NULL: the body is kept whole */
+  int raw;                       /* rsl_request.raw (a proxy) */
+  /* Per-request limits that may only tighten the policy's; 0: none. */
+  double deadline_ms;
+  int max_attempts;
+  const char *route, *request_id; /* named in its events when set */
+  rsl_call **handle; /* NULL, or set to the call (valid until it ends) */
 } rsl_call_request;
 
 /* Attempts whose latency a result keeps: policies allow at most 100. */
@@ -94,6 +119,7 @@ typedef struct rsl_call_result {
   double elapsed_ms;
   float attempt_ms[RSL_CALL_MAX_ATTEMPTS]; /* each attempt's latency */
   char call_id[17];
+  int committed; /* the body went to the stream consumer: not in last */
 } rsl_call_result;
 
 /* Called once when the call ends (never from inside rsl_call_start); the
@@ -108,6 +134,11 @@ typedef void (*rsl_call_done)(void *ud, rsl_call_result *result);
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
                    rsl_policy *shadow, const rsl_call_request *req,
                    rsl_call_done cb, void *ud, const char **err);
+
+/* Resumes a stream whose consumer answered RSL_CHUNK_PAUSE. */
+void rsl_call_resume(rsl_call *call);
+/* Ends a call without calling back (its consumer is gone). */
+void rsl_call_cancel(rsl_call *call);
 
 /* Ends every call in flight without calling back (at shutdown). */
 void rsl_call_cancel_all(rsl_call_env *env);

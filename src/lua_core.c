@@ -37,6 +37,8 @@ struct rsl_waiter {
   rsl_waiter *prev, *next;
   int cb_ref;
   rsl_timer timer; /* for core.timer */
+  int chunk_ref;   /* core.call's on_chunk, or LUA_NOREF */
+  rsl_call_stream stream;
 };
 
 rsl_runtime *rsl_core_runtime(lua_State *L) {
@@ -52,6 +54,7 @@ static rsl_waiter *waiter_new(lua_State *L, rsl_runtime *rt, int cb_idx) {
   if (!w) luaL_error(L, "out of memory");
   lua_pushvalue(L, cb_idx);
   w->cb_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+  w->chunk_ref = LUA_NOREF;
   w->rt = rt;
   rsl_timer_init(&w->timer, NULL, w);
   w->next = rt->waiters;
@@ -67,6 +70,7 @@ static void waiter_free(rsl_waiter *w) {
   if (w->next) w->next->prev = w->prev;
   rsl_timer_stop(rt->loop, &w->timer);
   luaL_unref(rt->L, LUA_REGISTRYINDEX, w->cb_ref);
+  luaL_unref(rt->L, LUA_REGISTRYINDEX, w->chunk_ref);
   free(w);
 }
 
@@ -731,6 +735,26 @@ static void on_call_done_summary(void *ud, rsl_call_result *r) {
   rsl_response_free(&r->last);
 }
 
+/* on_chunk(chunk), protected; an error aborts the call (it fails). */
+static int stream_commit(void *ud, const rsl_response *head) {
+  (void)ud;
+  (void)head;
+  return 0;
+}
+
+static int stream_chunk(void *ud, const char *data, size_t len) {
+  rsl_waiter *w = ud;
+  lua_State *L = w->rt->L;
+  int top = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->chunk_ref);
+  lua_pushlstring(L, data, len);
+  int rc = rsl_luacall(L, 1, 0, 0);
+  if (rc != LUA_OK)
+    fprintf(stderr, "resilua: error in on_chunk: %s\n", lua_tostring(L, -1));
+  lua_settop(L, top);
+  return rc == LUA_OK ? RSL_CHUNK_TAKEN : RSL_CHUNK_ABORT;
+}
+
 /* Header lines from an array {"Name: value"} or a map {Name = "value"}.
  * Leaves a table of the lines on the stack: it keeps lines[] alive. */
 static size_t read_headers(lua_State *L, int t, const char **lines) {
@@ -801,7 +825,16 @@ static int core_call(lua_State *L) {
   lua_getfield(L, 3, "summary_only");
   rsl_call_done done = lua_toboolean(L, -1) ? on_call_done_summary
                                             : on_call_done;
+  int chunk_type = lua_getfield(L, 3, "on_chunk");
+  luaL_argcheck(L, chunk_type == LUA_TNIL || chunk_type == LUA_TFUNCTION, 3,
+                "on_chunk must be a function");
   rsl_waiter *w = waiter_new(L, rt, 4);
+  if (chunk_type == LUA_TFUNCTION) {
+    lua_pushvalue(L, -1);
+    w->chunk_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    w->stream = (rsl_call_stream){stream_commit, stream_chunk, w};
+    req.stream = &w->stream;
+  }
   const char *err = NULL;
   if (rsl_call_start(&rt->calls, client, policy, shadow, &req, done, w,
                      &err) < 0) {

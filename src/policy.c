@@ -193,6 +193,13 @@ static void read_breaker(lua_State *L, int s, rsl_breaker_conf *b) {
   }
 }
 
+/* An optional duration: 0 when absent. */
+static double opt_ms_field(lua_State *L, int t, const char *name) {
+  int present = field(L, t, name, LUA_TNUMBER, 1) == LUA_TNUMBER;
+  lua_pop(L, 1);
+  return present ? num_field(L, t, name, 1, MAX_MS) : 0;
+}
+
 static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   c->max_attempts = (int)num_field(L, t, "max_attempts", 1, 100);
   c->per_try_timeout_ms = num_field(L, t, "per_try_timeout_ms", 1, MAX_MS);
@@ -200,6 +207,9 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   c->deadline_ms = num_field(L, t, "deadline_ms", 1, MAX_MS);
   c->max_response_bytes =
       (size_t)num_field(L, t, "max_response_bytes", 1, 1 << 30);
+  c->first_byte_timeout_ms = opt_ms_field(L, t, "first_byte_timeout_ms");
+  c->idle_timeout_ms = opt_ms_field(L, t, "idle_timeout_ms");
+  c->stream_timeout_ms = opt_ms_field(L, t, "stream_timeout_ms");
 
   field(L, t, "backoff", LUA_TTABLE, 0);
   int b = lua_gettop(L);

@@ -49,6 +49,8 @@ typedef struct rsl_policy_conf {
   double budget_retry_cost, budget_timeout_cost, budget_success_refund;
   double budget_ratio, budget_ttl_ms, budget_min_per_s; /* kind = ratio */
   size_t max_response_bytes;
+  /* streaming (contract 7); 0: off */
+  double first_byte_timeout_ms, idle_timeout_ms, stream_timeout_ms;
 } rsl_policy_conf;
 
 typedef struct rsl_policy rsl_policy;

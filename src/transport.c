@@ -68,6 +68,7 @@ struct rsl_attempt {
   uint64_t started_ns;
   rsl_attempt_done cb;
   void *ud;
+  rsl_attempt_data on_data; /* streaming hook, or NULL */
   rsl_attempt *prev, *next;
   int added;  /* to the multi handle */
   int queued; /* in t's queue, waiting for fewer than queue_limit active */
@@ -509,10 +510,29 @@ void rsl_transport_cancel(rsl_transport *t, rsl_attempt *a) {
 
 /* --- one attempt --------------------------------------------------------- */
 
+/* Hands a piece of body to the attempt's streaming hook: 1 when the hook
+ * disposed of it (*ret is what curl gets), 0 to keep it. */
+static int stream_body(rsl_attempt *a, char *data, size_t n, size_t *ret) {
+  if (!a->res.status)
+    curl_easy_getinfo(a->easy, CURLINFO_RESPONSE_CODE, &a->res.status);
+  switch (a->on_data(a->ud, &a->res, data, n)) {
+  case RSL_DATA_TAKEN: *ret = n; return 1;
+  case RSL_DATA_PAUSE: *ret = CURL_WRITEFUNC_PAUSE; return 1;
+  case RSL_DATA_ABORT: *ret = 0; return 1;
+  default: return 0;
+  }
+}
+
+void rsl_transport_resume(rsl_transport *t, rsl_attempt *a) {
+  (void)t;
+  curl_easy_pause(a->easy, CURLPAUSE_CONT); /* curl runs it on its timer */
+}
+
 static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
   rsl_attempt *a = ud;
-  size_t n = size * nmemb;
+  size_t n = size * nmemb, ret;
   rsl_response *res = &a->res;
+  if (a->on_data && stream_body(a, data, n, &ret)) return ret;
   if (n > a->max_body_bytes - res->body_len) {
     a->too_large = 1;
     return 0; /* curl fails the transfer with CURLE_WRITE_ERROR */
@@ -666,7 +686,7 @@ static void finish(rsl_attempt *a, CURLcode code) {
     res->retry_after_ms = rsl_hints_retry_after_ms(res, (double)time(NULL));
   } else {
     res->local = code == CURLE_COULDNT_CONNECT && out_of_fds();
-    res->status = 0;
+    res->status = 0; /* a streaming hook may have seen the status */
     snprintf(res->message, sizeof res->message, "%s%.200s",
              res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
@@ -724,6 +744,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
   a->plain = 1;
   a->cb = cb;
   a->ud = ud;
+  a->on_data = req->on_data;
   a->res.retry_after_ms = -1;
   a->max_body_bytes = req->max_response_bytes ? req->max_response_bytes
                                               : RSL_MAX_RESPONSE_BYTES_DEFAULT;
@@ -763,6 +784,11 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     a->plain = 0;
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
     SET(CURLOPT_POSTFIELDS, req->body);
+  }
+  if (req->raw) { /* a proxy: the client's Accept-Encoding, bytes as sent */
+    a->plain = 0;
+    SET(CURLOPT_ACCEPT_ENCODING, NULL);
+    SET(CURLOPT_HTTP_CONTENT_DECODING, 0L);
   }
   if (strcmp(req->method, "HEAD") == 0) {
     a->plain = 0;

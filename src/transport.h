@@ -55,6 +55,19 @@ void rsl_response_free(rsl_response *res);
 /* The value of the first header called `name` (lower-case), or NULL. */
 const char *rsl_response_header(const rsl_response *res, const char *name);
 
+/* Streaming: what an rsl_attempt_data hook answers for a piece of body. */
+enum {
+  RSL_DATA_KEEP,  /* the transport keeps it in res.body, as without a hook */
+  RSL_DATA_TAKEN, /* consumed by the hook */
+  RSL_DATA_PAUSE, /* not consumed: the transfer pauses, and this piece comes
+                     again after rsl_transport_resume */
+  RSL_DATA_ABORT  /* fail the attempt now (error class protocol) */
+};
+/* Called with each piece of the response body as it arrives; head holds
+ * the status and headers so far (no body).  ud is the attempt's ud. */
+typedef int (*rsl_attempt_data)(void *ud, const rsl_response *head,
+                                const char *data, size_t len);
+
 /* Borrowed by the transport until the attempt ends. */
 typedef struct rsl_request {
   const char *method;
@@ -72,6 +85,8 @@ typedef struct rsl_request {
    * to open thousands of connections and collapse).  The wait counts in
    * the attempt's timeout and latency. */
   size_t max_active;
+  rsl_attempt_data on_data; /* NULL: the body is kept whole */
+  int raw; /* pass the body as sent: no Accept-Encoding, no decoding */
 } rsl_request;
 
 /* Whether url is one an attempt can be sent to: http or https, a host, a
@@ -95,5 +110,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
                        rsl_attempt_done cb, void *ud, rsl_attempt **out,
                        const char **err);
 void rsl_transport_cancel(rsl_transport *t, rsl_attempt *a);
+/* Resumes an attempt whose on_data hook answered RSL_DATA_PAUSE. */
+void rsl_transport_resume(rsl_transport *t, rsl_attempt *a);
 
 #endif

@@ -35,6 +35,9 @@ local RULES = {
   memory_mb = { "integer", 1, 4096 },  -- the policy's own Lua state (docs/policies.md, The sandbox)
   per_try_timeout_ms = ms(1), connect_timeout_ms = ms(1), deadline_ms = ms(1),
   max_response_bytes = { "integer", 1, 1 << 30 },
+  -- streaming (contract 7): time to the first body byte, longest gap
+  -- between chunks, and the whole stream once committed; off when absent
+  first_byte_timeout_ms = ms(1), idle_timeout_ms = ms(1), stream_timeout_ms = ms(1),
   decide = { "function" }, tests = { "table" },
   backoff = { "section", fields = {
     base_ms = ms(), max_ms = ms(),
