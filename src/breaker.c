@@ -106,6 +106,12 @@ static double open_duration(const rsl_breaker *b) {
   return b->conf.open_ms[n - 1];
 }
 
+double rsl_breaker_probe_in_ms(const rsl_breaker *b, double now_ms) {
+  if (b->state != RSL_BREAKER_OPEN || b->forced) return -1;
+  double left = b->opened_at_ms + open_duration(b) - now_ms;
+  return left > 0 ? left : 0;
+}
+
 int rsl_breaker_admit(rsl_breaker *b, double now_ms, int *probe,
                       rsl_breaker_change *change) {
   change->from = change->to = b->state;

@@ -97,6 +97,9 @@ int rsl_breaker_admit(rsl_breaker *b, double now_ms, int *probe,
 void rsl_breaker_record(rsl_breaker *b, int probe, int success,
                         double latency_ms, double now_ms,
                         rsl_breaker_change *change);
+/* Time until an open breaker admits its next probe; -1 when not open (or
+ * held open by rsl_breaker_force: unknown). */
+double rsl_breaker_probe_in_ms(const rsl_breaker *b, double now_ms);
 /* An admitted attempt ended with no result (cancelled). */
 void rsl_breaker_release(rsl_breaker *b, int probe);
 

@@ -744,6 +744,8 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   call->attempt = NULL;
   rsl_timer_stop(call->env->loop, &call->watchdog);
   if (call->consumer_abort) res->local = 1; /* not the dependency's doing */
+  if (call->has_stream && call->stream.on_attempt)
+    call->stream.on_attempt(call->stream.ud, res->status, res->error);
   int k = call->result.attempts - 1;
   if (k >= 0 && k < RSL_CALL_MAX_ATTEMPTS)
     call->result.attempt_ms[k] = (float)res->latency_ms;
@@ -903,7 +905,11 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     return -1;
   }
   for (size_t i = 0; i < req->header_count; i++) {
-    if (strpbrk(req->headers[i], "\r\n") || !strchr(req->headers[i], ':')) {
+    const char *line = req->headers[i];
+    size_t len = strlen(line);
+    /* "Name;" is curl's way to send a header with an empty value. */
+    if (strpbrk(line, "\r\n") ||
+        (!strchr(line, ':') && !(len > 1 && line[len - 1] == ';'))) {
       *err = "bad header: expected 'Name: value' on one line";
       return -1;
     }

@@ -88,6 +88,8 @@ typedef struct rsl_call_stream {
    * comes again after rsl_call_resume), or RSL_CHUNK_ABORT. */
   int (*on_chunk)(void *ud, const char *data, size_t len);
   void *ud;
+  /* Optional: told of every attempt's status (0: error) as it ends. */
+  void (*on_attempt)(void *ud, long status, rsl_error_class error);
 } rsl_call_stream;
 
 /* Borrowed: the call copies what it keeps. */

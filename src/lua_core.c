@@ -508,6 +508,10 @@ static rsl_client *check_client(lua_State *L, int idx) {
   return box->c;
 }
 
+rsl_client *rsl_core_check_client(lua_State *L, int idx) {
+  return check_client(L, idx);
+}
+
 /* core.client(name) -> the shared state of clients called name. */
 static int core_client(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
@@ -832,7 +836,8 @@ static int core_call(lua_State *L) {
   if (chunk_type == LUA_TFUNCTION) {
     lua_pushvalue(L, -1);
     w->chunk_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    w->stream = (rsl_call_stream){stream_commit, stream_chunk, w};
+    w->stream = (rsl_call_stream){.on_commit = stream_commit,
+                                  .on_chunk = stream_chunk, .ud = w};
     req.stream = &w->stream;
   }
   const char *err = NULL;
@@ -963,5 +968,6 @@ int luaopen_resilua_core(lua_State *L) {
   rsl_lua_server_open(L);
   rsl_lua_testing_open(L);
   rsl_lua_hist_open(L);
+  rsl_lua_proxy_open(L);
   return 1;
 }

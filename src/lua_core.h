@@ -40,5 +40,9 @@ void rsl_lua_server_open(lua_State *L);
 /* Adds core.play (lua_testing.c), the engine of resilua.testing. */
 void rsl_lua_testing_open(lua_State *L);
 void rsl_lua_hist_open(lua_State *L);
+/* Adds core.proxy (proxy/lua_proxy.c). */
+void rsl_lua_proxy_open(lua_State *L);
+/* The client state of a "resilua.client" userdata (raises otherwise). */
+rsl_client *rsl_core_check_client(lua_State *L, int idx);
 
 #endif

@@ -779,7 +779,9 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
   SET(CURLOPT_URL, req->url);
   SET(CURLOPT_TIMEOUT_MS, req->timeout_ms);
   SET(CURLOPT_CONNECTTIMEOUT_MS, req->connect_timeout_ms);
-  SET(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)a->max_body_bytes);
+  /* A streamed body is not kept: on_body caps only what it keeps. */
+  SET(CURLOPT_MAXFILESIZE_LARGE,
+      req->on_data ? (curl_off_t)0 : (curl_off_t)a->max_body_bytes);
   if (req->body) {
     a->plain = 0;
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);

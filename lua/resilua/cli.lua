@@ -28,6 +28,8 @@ Commands:
                               batch inference: resumable, each item done once
   load (--rate R | --concurrency C) [options] URL
                               open- or closed-loop load; latency and retry summary
+  proxy --listen HOST:PORT --upstream URL [--policy P] | --config FILE
+                              a reverse proxy (sidecar): every request one call
 
 Options:
   -h, --help                  this text; `resilua COMMAND --help` for one command
@@ -736,6 +738,8 @@ function M.serve(args)
   return serve.run{ listen = opts["--listen"], script = pos[1] }
 end
 
+function M.proxy(args) return require("resilua.proxy").main(args, parse) end
+
 function M.main(args)
   local cmd = args[1]
   if cmd == nil or cmd == "-h" or cmd == "--help" or cmd == "help" then
@@ -748,7 +752,7 @@ function M.main(args)
   end
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
                      policies = M.policies,
-                     batch = M.batch, load = M.load })[cmd]
+                     batch = M.batch, load = M.load, proxy = M.proxy })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end
