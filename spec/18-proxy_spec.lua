@@ -22,7 +22,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data)); self.wfile.flush()
     def do_GET(self):
         u = urllib.parse.urlparse(self.path); qs = urllib.parse.parse_qs(u.query)
-        hits[u.path] = hits.get(u.path, 0) + 1
+        key = self.path if u.path == "/slowfirst" else u.path
+        hits[key] = hits.get(key, 0) + 1
         if u.path == "/hits":
             body = json.dumps(hits).encode()
             self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
@@ -48,7 +49,7 @@ class H(http.server.BaseHTTPRequestHandler):
         if u.path == "/slowfirst":
             self.send_response(200); self.send_header("Content-Length", "5"); self.end_headers()
             self.wfile.flush()
-            if hits[u.path] == 1: time.sleep(3)
+            if hits[key] == 1: time.sleep(3)
             self.wfile.write(b"hello"); return
         if u.path == "/big":
             n = int(qs["n"][0]); block = b"x" * 65536
@@ -360,6 +361,22 @@ print(json.dumps(out))
       assert.truthy(calls, "the failure is logged")
     end)
 
+    it("streams to client:call's on_chunk and enforces first_byte_timeout_ms there too", function()
+      local script = H.write_file(H.tmpname(".lua"), ([[
+        local resilua = require "resilua"
+        local p = require("resilua.policy").define({ first_byte_timeout_ms = 500,
+          backoff = { base_ms = 1, max_ms = 1 }, breaker = false, budget = false }, "t", "t.lua", "")
+        local client = resilua.client{ policy = p }
+        local n, parts = 0, 0
+        local res = assert(client:call{ url = %q, on_chunk = function(c) n = n + #c parts = parts + 1 end })
+        local res2 = assert(client:call{ url = %q })
+        print(n, parts > 1, #res.body, res2.body, res2.attempts)
+      ]]):format(py.url .. "/big?n=300000", py.url .. "/slowfirst?c=lua"))
+      local r = H.run({ H.bin, "run", script })
+      assert.equal(0, r.code, r.stderr)
+      assert.equal("300000\ttrue\t0\thello\t2\n", r.stdout)
+    end)
+
     it("streams a 100 MB body with flat memory", function()
       local function hwm_kb()
         local s = H.read_file(("/proc/%d/status"):format(px.pid)) or ""
@@ -405,6 +422,26 @@ print(json.dumps(out))
       assert.equal(503, r.status)
       assert.equal("overloaded", json_of(r).outcome)
       hang:stop("KILL")
+    end)
+
+    it("answers 503 at once past max_connections", function()
+      local cfg2 = H.write_file(dir .. "/conns.lua", ([[return {
+        listen = "127.0.0.1:0", limits = { max_connections = 3 },
+        routes = { { upstream = %q } } }]]):format(up.url))
+      local px2 = start_proxy{ "--config", cfg2 }
+      local idle = {}
+      for i = 1, 3 do
+        idle[i] = H.spawn(("exec bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; sleep 30'"):format(px2.port))
+      end
+      assert.truthy(H.wait_until(function()
+        local r = H.curl(q(px2.url .. "/echo"))
+        return r.status == 503 and r.body == "too many connections\n"
+      end, 20))
+      for _, p in ipairs(idle) do p:stop("KILL") end
+      assert.truthy(H.wait_until(function() return H.curl(q(px2.url .. "/echo")).status == 200 end, 20))
+      assert.truthy(H.curl(q(px2.url .. "/_resilua/metrics")).body
+                      :find('resilua_proxy_rejected_total{reason="connections"} [1-9]'))
+      assert.equal(0, px2:stop())
     end)
   end)
 

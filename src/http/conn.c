@@ -77,7 +77,7 @@ struct rsl_http_listener {
   rsl_timer accept_retry;
   rsl_http_conn *conns;
   size_t nconns;
-  uint64_t accepted;
+  uint64_t accepted, refused;
   char address[INET6_ADDRSTRLEN + 8];
 };
 
@@ -547,6 +547,20 @@ static void accept_resume(void *ud) {
   if (l->io.fd >= 0) rsl_io_set(l->loop, &l->io, RSL_IO_READ);
 }
 
+/* Over the connection cap: a 503 at once (what the socket takes now),
+ * never a connection left waiting. */
+static void refuse(rsl_http_listener *l, int fd) {
+  static const char BUSY[] =
+      "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+      "Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+      "too many connections\n";
+  l->refused++;
+  ssize_t n = send(fd, BUSY, sizeof BUSY - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+  (void)n; /* a client that cannot take it sees the close */
+  shutdown(fd, SHUT_WR);
+  close(fd);
+}
+
 static void listener_on_io(void *ud, int fd, unsigned events) {
   (void)events;
   rsl_http_listener *l = ud;
@@ -564,7 +578,7 @@ static void listener_on_io(void *ud, int fd, unsigned events) {
       return;
     }
     if (cfd < 0) return; /* EAGAIN: all taken */
-    if (l->nconns >= l->limits.max_connections) close(cfd);
+    if (l->nconns >= l->limits.max_connections) refuse(l, cfd);
     else conn_new(l, cfd, &ss);
   }
 }
@@ -713,4 +727,8 @@ size_t rsl_http_listener_connections(const rsl_http_listener *l) {
 
 uint64_t rsl_http_listener_accepted(const rsl_http_listener *l) {
   return l->accepted;
+}
+
+uint64_t rsl_http_listener_refused(const rsl_http_listener *l) {
+  return l->refused;
 }

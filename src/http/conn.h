@@ -56,7 +56,7 @@ typedef struct rsl_http_request {
 typedef struct rsl_http_limits {
   size_t max_header_bytes; /* request line and fields: 431 */
   size_t max_body_bytes;   /* 413 */
-  size_t max_connections;  /* more are closed at once */
+  size_t max_connections;  /* more get a 503 and are closed at once */
   uint64_t idle_timeout_ms; /* 0: none.  A connection with no request in
                                progress and nothing to send is closed after
                                this long without input. */
@@ -90,6 +90,8 @@ void rsl_http_listener_stop(rsl_http_listener *l);
 const char *rsl_http_listener_address(const rsl_http_listener *l);
 size_t rsl_http_listener_connections(const rsl_http_listener *l);
 uint64_t rsl_http_listener_accepted(const rsl_http_listener *l);
+/* Connections over max_connections: answered 503 and closed at once. */
+uint64_t rsl_http_listener_refused(const rsl_http_listener *l);
 /* Closes every connection that is not busy (draining). */
 void rsl_http_listener_close_idle(rsl_http_listener *l);
 

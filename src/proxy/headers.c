@@ -76,13 +76,15 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
       if (rsl_http_name_is(name, nl, "x-resilua-deadline-ms")) {
         if ((v = parse_positive(value, vl, MAX_OVERRIDE_MS)) < 0) {
           *why = "x-resilua-deadline-ms: expected a whole number of ms";
-          return -EINVAL;
+          rc = -EINVAL;
+          break;
         }
         ov->deadline_ms = v;
       } else if (rsl_http_name_is(name, nl, "x-resilua-max-attempts")) {
         if ((v = parse_positive(value, vl, 100)) < 0) {
           *why = "x-resilua-max-attempts: expected a whole number, 1 to 100";
-          return -EINVAL;
+          rc = -EINVAL;
+          break;
         }
         ov->max_attempts = (int)v;
       }

@@ -14,7 +14,7 @@ static const double BUCKET_LE[RSL_METRICS_BUCKETS - 1] = {
     0.25,  0.5,    1,     2.5,  10,    60};
 
 static const char *const REJECT_NAMES[RSL_REJECT_COUNT] = {
-    "overload", "draining", "no_route", "bad_request", "too_large",
+    "overload", "no_route", "bad_request", "too_large",
     "headers_too_large", "connections"};
 
 rsl_route_metrics *rsl_metrics_route(rsl_metrics *m, const char *name) {

@@ -34,7 +34,6 @@ typedef struct rsl_route_metrics {
 /* Answers the proxy gave without a call, by reason. */
 typedef enum {
   RSL_REJECT_OVERLOAD,    /* in-flight cap: 503 */
-  RSL_REJECT_DRAINING,    /* 503 */
   RSL_REJECT_NO_ROUTE,    /* 404 */
   RSL_REJECT_BAD_REQUEST, /* 400 (malformed, bad override) */
   RSL_REJECT_TOO_LARGE,   /* 413 */

@@ -617,6 +617,8 @@ static int answer_admin(rsl_proxy *p, rsl_http_conn *c,
     fputs(p->draining ? "draining\n" : "ok\n", b);
   } else if (rsl_http_name_is(what, what_len, "/metrics")) {
     type = "text/plain; version=0.0.4; charset=utf-8";
+    p->metrics.rejected[RSL_REJECT_CONNECTIONS] =
+        rsl_http_listener_refused(p->l);
     rsl_metrics_write(&p->metrics, b);
     write_gauges(p, b);
   } else {
