@@ -395,8 +395,12 @@ static void on_call_done(void *ud, rsl_call_result *res) {
       /* Past the commit point: a reset, so the client sees an error and
        * not a short body that looks complete. */
       rsl_http_conn_close(c, 1);
-    } else if (res->last.status) {
+    } else if (res->last.status >= 100 && res->last.status <= 599) {
       answer_response(ex, c, res, keep_alive);
+    } else if (res->last.status) { /* not an HTTP status (RFC 9110 15) */
+      answer_json(c, 502, "protocol: the upstream's status is out of range",
+                  "failed", res->attempts, ex->request_id, -1, keep_alive,
+                  ex->head_only, ex->http10);
     } else {
       double retry_after = res->outcome == RSL_OUTCOME_BREAKER_OPEN
                                ? probe_in_s(ex) : -1;
