@@ -72,7 +72,7 @@ deps:
 
 # chromium: the report spec renders report.html with it.
 test:
-	$(Q)tools/deps.sh chromium
+	$(Q)tools/deps.sh chromium python3-requests prometheus nodejs npm
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory test-spec
 	$(Q)$(MAKE) --no-print-directory test-asan
@@ -95,7 +95,7 @@ test-asan:
 # wrk and hey are the peers the figures are compared with, nginx the
 # upstream of bench/peers.lua (nginx-light, unless an nginx is installed).
 bench:
-	$(Q)tools/deps.sh wrk hey $$(command -v nginx >/dev/null 2>&1 || \
+	$(Q)tools/deps.sh wrk hey haproxy python3 $$(command -v nginx >/dev/null 2>&1 || \
 	  [ -x /usr/sbin/nginx ] || echo nginx-light)
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(BIN) run bench/run.lua
@@ -103,6 +103,7 @@ bench:
 	$(Q)$(BIN) run bench/reload.lua
 	$(Q)$(BIN) run bench/sandbox.lua
 	$(Q)$(BIN) run bench/peers.lua
+	$(Q)$(BIN) run bench/proxy.lua
 
 # The main job: four policies through an outage and a capacity drop.
 # tools/deps.sh (apt-get) runs only when the build or cjson is missing.
@@ -143,7 +144,8 @@ help:
 	@echo "make test     specs, then specs again under ASan+UBSan"
 	@echo "make demo     experiments/outage.lua: 4 policies through an outage; report.html"
 	@echo "make demo-call  flaky upstream + a call that succeeds after retries"
-	@echo "make bench    decide round trip, calls/s, RSS; resilua load vs wrk and hey"
+	@echo "make bench    decide round trip, calls/s, RSS; resilua load vs wrk and hey;"
+	@echo "              resilua proxy: overhead, vs nginx and HAProxy, RSS"
 	@echo "make install  PREFIX=$(PREFIX) DESTDIR=...: the binary, the Lua module, the policies,"
 	@echo "              examples and experiments (PREFIX/share/resilua)"
 
