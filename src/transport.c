@@ -58,6 +58,7 @@ struct rsl_attempt {
    * and none of a request's own (a method, a body) is left on it.  A
    * handle that is not `plain` is reset before reuse. */
   int configured, plain;
+  int raw; /* set for raw bodies (rsl_request.raw); kept like `configured` */
   struct curl_slist *header_list; /* owned, or NULL: t->default_headers */
   rsl_response res;
   size_t header_bytes, max_body_bytes;
@@ -438,14 +439,15 @@ static void attempt_free(rsl_attempt *a) {
   }
   if (!a->plain) {
     curl_easy_reset(a->easy);
-    a->configured = 0;
+    a->configured = a->raw = 0;
   }
   CURL *easy = a->easy;
-  int configured = a->configured;
+  int configured = a->configured, raw = a->raw;
   memset(a, 0, sizeof *a);
   a->t = t;
   a->easy = easy;
   a->configured = configured;
+  a->raw = raw;
   t->spare[t->spare_count++] = a;
   pump(t);
 }
@@ -787,10 +789,11 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);
     SET(CURLOPT_POSTFIELDS, req->body);
   }
-  if (req->raw) { /* a proxy: the client's Accept-Encoding, bytes as sent */
-    a->plain = 0;
-    SET(CURLOPT_ACCEPT_ENCODING, NULL);
-    SET(CURLOPT_HTTP_CONTENT_DECODING, 0L);
+  if (!req->raw != !a->raw) { /* a proxy: the client's Accept-Encoding,
+                                   the bytes as sent */
+    SET(CURLOPT_ACCEPT_ENCODING, req->raw ? NULL : "");
+    SET(CURLOPT_HTTP_CONTENT_DECODING, req->raw ? 0L : 1L);
+    a->raw = req->raw != 0;
   }
   if (strcmp(req->method, "HEAD") == 0) {
     a->plain = 0;
