@@ -269,6 +269,13 @@ print(json.dumps(out))
     end)
   end)
 
+  it("--keep-host forwards the client's Host", function()
+    local px = start_proxy{ "--listen", "127.0.0.1:0", "--upstream", up.url, "--keep-host" }
+    local r = H.curl(("-H 'Host: svc.example:8443' %s"):format(q(px.url .. "/echo")))
+    assert.truthy(r.body:find("\nhost: svc.example:8443\n", 1, true))
+    assert.equal(0, px:stop())
+  end)
+
   describe("error answers", function()
     it("502 for a refused connection, 503 with Retry-After for an open breaker", function()
       local pol = H.write_file(dir .. "/brk.lua", [[return { max_attempts = 2,
@@ -377,6 +384,22 @@ print(json.dumps(out))
       assert.equal("300000\ttrue\t0\thello\t2\n", r.stdout)
     end)
 
+    it("ends a stream whose gap passes idle_timeout_ms (client:call, after the commit)", function()
+      local script = H.write_file(H.tmpname(".lua"), ([[
+        local resilua = require "resilua"
+        local p = require("resilua.policy").define({ idle_timeout_ms = 300, per_try_timeout_ms = 100,
+          breaker = false, budget = false }, "t", "t.lua", "")
+        local got = {}
+        local res, err = resilua.client{ policy = p }:call{ url = %q,
+          on_chunk = function(c) got[#got + 1] = c end }
+        print(res, err.outcome, err.attempts, table.concat(got))
+      ]]):format(py.url .. "/sse?release=/nonexistent"))
+      local r = H.run({ H.bin, "run", script })
+      assert.equal(0, r.code, r.stderr)
+      -- per_try_timeout_ms (100) did not cut it after the commit; the gap did
+      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
+    end)
+
     it("streams a 100 MB body with flat memory", function()
       local function hwm_kb()
         local s = H.read_file(("/proc/%d/status"):format(px.pid)) or ""
@@ -422,6 +445,20 @@ print(json.dumps(out))
       assert.equal(503, r.status)
       assert.equal("overloaded", json_of(r).outcome)
       hang:stop("KILL")
+    end)
+
+    it("closes idle client connections after idle_timeout_ms", function()
+      local cfg3 = H.write_file(dir .. "/idle.lua", ([[return {
+        listen = "127.0.0.1:0", limits = { idle_timeout_ms = 200 },
+        routes = { { upstream = %q } } }]]):format(up.url))
+      local px3 = start_proxy{ "--config", cfg3 }
+      local idle = H.spawn(("exec bash -c 'exec 3<>/dev/tcp/127.0.0.1/%d; sleep 30'"):format(px3.port))
+      assert.truthy(H.wait_until(function()
+        -- the metrics request's own connection is the only one left
+        return H.curl(q(px3.url .. "/_resilua/metrics")).body:find("resilua_proxy_connections 1\n")
+      end, 20))
+      idle:stop("KILL")
+      assert.equal(0, px3:stop())
     end)
 
     it("answers 503 at once past max_connections", function()

@@ -1,0 +1,41 @@
+-- `resilua serve` as a long-running upstream (issue 14, item 7): its
+-- Idempotency-Key store is capped by bytes, not only by count, so distinct
+-- large requests do not grow it without bound.
+local H = require "spec.helpers"
+
+describe("resilua serve, long-running", function()
+  it("caps the dedup store by bytes", function()
+    -- the handler answers with the request's 1 MB body: each stored key holds it
+    local up = H.start_server("return function(req) return { body = req.body } end")
+    local body = H.write_file(nil, string.rep("b", 1024 * 1024))
+    local urls = {}
+    for i = 1, 160 do
+      urls[#urls + 1] = ("-H 'Idempotency-Key: k%d' --data-binary @%s %s"):format(i, H.quote(body),
+                                                                                   H.quote(up.url .. "/"))
+    end
+    -- 160 MB of distinct keyed requests, 8 curl processes at a time
+    local cmd = {}
+    for i = 1, #urls, 20 do
+      cmd[#cmd + 1] = "curl -s -o /dev/null " .. table.concat(urls, " --next ", i, math.min(i + 19, #urls))
+    end
+    local r = H.run("(" .. table.concat(cmd, " & ") .. " & wait)")
+    assert.equal(0, r.code, r.stderr)
+    local stats = require("cjson").decode(H.curl(H.quote(up.url .. "/_stats")).body)
+    assert.equal(160, stats.handler_runs)
+    -- which keys are kept: the newest are replayed (handler not run), the
+    -- oldest were evicted past 64 MB (run again); a count cap alone kept all
+    local function send(key)
+      local res = H.curl(("-H 'Idempotency-Key: %s' --data-binary @%s %s")
+                           :format(key, H.quote(body), H.quote(up.url .. "/")))
+      assert.equal(200, res.status)
+      return require("cjson").decode(H.curl(H.quote(up.url .. "/_stats")).body)
+    end
+    local kept = send("k160")
+    assert.equal(1, kept.duplicates)
+    assert.equal(160, kept.handler_runs)
+    local evicted = send("k1")
+    assert.equal(1, evicted.duplicates)
+    assert.equal(161, evicted.handler_runs)
+    up:stop()
+  end)
+end)
