@@ -117,14 +117,7 @@ end
 local report = dofile(here .. "/report.lua")
 local row, fmt = report.row_printer(44, 22), report.fmt
 
-local function median(t)
-  if #t == 0 then return nil end
-  local s = {}
-  for i, v in ipairs(t) do s[i] = v end
-  table.sort(s)
-  local m = (#s + 1) // 2
-  return #s % 2 == 1 and s[m] or (s[m] + s[m + 1]) / 2
-end
+local median = report.median
 
 local function range(t)
   if #t == 0 then return "n/a" end

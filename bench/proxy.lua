@@ -32,14 +32,7 @@ local report = dofile(here .. "/report.lua")
 local row, fmt = report.row_printer(48, 22), report.fmt
 local session = proc.session("resilua-proxy-bench", SAFETY_S)
 
-local function median(t)
-  if #t == 0 then return nil end
-  local s = {}
-  for i, v in ipairs(t) do s[i] = v end
-  table.sort(s)
-  local m = (#s + 1) // 2
-  return #s % 2 == 1 and s[m] or (s[m] + s[m + 1]) / 2
-end
+local median = report.median
 
 local function free_port()
   return 20000 + (os.time() * 13 + math.random(0, 29999)) % 40000

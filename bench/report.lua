@@ -21,4 +21,14 @@ function M.fmt(x, decimals)
   return ("%." .. (decimals or 0) .. "f"):format(x)
 end
 
+--- The median of the numbers in t, or nil when t is empty.
+function M.median(t)
+  if #t == 0 then return nil end
+  local s = {}
+  for i, v in ipairs(t) do s[i] = v end
+  table.sort(s)
+  local m = (#s + 1) // 2
+  return #s % 2 == 1 and s[m] or (s[m] + s[m + 1]) / 2
+end
+
 return M

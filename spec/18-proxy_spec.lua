@@ -79,6 +79,7 @@ return function(req)
   if req.path == "/down" then return { status = 503, headers = { ["Retry-After"] = "0" }, body = "down" } end
   if req.path == "/hang" then return { action = "hang" } end
   if req.path == "/slow" then return { delay_ms = 700, body = "slow" } end
+  if req.path == "/slower" then return { delay_ms = 3000, body = "slower" } end
   local lines = {}
   for k, v in pairs(req.headers) do lines[#lines + 1] = k .. ": " .. v end
   table.sort(lines)
@@ -520,6 +521,19 @@ print(json.dumps(out))
       assert.equal(0, px:stop())
     end)
 
+    it("moves the admin paths, or turns them off", function()
+      for _, case in ipairs{ { admin = '"/ops"', health = "/ops/health" }, { admin = "false" } } do
+        local cfg = H.write_file(dir .. "/admin.lua", ([[return { listen = "127.0.0.1:0", admin = %s,
+          routes = { { upstream = %q } } }]]):format(case.admin, up.url))
+        local px = start_proxy{ "--config", cfg }
+        if case.health then assert.equal("ok\n", H.curl(q(px.url .. case.health)).body) end
+        -- the default path is now forwarded like any other
+        local r = H.curl(q(px.url .. "/_resilua/health"))
+        assert.truthy(r.body:find("^GET /_resilua/health"), r.body)
+        assert.equal(0, px:stop())
+      end
+    end)
+
     it("reloads a policy file on SIGHUP and on save", function()
       local pol = H.write_file(dir .. "/hup.lua", "return { max_attempts = 2, backoff = { base_ms = 1, max_ms = 1 }, breaker = false, budget = false }")
       local px = start_proxy{ "--listen", "127.0.0.1:0", "--upstream", up.url, "--policy", pol }
@@ -547,6 +561,41 @@ print(json.dumps(out))
     assert.equal(0, c:wait(20))
     assert.equal("200", c:stdout())
     assert.equal("slow", H.read_file(out))
+  end)
+
+  it("while draining, health answers 503 on an open connection, which then closes", function()
+    local px = start_proxy{ "--listen", "127.0.0.1:0", "--upstream", up.url, "--policy", fast,
+                            "--grace", "20" }
+    local py = H.write_file(H.tmpname(".py"), ([[
+import json, os, signal, socket, time, urllib.request
+def delayed():
+    return json.load(urllib.request.urlopen("%s/_stats"))["delayed"]
+def ask(s):
+    s.sendall(b"GET /_resilua/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int([l for l in head.decode().lower().split("\r\n") if l.startswith("content-length:")][0].split(":")[1])
+    while len(body) < length:
+        body += s.recv(4096)
+    return data.decode()
+a = socket.create_connection(("127.0.0.1", %d))
+b = socket.create_connection(("127.0.0.1", %d))
+first = ask(a).split("\r\n")[0]
+before = delayed()
+b.sendall(b"GET /slower HTTP/1.1\r\nHost: x\r\n\r\n") # in flight for 3 s
+while delayed() == before: time.sleep(0.01)                 # at the upstream
+os.kill(%d, signal.SIGTERM)
+time.sleep(0.2)
+second = ask(a)
+closed = a.recv(1) == b""
+print(first, "|", second.split("\r\n")[0], "|", "connection: close" in second.lower(), "|", closed)
+]]):format(up.url, px.port, px.port, px.pid))
+    local r = H.run({ "python3", py })
+    assert.equal(0, r.code, r.stderr)
+    assert.equal("HTTP/1.1 200 OK | HTTP/1.1 503 Service Unavailable | True | True\n", r.stdout)
+    assert.equal(0, px:wait(30))
   end)
 
   it("documents itself and refuses bad flags", function()

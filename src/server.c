@@ -19,6 +19,7 @@
 #include <strings.h>
 #include <sys/socket.h>
 
+#include "http/buf.h"
 #include "http/conn.h"
 
 #define RESPONSE_HEAD_MAX_BYTES (64 * 1024)
@@ -26,18 +27,12 @@
 #define KEY_BUCKETS 16384         /* power of two */
 #define NS_PER_MS 1000000ull
 
-/* A growable byte buffer with a hard cap given at each append. */
-typedef struct buf {
-  char *data;
-  size_t len, cap;
-} buf;
-
 struct rsl_server_response {
   int status;
   uint64_t delay_ms;
   rsl_server_action action;
-  buf head; /* "Name: value\r\n" lines */
-  buf body;
+  rsl_buf head; /* "Name: value\r\n" lines */
+  rsl_buf body;
 };
 
 typedef struct job job;
@@ -99,31 +94,6 @@ const char *rsl_server_counter_name(rsl_server_counter c) {
 
 /* --- buffers and responses ---------------------------------------------- */
 
-static int buf_add(buf *b, const void *data, size_t n, size_t limit) {
-  if (b->len > limit || n > limit - b->len) return -E2BIG;
-  if (b->len + n > b->cap) {
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n) cap *= 2;
-    if (cap > limit) cap = limit;
-    char *d = realloc(b->data, cap);
-    if (!d) return -ENOMEM;
-    b->data = d;
-    b->cap = cap;
-  }
-  if (n) memcpy(b->data + b->len, data, n);
-  b->len += n;
-  return 0;
-}
-
-static int buf_str(buf *b, const char *s, size_t limit) {
-  return buf_add(b, s, strlen(s), limit);
-}
-
-static void buf_free(buf *b) {
-  free(b->data);
-  *b = (buf){0};
-}
-
 static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
   const unsigned char *p = data;
   for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 0x100000001b3ull;
@@ -136,8 +106,8 @@ static void response_init(rsl_server_response *res) {
 }
 
 static void response_free(rsl_server_response *res) {
-  buf_free(&res->head);
-  buf_free(&res->body);
+  rsl_buf_free(&res->head);
+  rsl_buf_free(&res->body);
 }
 
 int rsl_server_response_status(rsl_server_response *res, int status) {
@@ -170,11 +140,11 @@ int rsl_server_response_header(rsl_server_response *res, const char *name,
       name_is(name, name_len, "connection"))
     return 0;
   size_t before = res->head.len;
-  int rc = buf_add(&res->head, name, name_len, RESPONSE_HEAD_MAX_BYTES);
-  if (rc == 0) rc = buf_add(&res->head, ": ", 2, RESPONSE_HEAD_MAX_BYTES);
+  int rc = rsl_buf_add(&res->head, name, name_len, RESPONSE_HEAD_MAX_BYTES);
+  if (rc == 0) rc = rsl_buf_add(&res->head, ": ", 2, RESPONSE_HEAD_MAX_BYTES);
   if (rc == 0)
-    rc = buf_add(&res->head, value, value_len, RESPONSE_HEAD_MAX_BYTES);
-  if (rc == 0) rc = buf_add(&res->head, "\r\n", 2, RESPONSE_HEAD_MAX_BYTES);
+    rc = rsl_buf_add(&res->head, value, value_len, RESPONSE_HEAD_MAX_BYTES);
+  if (rc == 0) rc = rsl_buf_add(&res->head, "\r\n", 2, RESPONSE_HEAD_MAX_BYTES);
   if (rc != 0) res->head.len = before;
   return rc;
 }
@@ -182,7 +152,7 @@ int rsl_server_response_header(rsl_server_response *res, const char *name,
 int rsl_server_response_body(rsl_server_response *res, const char *body,
                              size_t len) {
   res->body.len = 0;
-  return buf_add(&res->body, body, len, RSL_SERVER_MAX_RESPONSE_BYTES);
+  return rsl_buf_add(&res->body, body, len, RSL_SERVER_MAX_RESPONSE_BYTES);
 }
 
 int rsl_server_response_delay(rsl_server_response *res, uint64_t delay_ms) {
@@ -319,27 +289,27 @@ static int has_body(int status) {
 static int conn_send(rsl_http_conn *c, const rsl_server_response *res,
                      const answer *how) {
   char line[160];
-  buf head = {0};
+  rsl_buf head = {0};
   const size_t limit = RESPONSE_HEAD_MAX_BYTES + 1024;
   rsl_http_status_line(line, sizeof line, res->status);
-  int rc = buf_str(&head, line, limit);
-  if (rc == 0) rc = buf_add(&head, res->head.data, res->head.len, limit);
+  int rc = rsl_buf_str(&head, line, limit);
+  if (rc == 0) rc = rsl_buf_add(&head, res->head.data, res->head.len, limit);
   if (rc == 0 && has_body(res->status)) {
     snprintf(line, sizeof line, "Content-Length: %zu\r\n", res->body.len);
-    rc = buf_str(&head, line, limit);
+    rc = rsl_buf_str(&head, line, limit);
   }
   if (rc == 0 && !how->keep_alive)
-    rc = buf_str(&head, "Connection: close\r\n", limit);
+    rc = rsl_buf_str(&head, "Connection: close\r\n", limit);
   else if (rc == 0 && how->http10)
-    rc = buf_str(&head, "Connection: keep-alive\r\n", limit);
-  if (rc == 0) rc = buf_add(&head, "\r\n", 2, limit);
+    rc = rsl_buf_str(&head, "Connection: keep-alive\r\n", limit);
+  if (rc == 0) rc = rsl_buf_add(&head, "\r\n", 2, limit);
   if (rc != 0) { /* only ENOMEM: the sizes are capped below the limit */
-    buf_free(&head);
+    rsl_buf_free(&head);
     rsl_http_conn_close(c, 0);
     return RSL_HTTP_GONE;
   }
   rc = rsl_http_conn_write(c, head.data, head.len);
-  buf_free(&head);
+  rsl_buf_free(&head);
   if (rc == RSL_HTTP_OK && has_body(res->status) && !how->head_only)
     rc = rsl_http_conn_write(c, res->body.data, res->body.len);
   return rc == RSL_HTTP_OK ? rsl_http_conn_end(c, how->keep_alive) : rc;
@@ -464,17 +434,17 @@ static int conn_send_stats(rsl_server *s, rsl_http_conn *c,
   for (int i = 0; rc == 0 && i < RSL_SERVER_NCOUNTERS; i++) {
     snprintf(item, sizeof item, "%s\"%s\":%llu", i ? "," : "{",
              counter_names[i], (unsigned long long)st->counter[i]);
-    rc = buf_str(&res.body, item, STATS_MAX_BYTES);
+    rc = rsl_buf_str(&res.body, item, STATS_MAX_BYTES);
   }
-  if (rc == 0) rc = buf_str(&res.body, ",\"status\":{", STATS_MAX_BYTES);
+  if (rc == 0) rc = rsl_buf_str(&res.body, ",\"status\":{", STATS_MAX_BYTES);
   for (int code = 100, first = 1; rc == 0 && code < 600; code++) {
     if (!st->status[code]) continue;
     snprintf(item, sizeof item, "%s\"%d\":%llu", first ? "" : ",", code,
              (unsigned long long)st->status[code]);
-    rc = buf_str(&res.body, item, STATS_MAX_BYTES);
+    rc = rsl_buf_str(&res.body, item, STATS_MAX_BYTES);
     first = 0;
   }
-  if (rc == 0) rc = buf_str(&res.body, "}}", STATS_MAX_BYTES);
+  if (rc == 0) rc = rsl_buf_str(&res.body, "}}", STATS_MAX_BYTES);
   rc = rc == 0 ? conn_send(c, &res, how) : conn_reject(c, 503);
   response_free(&res);
   return rc;

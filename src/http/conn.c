@@ -9,6 +9,7 @@
 #define _GNU_SOURCE /* accept4, SOCK_NONBLOCK */
 #endif
 #include "conn.h"
+#include "buf.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -34,11 +35,6 @@
 #define ACCEPTS_PER_WAKEUP 64
 #define NS_PER_MS 1000000ull
 
-typedef struct buf {
-  char *data;
-  size_t len, cap;
-} buf;
-
 struct rsl_http_conn {
   rsl_http_listener *l;
   rsl_http_conn *prev, *next; /* l->conns */
@@ -46,9 +42,9 @@ struct rsl_http_conn {
   rsl_timer timer; /* idle timeout, or the lingering close */
   uint64_t last_input_ns;
   http_parser parser;
-  buf in;   /* received, not parsed yet (IN_MAX_BYTES) */
-  buf head; /* URL, then header names and values, of the request parsed */
-  buf body;
+  rsl_buf in;   /* received, not parsed yet (IN_MAX_BYTES) */
+  rsl_buf head; /* URL, then header names and values, of the request parsed */
+  rsl_buf body;
   struct {
     uint32_t name, name_len, value, value_len; /* offsets into head */
   } hdr[RSL_HTTP_MAX_HEADERS];
@@ -62,7 +58,7 @@ struct rsl_http_conn {
   int lingering;    /* our side is shut: discard input until EOF */
   int discard;      /* rsl_http_conn_discard_input */
   int want_drain;
-  buf out;
+  rsl_buf out;
   size_t out_sent;
   void *data;
   char peer[INET6_ADDRSTRLEN];
@@ -81,33 +77,7 @@ struct rsl_http_listener {
   char address[INET6_ADDRSTRLEN + 8];
 };
 
-/* --- buffers -------------------------------------------------------------- */
-
-static int buf_add(buf *b, const void *data, size_t n, size_t limit) {
-  if (b->len > limit || n > limit - b->len) return -E2BIG;
-  if (b->len + n > b->cap) {
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + n) cap *= 2;
-    if (cap > limit) cap = limit;
-    char *d = realloc(b->data, cap);
-    if (!d) return -ENOMEM;
-    b->data = d;
-    b->cap = cap;
-  }
-  if (n) memcpy(b->data + b->len, data, n);
-  b->len += n;
-  return 0;
-}
-
-static void buf_consume(buf *b, size_t n) {
-  memmove(b->data, b->data + n, b->len - n);
-  b->len -= n;
-}
-
-static void buf_free(buf *b) {
-  free(b->data);
-  *b = (buf){0};
-}
+/* --- names and status lines ------------------------------------------------ */
 
 int rsl_http_name_is(const char *name, size_t len, const char *lower) {
   return strlen(lower) == len && strncasecmp(name, lower, len) == 0;
@@ -169,7 +139,7 @@ static int conn_flush(rsl_http_conn *c) {
     conn_watch(c);
     return RSL_HTTP_OK;
   }
-  if (c->out.cap > OUT_KEEP_BYTES) buf_free(&c->out);
+  if (c->out.cap > OUT_KEEP_BYTES) rsl_buf_free(&c->out);
   c->out.len = c->out_sent = 0;
   if (c->close_after && !c->busy) return conn_linger(c);
   conn_watch(c);
@@ -182,7 +152,7 @@ static int conn_flush(rsl_http_conn *c) {
 
 int rsl_http_conn_write(rsl_http_conn *c, const void *data, size_t len) {
   if (c->out_sent && c->out_sent == c->out.len) c->out.len = c->out_sent = 0;
-  if (buf_add(&c->out, data, len, OUT_MAX_BYTES) != 0) {
+  if (rsl_buf_add(&c->out, data, len, OUT_MAX_BYTES) != 0) {
     conn_free(c, 0, 1);
     return RSL_HTTP_GONE;
   }
@@ -264,7 +234,7 @@ static int parse_fail(rsl_http_conn *c, int rc, int too_big_status) {
 
 static int on_url(http_parser *p, const char *at, size_t len) {
   rsl_http_conn *c = p->data;
-  int rc = buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
+  int rc = rsl_buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
   if (rc != 0) return parse_fail(c, rc, 431);
   c->url_len += len;
   return 0;
@@ -280,7 +250,7 @@ static int on_header_field(http_parser *p, const char *at, size_t len) {
     c->hstate = HS_FIELD;
   }
   size_t at_off = c->head.len;
-  int rc = buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
+  int rc = rsl_buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
   if (rc != 0) return parse_fail(c, rc, 431);
   for (size_t i = at_off; i < c->head.len; i++)
     if (c->head.data[i] >= 'A' && c->head.data[i] <= 'Z')
@@ -295,7 +265,7 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
     c->hdr[c->nhdr - 1].value = (uint32_t)c->head.len;
     c->hstate = HS_VALUE;
   }
-  int rc = buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
+  int rc = rsl_buf_add(&c->head, at, len, c->l->limits.max_header_bytes);
   if (rc != 0) return parse_fail(c, rc, 431);
   c->hdr[c->nhdr - 1].value_len += (uint32_t)len;
   return 0;
@@ -335,7 +305,7 @@ static int on_headers_complete(http_parser *p) {
       p->http_minor >= 1) {
     /* The client waits for this before sending the body; conn_process
      * sends it and parses on once it is out. */
-    int rc = buf_add(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25,
+    int rc = rsl_buf_add(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25,
                      OUT_KEEP_BYTES);
     if (rc != 0) return parse_fail(c, rc, 503);
   }
@@ -344,7 +314,7 @@ static int on_headers_complete(http_parser *p) {
 
 static int on_body(http_parser *p, const char *at, size_t len) {
   rsl_http_conn *c = p->data;
-  int rc = buf_add(&c->body, at, len, c->l->limits.max_body_bytes);
+  int rc = rsl_buf_add(&c->body, at, len, c->l->limits.max_body_bytes);
   return rc == 0 ? 0 : parse_fail(c, rc, 413);
 }
 
@@ -416,7 +386,7 @@ static int conn_process(rsl_http_conn *c) {
       http_parser_pause(&c->parser, 0);
     size_t n = http_parser_execute(&c->parser, &parser_settings, c->in.data,
                                    c->in.len);
-    buf_consume(&c->in, n);
+    rsl_buf_consume(&c->in, n);
     enum http_errno e = HTTP_PARSER_ERRNO(&c->parser);
     if (c->message_done) {
       c->message_done = 0;
@@ -455,7 +425,7 @@ static void conn_read(rsl_http_conn *c) {
     return;
   }
   if (discard) return; /* a request never answered: what follows waits too */
-  if (buf_add(&c->in, chunk, (size_t)n, IN_MAX_BYTES) != 0) {
+  if (rsl_buf_add(&c->in, chunk, (size_t)n, IN_MAX_BYTES) != 0) {
     conn_free(c, 0, 1);
     return;
   }
@@ -502,10 +472,10 @@ static void conn_free(rsl_http_conn *c, int reset, int notify) {
   if (c->prev) c->prev->next = c->next; else l->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   l->nconns--;
-  buf_free(&c->in);
-  buf_free(&c->head);
-  buf_free(&c->body);
-  buf_free(&c->out);
+  rsl_buf_free(&c->in);
+  rsl_buf_free(&c->head);
+  rsl_buf_free(&c->body);
+  rsl_buf_free(&c->out);
   free(c);
 }
 
@@ -699,15 +669,6 @@ void rsl_http_listener_stop(rsl_http_listener *l) {
   rsl_timer_stop(l->loop, &l->accept_retry);
   close(l->io.fd);
   l->io.fd = -1;
-}
-
-void rsl_http_listener_close_idle(rsl_http_listener *l) {
-  rsl_http_conn *c = l->conns;
-  while (c) {
-    rsl_http_conn *next = c->next;
-    if (!c->busy && c->out_sent == c->out.len) conn_free(c, 0, 0);
-    c = next;
-  }
 }
 
 void rsl_http_listener_free(rsl_http_listener *l) {

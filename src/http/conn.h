@@ -92,8 +92,6 @@ size_t rsl_http_listener_connections(const rsl_http_listener *l);
 uint64_t rsl_http_listener_accepted(const rsl_http_listener *l);
 /* Connections over max_connections: answered 503 and closed at once. */
 uint64_t rsl_http_listener_refused(const rsl_http_listener *l);
-/* Closes every connection that is not busy (draining). */
-void rsl_http_listener_close_idle(rsl_http_listener *l);
 
 /* The owner's pointer for c's current request (NULL when none). */
 void rsl_http_conn_set_data(rsl_http_conn *c, void *data);

@@ -682,10 +682,11 @@ int rsl_proxy_new(rsl_proxy **out, rsl_call_env *env,
   return 0;
 }
 
+/* Open connections stay: a health probe on one sees the 503, and each
+ * closes after its next answer (Connection: close). */
 void rsl_proxy_drain(rsl_proxy *p) {
   p->draining = 1;
   rsl_http_listener_stop(p->l);
-  rsl_http_listener_close_idle(p->l);
 }
 
 size_t rsl_proxy_in_flight(const rsl_proxy *p) { return p->in_flight; }

@@ -50,8 +50,8 @@ int rsl_proxy_new(rsl_proxy **out, rsl_call_env *env,
  * 0 or -ENOMEM (the old routes stay). */
 int rsl_proxy_set_routes(rsl_proxy *p, const rsl_proxy_route *routes,
                          size_t n);
-/* Stops accepting, closes idle connections, answers health with 503 and
- * closes each connection after its answer.  Calls in flight go on. */
+/* Stops accepting, answers health with 503 and closes each connection
+ * after its next answer.  Calls in flight go on. */
 void rsl_proxy_drain(rsl_proxy *p);
 size_t rsl_proxy_in_flight(const rsl_proxy *p);
 const char *rsl_proxy_address(const rsl_proxy *p);
