@@ -156,8 +156,15 @@ int rsl_http_conn_write(rsl_http_conn *c, const void *data, size_t len) {
     conn_free(c, 0, 1);
     return RSL_HTTP_GONE;
   }
-  if (c->out.len - c->out_sent > len) return RSL_HTTP_OK; /* writable later */
+  if (c->io.events & RSL_IO_WRITE) return RSL_HTTP_OK; /* when writable */
   return conn_flush(c);
+}
+
+int rsl_http_conn_append(rsl_http_conn *c, const void *data, size_t len) {
+  if (c->out_sent && c->out_sent == c->out.len) c->out.len = c->out_sent = 0;
+  if (rsl_buf_add(&c->out, data, len, OUT_MAX_BYTES) == 0) return RSL_HTTP_OK;
+  conn_free(c, 0, 1);
+  return RSL_HTTP_GONE;
 }
 
 size_t rsl_http_conn_pending(const rsl_http_conn *c) {

@@ -107,6 +107,9 @@ int rsl_http_name_is(const char *name, size_t len, const char *lower);
 /* Queues bytes and sends what the socket takes.  OK or GONE (the client is
  * gone, or out of memory). */
 int rsl_http_conn_write(rsl_http_conn *c, const void *data, size_t len);
+/* Queues bytes to go out with the next write (one send for a response
+ * head and its first bytes).  OK or GONE (out of memory). */
+int rsl_http_conn_append(rsl_http_conn *c, const void *data, size_t len);
 /* Bytes queued, not sent yet. */
 size_t rsl_http_conn_pending(const rsl_http_conn *c);
 /* Calls on_drain once what is queued now is sent. */

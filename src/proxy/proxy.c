@@ -166,10 +166,14 @@ static int has_body(long status) {
   return status >= 200 && status != 204 && status != 304;
 }
 
-/* Writes the bytes of a memstream and frees them.  OK or GONE. */
-static int write_stream(rsl_http_conn *c, FILE *f, char **data, size_t *len) {
+/* Writes (or with `hold`, only queues) the bytes of a memstream and frees
+ * them.  OK or GONE. */
+static int write_stream(rsl_http_conn *c, FILE *f, char **data, size_t *len,
+                        int hold) {
   int ok = fclose(f) == 0 && *data;
-  int rc = ok ? rsl_http_conn_write(c, *data, *len) : RSL_HTTP_GONE;
+  int rc = !ok    ? RSL_HTTP_GONE
+           : hold ? rsl_http_conn_append(c, *data, *len)
+                  : rsl_http_conn_write(c, *data, *len);
   if (!ok) rsl_http_conn_close(c, 0);
   free(*data);
   return rc;
@@ -234,7 +238,7 @@ static int answer_json(rsl_http_conn *c, int status, const char *error,
   if (retry_after_s >= 0) fprintf(h, "Retry-After: %.0f\r\n", retry_after_s);
   write_connection(h, keep_alive, http10);
   fputs("\r\n", h);
-  int rc = write_stream(c, h, &head, &head_len);
+  int rc = write_stream(c, h, &head, &head_len, !head_only);
   if (rc == RSL_HTTP_OK && !head_only) rc = rsl_http_conn_write(c, body, body_len);
   free(body);
   return rc == RSL_HTTP_OK ? rsl_http_conn_end(c, keep_alive) : rc;
@@ -287,9 +291,9 @@ static int answer_response(exchange *ex, rsl_http_conn *c,
                      should_not_retry(res));
   write_connection(f, keep_alive, ex->http10);
   fputs("\r\n", f);
-  int rc = write_stream(c, f, &head, &head_len);
-  if (rc == RSL_HTTP_OK && has_body(up->status) && !ex->head_only &&
-      up->body_len)
+  int with_body = has_body(up->status) && !ex->head_only && up->body_len;
+  int rc = write_stream(c, f, &head, &head_len, with_body);
+  if (rc == RSL_HTTP_OK && with_body)
     rc = rsl_http_conn_write(c, up->body, up->body_len);
   return rc == RSL_HTTP_OK ? rsl_http_conn_end(c, keep_alive) : rc;
 }
@@ -328,7 +332,7 @@ static int on_commit(void *ud, const rsl_response *head) {
   fputs("\r\n", f);
   ex->committed = 1;
   ex->in_cb = 1;
-  int rc = write_stream(ex->conn, f, &buf, &len);
+  int rc = write_stream(ex->conn, f, &buf, &len, 1); /* sent with the body */
   ex->in_cb = 0;
   return rc == RSL_HTTP_OK ? 0 : -1;
 }
@@ -342,13 +346,13 @@ static int on_chunk(void *ud, const char *data, size_t len) {
   }
   ex->in_cb = 1;
   int rc = RSL_HTTP_OK;
-  if (ex->chunked) {
+  if (ex->chunked && len) { /* a chunk of 0 bytes would end the body */
     char size[24];
     int n = snprintf(size, sizeof size, "%zx\r\n", len);
     rc = rsl_http_conn_write(ex->conn, size, (size_t)n);
   }
   if (rc == RSL_HTTP_OK) rc = rsl_http_conn_write(ex->conn, data, len);
-  if (rc == RSL_HTTP_OK && ex->chunked)
+  if (rc == RSL_HTTP_OK && ex->chunked && len)
     rc = rsl_http_conn_write(ex->conn, "\r\n", 2);
   ex->in_cb = 0;
   return rc == RSL_HTTP_OK ? RSL_CHUNK_TAKEN : RSL_CHUNK_ABORT;
@@ -417,7 +421,12 @@ static void on_call_done(void *ud, rsl_call_result *res) {
 
 /* --- requests ------------------------------------------------------------- */
 
+/* The client's X-Request-Id, or a new one: 16 random hex digits drawn
+ * once per process, then a counter (unique without a system call per
+ * request). */
 static void request_id(const rsl_http_request *req, char *out) {
+  static char prefix[17];
+  static unsigned long long counter;
   size_t len = 0;
   const char *id = rsl_http_header_get(req, "x-request-id", &len);
   if (id && len > 0 && len <= REQUEST_ID_MAX) {
@@ -425,17 +434,13 @@ static void request_id(const rsl_http_request *req, char *out) {
     out[len] = '\0';
     return;
   }
-  static const char HEX[] = "0123456789abcdef";
-  unsigned char raw[16] = {0};
-  if (getrandom(raw, sizeof raw, 0) != (ssize_t)sizeof raw) {
-    static unsigned long long fallback; /* unique, if not random */
-    snprintf((char *)raw, sizeof raw, "%llx", ++fallback);
+  if (!prefix[0]) {
+    unsigned long long r = 0;
+    if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r)
+      r = (unsigned long long)rsl_now_ns();
+    snprintf(prefix, sizeof prefix, "%016llx", r);
   }
-  for (size_t i = 0; i < sizeof raw; i++) {
-    out[2 * i] = HEX[raw[i] >> 4];
-    out[2 * i + 1] = HEX[raw[i] & 15];
-  }
-  out[2 * sizeof raw] = '\0';
+  snprintf(out, REQUEST_ID_MAX + 1, "%s%016llx", prefix, ++counter);
 }
 
 static int answer_admin(rsl_proxy *p, rsl_http_conn *c,
@@ -644,7 +649,7 @@ static int answer_admin(rsl_proxy *p, rsl_http_conn *c,
           body_len);
   write_connection(h, keep_alive, req->http_minor == 0);
   fputs("\r\n", h);
-  int rc = write_stream(c, h, &head, &head_len);
+  int rc = write_stream(c, h, &head, &head_len, !req->head_only);
   if (rc == RSL_HTTP_OK && !req->head_only)
     rc = rsl_http_conn_write(c, body, body_len);
   free(body);
