@@ -265,10 +265,11 @@ function M.main(args, parse)
                            idle_timeout_ms = limits.idle_timeout_ms }
     if not proxy then error(e, 0) end
   end)
-  if not ok then return fail(tostring(perr):gsub("^.-: ", "", 1)) end
+  if not ok then return fail(tostring(perr)) end
   install(proxy, routes)
 
   -- Reload: the config (its file changed, or SIGHUP), then each policy.
+  local on_hangup
   local function reload_config(why)
     if not config_path then return end
     local c, e = read_config(config_path)
@@ -282,8 +283,9 @@ function M.main(args, parse)
     routes = r
     install(proxy, routes)
     core.log_event("config", { path = config_path, ok = true, routes = #routes })
+    core.on_hangup(on_hangup) -- a new policy slot may have taken SIGHUP for itself
   end
-  local function on_hangup()
+  function on_hangup()
     reload_config("SIGHUP")
     for _, r in ipairs(routes) do
       if r.slot.path then policy.reload(r.slot) end
@@ -300,10 +302,10 @@ function M.main(args, parse)
     if not wok then io.stderr:write("resilua proxy: cannot watch ", werr, ": no hot reload\n") end
   end
 
+  core.on_hangup(on_hangup) -- after the slots: policy.slot sets its own once
   io.stdout:write("listening on ", proxy:address(), "\n")
   io.stdout:flush()
   while core.stop_signal() == 0 do
-    core.on_hangup(on_hangup) -- policy.slot may have taken SIGHUP for itself
     core.step(STEP_MAX_WAIT_S)
     -- A policy file reloaded (its slot holds a new version): new requests
     -- get it; calls in flight keep theirs.

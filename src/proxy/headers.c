@@ -4,6 +4,7 @@
 #include "headers.h"
 
 #include <errno.h>
+#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -36,11 +37,15 @@ int rsl_fwd_hop_by_hop(const char *name, size_t len, const char *connection,
   return connection && in_token_list(name, len, connection, connection_len);
 }
 
-static int add_line(rsl_fwd_lines *l, const char *fmt, int nlen,
-                    const char *name, int vlen, const char *value) {
+__attribute__((format(printf, 2, 3)))
+static int add_line(rsl_fwd_lines *l, const char *fmt, ...) {
   if (l->n == RSL_FWD_MAX_LINES) return -ENOMEM; /* cannot happen: sized */
   char *s = NULL;
-  if (asprintf(&s, fmt, nlen, name, vlen, value) < 0) return -ENOMEM;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vasprintf(&s, fmt, ap);
+  va_end(ap);
+  if (n < 0) return -ENOMEM;
   l->line[l->n++] = s;
   return 0;
 }
@@ -104,27 +109,19 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
     /* curl sends "Name;" as a field with an empty value ("Name:" would
      * remove one of its own). */
     rc = vl ? add_line(out, "%.*s: %.*s", (int)nl, name, (int)vl, value)
-            : add_line(out, "%.*s;%.*s", (int)nl, name, 0, "");
+            : add_line(out, "%.*s;", (int)nl, name);
   }
   if (rc == 0)
-    rc = xff ? add_line(out, "X-Forwarded-For: %.*s, %.*s", (int)xff_len, xff,
-                        (int)strlen(peer), peer)
-             : add_line(out, "X-Forwarded-For: %.*s%.*s", (int)strlen(peer),
-                        peer, 0, "");
-  if (rc == 0 && !has_proto)
-    rc = add_line(out, "%.*s%.*s", 0, "", 23, "X-Forwarded-Proto: http");
+    rc = xff ? add_line(out, "X-Forwarded-For: %.*s, %s", (int)xff_len, xff, peer)
+             : add_line(out, "X-Forwarded-For: %s", peer);
+  if (rc == 0 && !has_proto) rc = add_line(out, "X-Forwarded-Proto: http");
   if (rc == 0)
-    rc = via ? add_line(out, "Via: %.*s, %.*s", (int)via_len, via,
-                        (int)strlen(RSL_FWD_VIA), RSL_FWD_VIA)
-             : add_line(out, "Via: %.*s%.*s", (int)strlen(RSL_FWD_VIA),
-                        RSL_FWD_VIA, 0, "");
-  if (rc == 0)
-    rc = add_line(out, "X-Request-Id: %.*s%.*s", (int)strlen(request_id),
-                  request_id, 0, "");
+    rc = via ? add_line(out, "Via: %.*s, " RSL_FWD_VIA, (int)via_len, via)
+             : add_line(out, "Via: " RSL_FWD_VIA);
+  if (rc == 0) rc = add_line(out, "X-Request-Id: %s", request_id);
   /* curl's own defaults, which a proxy must not add: */
-  if (rc == 0 && !has_accept) rc = add_line(out, "Accept:%.*s%.*s", 0, "", 0, "");
-  if (rc == 0 && !has_type)
-    rc = add_line(out, "Content-Type:%.*s%.*s", 0, "", 0, "");
+  if (rc == 0 && !has_accept) rc = add_line(out, "Accept:");
+  if (rc == 0 && !has_type) rc = add_line(out, "Content-Type:");
   if (rc != 0) rsl_fwd_lines_free(out);
   return rc;
 }

@@ -90,16 +90,16 @@ static int l_proxy(lua_State *L) {
   return 1;
 }
 
+/* A string field of the route at idx, or NULL when absent and optional.
+ * The string stays alive in the route table, which the caller holds. */
 static const char *route_str(lua_State *L, int idx, const char *name,
                              int optional) {
   int t = lua_getfield(L, idx, name);
-  lua_pop(L, 1); /* still referenced by the route table */
-  if (t == LUA_TNIL && optional) return NULL;
-  if (t != LUA_TSTRING) luaL_error(L, "route field '%s': expected a string", name);
-  lua_getfield(L, idx, name);
-  const char *s = lua_tostring(L, -1);
+  const char *v = t == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
   lua_pop(L, 1);
-  return s;
+  if (!v && !(optional && t == LUA_TNIL))
+    luaL_error(L, "route field '%s': expected a string", name);
+  return v;
 }
 
 /* proxy:routes({ {name, prefix, host, upstream, keep_host, client, policy},

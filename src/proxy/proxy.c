@@ -573,7 +573,6 @@ static const rsl_http_handlers HANDLERS = {
 /* --- admin ---------------------------------------------------------------- */
 
 static void write_gauges(const rsl_proxy *p, FILE *f) {
-  static const int STATE_VALUE[] = {0, 1, 2}; /* closed, open, half_open */
   fputs("# HELP resilua_breaker_state Circuit breaker state per route and "
         "key: 0 closed, 1 open, 2 half-open.\n"
         "# TYPE resilua_breaker_state gauge\n", f);
@@ -584,7 +583,7 @@ static void write_gauges(const rsl_proxy *p, FILE *f) {
       rsl_metrics_label(f, p->routes[i]->name);
       fputs(",key=", f);
       rsl_metrics_label(f, set->items[k]->key);
-      fprintf(f, "} %d\n", STATE_VALUE[set->items[k]->state]);
+      fprintf(f, "} %d\n", (int)set->items[k]->state); /* as documented */
     }
   }
   fputs("# HELP resilua_policy_info The policy version in force per route.\n"
