@@ -208,14 +208,15 @@ int rsl_http_conn_reject(rsl_http_conn *c, int status) {
            "Content-Type: text/plain\r\nContent-Length: %zu\r\n"
            "Connection: close\r\n\r\n",
            strlen(text));
+  /* Queued whole before the close is set: a flush of the head alone
+   * would start the lingering close, and the body would then meet EPIPE. */
+  if (rsl_http_conn_append(c, head, strlen(head)) != RSL_HTTP_OK ||
+      (c->parser.method != HTTP_HEAD &&
+       rsl_http_conn_append(c, text, strlen(text)) != RSL_HTTP_OK))
+    return RSL_HTTP_GONE;
   c->busy = 0;
   c->close_after = 1;
-  if (rsl_http_conn_write(c, head, strlen(head)) != RSL_HTTP_OK) return RSL_HTTP_GONE;
-  if (c->parser.method != HTTP_HEAD &&
-      rsl_http_conn_write(c, text, strlen(text)) != RSL_HTTP_OK)
-    return RSL_HTTP_GONE;
-  if (c->out_sent == c->out.len && !c->lingering) return conn_linger(c);
-  return RSL_HTTP_OK;
+  return conn_flush(c);
 }
 
 void rsl_http_conn_set_data(rsl_http_conn *c, void *data) { c->data = data; }
