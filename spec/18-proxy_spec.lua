@@ -301,6 +301,20 @@ print(json.dumps(out))
       assert.equal(0, px:stop())
     end)
 
+    it("a refused retry budget: the upstream's answer, outcome budget, x-should-retry: false", function()
+      local pol = H.write_file(dir .. "/budget.lua", [[return { max_attempts = 4,
+        backoff = { base_ms = 1, max_ms = 1 }, breaker = false, budget = { max_tokens = 2, token_ratio = 0 } }]])
+      local px = start_proxy{ "--listen", "127.0.0.1:0", "--upstream", up.url, "--policy", pol }
+      local r = H.curl(q(px.url .. "/down"))
+      assert.equal(503, r.status)
+      assert.equal("down", r.body)
+      assert.equal("budget", r.headers["x-resilua-outcome"])
+      assert.equal("false", r.headers["x-should-retry"])
+      assert.truthy(H.curl(q(px.url .. "/_resilua/metrics")).body
+                      :find('resilua_proxy_budget_refusals_total{route="default"} [1-9]'))
+      assert.equal(0, px:stop())
+    end)
+
     it("504 for a per-try timeout", function()
       local pol = H.write_file(dir .. "/short.lua", [[return { max_attempts = 1, per_try_timeout_ms = 200,
         breaker = false, budget = false }]])
