@@ -969,5 +969,6 @@ int luaopen_resilua_core(lua_State *L) {
   rsl_lua_testing_open(L);
   rsl_lua_hist_open(L);
   rsl_lua_proxy_open(L);
+  rsl_lua_batch_open(L);
   return 1;
 }

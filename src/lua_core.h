@@ -44,5 +44,7 @@ void rsl_lua_hist_open(lua_State *L);
 void rsl_lua_proxy_open(lua_State *L);
 /* The client state of a "resilua.client" userdata (raises otherwise). */
 rsl_client *rsl_core_check_client(lua_State *L, int idx);
+/* Adds core.json and core.files (lua_batch.c), what batch needs. */
+void rsl_lua_batch_open(lua_State *L);
 
 #endif
