@@ -128,15 +128,17 @@ local BATCH_USAGE = [[
 usage: resilua batch --in ITEMS.jsonl --out RESULTS.jsonl [options] URL
 
 Sends one call per input item (JSON Lines, each with an id) under a retry
-policy, CONCURRENCY at a time.  Transient failures are retried; while the
-breaker is open or the retry budget refuses, items wait instead of failing.
-Each item's Idempotency-Key is derived from its id, so a rerun is the same
-request.  Finished items go to an append-only ledger; a rerun with the same
-ledger (after a crash, say) skips them.  RESULTS.jsonl is written at the
-end, atomically: one line per id, then one per invalid input line.
+policy, CONCURRENCY at a time.  The body sent is the item's line as it is
+(byte for byte); the response stored is the upstream's bytes.  Transient
+failures are retried; while the breaker is open, items wait instead of
+failing.  Each item's Idempotency-Key is derived from its id's JSON text,
+so a rerun is the same request.  Finished items go to an append-only
+ledger; a rerun with the same ledger skips them, and sends again those
+that failed transiently.  RESULTS.jsonl is written at the end, atomically:
+one line per id, then one per invalid input line.  See docs/batch.md.
 
 Options:
-  --in FILE               input items, JSON Lines (required)
+  --in FILE               input items, JSON Lines (required; a regular file)
   --out FILE              results, JSON Lines (required)
   --ledger FILE           progress ledger (default: OUT.ledger)
   --no-ledger             keep no ledger (no resume; for measuring its cost)
@@ -145,17 +147,24 @@ Options:
   --concurrency N         calls in flight (default 16)
   --chunk N               fsync the ledger every N items (default 100)
   --request FILE.lua      builds each request: return function(item) return
-                          { method=, url=, headers=, body= } end
-                          (default: POST the item as JSON)
+                          { method=, url=, headers=, body= } end (a table
+                          body is sent as canonical JSON; default: POST the
+                          item's line as it is)
+  --stall SECONDS         stop when no item completed for this long
+                          (default 60); exit 4, a rerun resumes
+  --no-retry-failed       a rerun skips items that failed transiently too
+  --follow-redirects      follow 3xx (at most 5 hops); without it a 3xx fails
   -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
 ]] .. POLICY_OVERRIDES_USAGE .. [[
   --log FILE              event log (default: none; batches are long)
   --redact NAME           mask NAME's values too (repeatable; see call --help)
-  --seed N  --quiet       reproducible jitter; no progress bar
+  --seed N                reproducible jitter
+  --quiet                 no progress (bar or status lines); the summary stays
   -h, --help              this text
 
-Exit codes: 0 every item ok, 2 usage or an input/output error (before any
-request), 6 some items failed (see the report).
+Exit codes: 0 every item ok, 2 usage or an input/output error (nothing
+lost), 4 stopped: no progress for --stall seconds (pending items are
+resumed by a rerun), 6 some items failed (see the report).
 ]]
 
 local LOAD_USAGE = [[
@@ -608,8 +617,13 @@ function M.batch(args)
     ["--request"] = "value", ["--header"] = "list", ["--method"] = "value",
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+    ["--stall"] = "value", ["--no-retry-failed"] = "flag", ["--follow-redirects"] = "flag",
   }, { ["-X"] = "--method", ["-H"] = "--header", ["-h"] = "--help" })
   if not opts then return fail("batch", pos .. " (see resilua batch --help)") end
+  local stall_s = tonumber(opts["--stall"] or "60")
+  if not stall_s or stall_s <= 0 or stall_s ~= stall_s or stall_s == math.huge then
+    return fail("batch", ("--stall: expected a number of seconds > 0, got %s"):format(opts["--stall"]))
+  end
   if opts["--help"] then io.stdout:write(BATCH_USAGE) return EXIT.ok end
   for _, flag in ipairs({ "--in", "--out" }) do
     if not opts[flag] then return fail("batch", ("missing %s (see resilua batch --help)"):format(flag)) end
@@ -658,10 +672,15 @@ function M.batch(args)
     report = opts["--report"], id_field = opts["--id-field"], method = opts["--method"],
     concurrency = numbers["--concurrency"], chunk = numbers["--chunk"], headers = headers,
     build = build, quiet = opts["--quiet"], policy = policy,
-    policy_path = opts["--policy-path"],
+    policy_path = opts["--policy-path"], stall_s = stall_s,
+    retry_failed = not opts["--no-retry-failed"], follow_redirects = opts["--follow-redirects"],
   }
   if not report then return fail(nil, err) end
-  if not opts["--quiet"] then io.stderr:write(batch.format(report)) end
+  io.stderr:write(batch.format(report)) -- --quiet hides progress, never the summary
+  if report.stalled then
+    io.stderr:write("resilua batch: stopped: ", report.stalled, "\n")
+    return batch.EXIT_STALLED
+  end
   return (report.failed + report.invalid) > 0 and EXIT.some_failed or EXIT.ok
 end
 
