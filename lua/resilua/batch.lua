@@ -192,8 +192,9 @@ local TRANSIENT = { gave_up = true, timeout = true, deadline = true, breaker_ope
 local function is_final(outcome, status, retry_failed)
   if outcome == "ok" or not retry_failed then return true end
   if TRANSIENT[outcome] then return false end
-  -- failed: final when the answer was a 3xx or a 4xx other than 408/429.
-  return status ~= nil and status < 500 and status ~= 408 and status ~= 429
+  -- failed: final when the answer was a 3xx or a 4xx other than 408, 409
+  -- (a deduplicating server's "the same key is in flight") and 429.
+  return status ~= nil and status < 500 and status ~= 408 and status ~= 409 and status ~= 429
 end
 
 -- The fields of a ledger (or results) line, or nil when it lacks one a
