@@ -254,9 +254,9 @@ local function write_file(flag, path, write)
   local tmp = path .. ".tmp"
   local f, err = io.open(tmp, "wb")
   if not f then return nil, ("%s: %s"):format(flag, err) end
-  local ok, werr = pcall(write, f)
-  if ok then ok = werr == true or werr end
-  if ok == true then ok, werr = f:flush() end
+  local called, ok, werr = pcall(write, f)
+  if not called then ok, werr = nil, ok end
+  if ok then ok, werr = f:flush() end
   if ok then ok, werr = core.fsync(f) end
   local closed, cerr = f:close()
   if ok and not closed then ok, werr = nil, cerr end
@@ -616,6 +616,9 @@ function M.run(opts)
                                 and req.method ~= "HEAD") then
             req.method, req.body = "GET", nil
           end
+          -- Another request, so another key (the same on every run): a
+          -- deduplicating server would answer 422 to the first one's.
+          req.headers["Idempotency-Key"] = M.key_for(("%s %d %s"):format(id, hops, req.url))
           return send()
         end
         outcome = "failed"
