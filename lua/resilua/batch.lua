@@ -8,12 +8,13 @@
 -- checked by the strict scanner in C (core.json), which also hands back
 -- the raw text of the id.
 --
--- The input is read as a stream, twice: once to index it (ids in input
--- order, invalid lines, duplicates), once to send.  Every finished item
--- is appended to the ledger; the dedup set maps an id's text to a number
--- (where its result line is in the ledger), and the results file is
--- assembled at the end from the ledger, in input order, into a temporary
--- file renamed over --out.
+-- The input is read as a stream, never whole: once to index it (the
+-- dedup set, invalid lines and duplicates counted), once to send, once
+-- (twice with invalid lines) to write the results in input order.  Every
+-- finished item is appended to the ledger; the dedup set maps an id (an
+-- integer key for a plain integer id, its JSON text otherwise) to where
+-- its result line is in the ledger, and the results file is assembled
+-- from the ledger into a temporary file renamed over --out.
 local resilua = require "resilua"
 local core = require "resilua.core"
 local cjson = require("cjson").new()
@@ -172,6 +173,14 @@ local function valid_id(raw)
   return (c == 34 and #raw > 2) or c == 45 or (c >= 48 and c <= 57) -- "x", -, digit
 end
 
+-- The dedup set's key for an id's JSON text: a plain integer id is an
+-- integer (ids 1..n then sit in the table's array part, 16 bytes each);
+-- anything else, a string id included ('"7"' with its quotes), its text.
+local function key_of(raw)
+  if #raw < 20 and raw:match("^%-?[1-9]%d*$") then return math.tointeger(tonumber(raw)) end
+  return raw
+end
+
 -- Checks one input line: its id's JSON text, or nil and why not.
 local function check_line(line, id_field)
   if line == false then return nil, ("line longer than %d bytes"):format(M.MAX_LINE_BYTES) end
@@ -314,11 +323,6 @@ local function result_line(id, ok, outcome, attempts, status, latency_ms, body, 
   return table.concat(parts)
 end
 
-local function percentile(sorted, p)
-  if #sorted == 0 then return nil end
-  return sorted[math.max(1, math.ceil(p * #sorted))]
-end
-
 -- "http://h:p/a/b" + Location -> the absolute URL.
 local function resolve_location(base, loc)
   if loc:match("^%a[%w+.-]*://") then return loc end
@@ -405,9 +409,9 @@ function M.run(opts)
           if not id then
             ledger_ignored = ledger_ignored + 1
           elseif is_final(outcome, status, retry_failed) then
-            ids[id] = start + 1
+            ids[key_of(id)] = start + 1
           else
-            ids[id] = nil -- sent again
+            ids[key_of(id)] = nil -- sent again
           end
         end
       end
@@ -432,8 +436,8 @@ function M.run(opts)
   end
 
   -- Pass 1: index the input.
-  local order, invalid_line, invalid_error, duplicates = {}, {}, {}, {}
-  local to_send, skipped, n_duplicates, lines_read = 0, 0, 0, 0
+  local duplicates, invalid_shown = {}, {}
+  local to_send, skipped, n_duplicates, n_invalid, n_items, lines_read = 0, 0, 0, 0, 0, 0
   do
     local f, ferr = io.open(opts.input, "rb")
     if not f then
@@ -445,17 +449,19 @@ function M.run(opts)
       if line == false or line:find("%S") then
         local id, why = check_line(line, id_field)
         if not id then
-          invalid_line[#invalid_line + 1], invalid_error[#invalid_error + 1] = n, why
+          n_invalid = n_invalid + 1
+          if #invalid_shown < 1000 then invalid_shown[#invalid_shown + 1] = { line = n, error = why } end
         else
-          local v = ids[id]
+          local key = key_of(id)
+          local v = ids[key]
           if v == nil then
-            ids[id] = 0
+            ids[key] = 0
             to_send = to_send + 1
-            order[#order + 1] = id
+            n_items = n_items + 1
           elseif v > 0 then
-            ids[id] = -(v + 1)
+            ids[key] = -(v + 1)
             skipped = skipped + 1
-            order[#order + 1] = id
+            n_items = n_items + 1
           else
             n_duplicates = n_duplicates + 1
             if #duplicates < 1000 then duplicates[#duplicates + 1] = { line = n, id = id } end
@@ -505,7 +511,7 @@ function M.run(opts)
       write_error = write_error or ("%s: %s"):format(ledger_path or "(temporary ledger)", tostring(werr))
       return
     end
-    ids[id] = -(ledger_size + 2)
+    ids[key_of(id)] = -(ledger_size + 2)
     ledger_size = ledger_size + #line + 1
     finished = finished + 1
     if ok then succeeded_now = succeeded_now + 1 end
@@ -524,8 +530,9 @@ function M.run(opts)
     for _, line in send_lines do
       if line then
         local kind, id = json.scan(line, M.MAX_DEPTH, id_field)
-        if kind == "object" and id and ids[id] == 0 then
-          ids[id] = -1
+        local key = kind == "object" and id and key_of(id)
+        if key and ids[key] == 0 then
+          ids[key] = -1
           return id, line
         end
       end
@@ -698,11 +705,11 @@ function M.run(opts)
   end
 
   -- The results, in input order, from the ledger; then the invalid lines.
-  local report = { total = #order + #invalid_line, succeeded = 0, failed = 0, pending = 0,
-                   skipped = skipped, invalid = #invalid_line, duplicates = n_duplicates,
+  local report = { total = n_items + n_invalid, succeeded = 0, failed = 0, pending = 0,
+                   skipped = skipped, invalid = n_invalid, duplicates = n_duplicates,
                    ledger_ignored = ledger_ignored, outcomes = {}, attempts = {},
                    failed_status = {} }
-  local latencies, by_attempts, failed_by_status = {}, {}, {}
+  local latencies, by_attempts, failed_by_status = core.hist(), {}, {}
   local function tally(ok, outcome, attempts, status, latency_ms)
     report.outcomes[outcome] = (report.outcomes[outcome] or 0) + 1
     if attempts then by_attempts[attempts] = (by_attempts[attempts] or 0) + 1 end
@@ -714,50 +721,69 @@ function M.run(opts)
       report.failed = report.failed + 1
       if status then failed_by_status[status] = (failed_by_status[status] or 0) + 1 end
     end
-    if latency_ms then latencies[#latencies + 1] = latency_ms end
+    if latency_ms then latencies:record(latency_ms) end
   end
-  local pending_msg = stalled and ("not done: the run stopped (%s)"):format(stalled)
-  local written, werr = write_file("--out", out_path, function(out)
-    for _, id in ipairs(order) do
-      local v, line = ids[id], nil
-      if v <= -2 then
-        ledger:seek("set", -v - 2)
-        line = ledger:read("l")
+  local pending_msg = stalled and ("not done: the run stopped (%s)"):format(stalled) or "not done"
+  local function write_results(out)
+    local f, ferr = io.open(opts.input, "rb")
+    if not f then return nil, ferr end
+    local read_invalid = false
+    for _, line in lines_of(f) do
+      local id = check_line(line, id_field)
+      local key = id and key_of(id)
+      local v = key and ids[key]
+      if v then -- the first line with this id (the entry goes once written)
+        ids[key] = nil
+        local result
+        if v <= -2 then
+          ledger:seek("set", -v - 2)
+          result = ledger:read("l")
+        end
+        local _, ok, outcome, attempts, status, latency = ledger_fields(result or "")
+        if not outcome then -- not done: sent on a rerun
+          result, ok, outcome = result_line(id, false, "pending", 0, nil, nil, nil, pending_msg), false, "pending"
+        end
+        local wok, e = out:write(result, "\n")
+        if not wok then f:close() return nil, e end
+        tally(ok, outcome, attempts, status, latency)
+      elseif not id and (line == false or line:find("%S")) then
+        read_invalid = true
       end
-      local _, ok, outcome, attempts, status, latency = ledger_fields(line or "")
-      if not outcome then -- not done: it is sent on a rerun
-        line, ok, outcome, attempts, status, latency =
-          result_line(id, false, "pending", 0, nil, nil, nil, pending_msg or "not done"),
-          false, "pending", nil, nil, nil
+    end
+    f:close()
+    if not read_invalid then return true end
+    f, ferr = io.open(opts.input, "rb")
+    if not f then return nil, ferr end
+    for n, line in lines_of(f) do
+      if line == false or line:find("%S") then
+        local id, why = check_line(line, id_field)
+        if not id then
+          local wok, e = out:write(('{"line":%d,"ok":false,"outcome":"invalid_input","error":%s}\n'):format(
+            n, json.quote(why) or '"invalid"'))
+          if not wok then f:close() return nil, e end
+        end
       end
-      local wok, e = out:write(line, "\n")
-      if not wok then return nil, e end
-      tally(ok, outcome, attempts, status, latency)
     end
-    for i, n in ipairs(invalid_line) do
-      local wok, e = out:write(('{"line":%d,"ok":false,"outcome":"invalid_input","error":%s}\n'):format(
-        n, json.quote(invalid_error[i]) or '"invalid"'))
-      if not wok then return nil, e end
-    end
+    f:close()
     return true
-  end)
+  end
+  local written, werr = write_file("--out", out_path, write_results)
   ledger:close()
   if not written then return nil, "batch: " .. werr end
 
   for a, count in pairs(by_attempts) do report.attempts[tostring(a)] = count end
   for status, count in pairs(failed_by_status) do report.failed_status[tostring(status)] = count end
-  table.sort(latencies)
   local elapsed_s = (core.now_ms() - t0) / 1000
-  local shown = {}
-  for i = 1, math.min(#invalid_line, 1000) do
-    shown[i] = { line = invalid_line[i], error = invalid_error[i] }
-  end
-  report.invalid_lines = shown
+  report.invalid_lines = invalid_shown
   report.duplicate_ids = duplicates
-  report.outcomes.invalid_input = (report.outcomes.invalid_input or 0) + #invalid_line
+  report.outcomes.invalid_input = (report.outcomes.invalid_input or 0) + n_invalid
   if report.outcomes.invalid_input == 0 then report.outcomes.invalid_input = nil end
-  report.latency_ms = { p50 = percentile(latencies, 0.5), p90 = percentile(latencies, 0.9),
-                        p99 = percentile(latencies, 0.99), max = latencies[#latencies] }
+  if latencies:count() > 0 then
+    report.latency_ms = { p50 = latencies:percentile(50), p90 = latencies:percentile(90),
+                          p99 = latencies:percentile(99), max = latencies:max() }
+  else
+    report.latency_ms = {}
+  end
   report.elapsed_s = elapsed_s
   report.items_per_s = elapsed_s > 0 and finished / elapsed_s or 0
   report.lines = lines_read
