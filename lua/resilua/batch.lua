@@ -346,8 +346,19 @@ local function host_of(url) return url:match("^%a[%w+.-]*://([^/?#]*)") or url e
 -- Returns the report table (report.stalled holds the message when the
 -- run stopped for want of progress), or nil and a message (an input,
 -- output or configuration error; nothing is lost).
+local run
+
 function M.run(opts)
   assert(type(opts) == "table", "batch: expected a table of options")
+  -- Most of what a run allocates dies young (lines, result lines); the
+  -- generational collector keeps the peak near the live dedup set.
+  local gc_mode = collectgarbage("generational")
+  local report, err = run(opts)
+  collectgarbage(gc_mode)
+  return report, err
+end
+
+function run(opts)
   for _, k in ipairs({ "input", "output", "url" }) do
     if type(opts[k]) ~= "string" then return nil, ("batch: '%s' is required"):format(k) end
   end
