@@ -272,6 +272,29 @@ describe("resilua batch integrity", function()
     server:stop()
   end)
 
+  it("tells the truth about a budget refusal: the message and attempts agree", function()
+    local server = helpers.start_server([[return function(req) return { status = 503 } end]])
+    local dir = helpers.tmpdir()
+    local input = helpers.write_file(dir .. "/in.jsonl", '{"id":1}\n{"id":2}\n{"id":3}\n')
+    local policy = helpers.write_file(dir .. "/p.lua", [[
+      return { max_attempts = 4, backoff = { base_ms = 5, max_ms = 10 }, breaker = false,
+               budget = { max_tokens = 1, token_ratio = 0.01 } }]])
+    local out = dir .. "/o.jsonl"
+    local r = batch({ "--in", input, "--out", out, "--policy", policy, "--concurrency", "1", server.url })
+    server:stop()
+    assert.equal(6, r.code, r.stderr)
+    local budget = 0
+    for _, l in ipairs(lines_of(helpers.read_file(out))) do
+      local res = cjson.decode(l)
+      assert.is_true(res.outcome == "budget" or res.outcome == "gave_up", res.outcome)
+      if res.outcome == "budget" then budget = budget + 1 end
+      assert.equal(4, res.attempts)
+      local said = tonumber(res.error:match("after (%d+) attempts?"))
+      assert.equal(res.attempts, said, res.error)
+    end
+    assert.is_true(budget > 0)
+  end)
+
   it("prints a status line every 10 s when stderr is not a terminal", function()
     local server = helpers.start_server([[
       return function(req) return { status = 200, body = "{}", delay_ms = 1500 } end]])

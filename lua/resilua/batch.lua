@@ -337,28 +337,8 @@ local function host_of(url) return url:match("^%a[%w+.-]*://([^/?#]*)") or url e
 
 -- --- the run ----------------------------------------------------------------
 
---- Runs a batch.  opts: input, output, url, policy (name/file, default
--- "default", or a policy object from resilua.policy), policy_path, concurrency (16), chunk (100), ledger
--- (output .. ".ledger"; false: none, and no resume), report (a JSON
--- file), id_field ("id"), method, headers, build (function(item) ->
--- request table; a table body is encoded canonically), quiet, stall_s
--- (60), retry_failed (true), follow_redirects (false).
--- Returns the report table (report.stalled holds the message when the
--- run stopped for want of progress), or nil and a message (an input,
--- output or configuration error; nothing is lost).
-local run
-
-function M.run(opts)
-  assert(type(opts) == "table", "batch: expected a table of options")
-  -- Most of what a run allocates dies young (lines, result lines); the
-  -- generational collector keeps the peak near the live dedup set.
-  local gc_mode = collectgarbage("generational")
-  local report, err = run(opts)
-  collectgarbage(gc_mode)
-  return report, err
-end
-
-function run(opts)
+-- The run itself (M.run wraps it).
+local function run(opts)
   for _, k in ipairs({ "input", "output", "url" }) do
     if type(opts[k]) ~= "string" then return nil, ("batch: '%s' is required"):format(k) end
   end
@@ -806,6 +786,26 @@ function run(opts)
     if not rok then return nil, "batch: " .. rerr end
   end
   return report
+end
+
+--- Runs a batch.  opts: input, output, url, policy (name/file, default
+-- "default", or a policy object from resilua.policy), policy_path, concurrency (16), chunk (100), ledger
+-- (output .. ".ledger"; false: none, and no resume), report (a JSON
+-- file), id_field ("id"), method, headers, build (function(item) ->
+-- request table; a table body is encoded canonically), quiet, stall_s
+-- (60), retry_failed (true), follow_redirects (false).
+-- Returns the report table (report.stalled holds the message when the
+-- run stopped for want of progress), or nil and a message (an input,
+-- output or configuration error; nothing is lost).
+function M.run(opts)
+  assert(type(opts) == "table", "batch: expected a table of options")
+  -- Most of what a run allocates dies young (lines, result lines); the
+  -- generational collector keeps the peak near the live dedup set.
+  local gc_mode = collectgarbage("generational")
+  local ok, report, err = pcall(run, opts)
+  collectgarbage(gc_mode)
+  if not ok then error(report, 0) end
+  return report, err
 end
 
 --- The report as a terminal table.
