@@ -10,13 +10,20 @@
 
 const char *rsl_files_kind_name(rsl_file_kind kind) {
   switch (kind) {
-  case RSL_FILE_MISSING: return "missing";
-  case RSL_FILE_REGULAR: return "regular";
-  case RSL_FILE_DIRECTORY: return "directory";
-  case RSL_FILE_DEVICE: return "device";
-  case RSL_FILE_FIFO: return "fifo";
-  case RSL_FILE_SOCKET: return "socket";
-  case RSL_FILE_DANGLING: return "dangling";
+  case RSL_FILE_MISSING:
+    return "missing";
+  case RSL_FILE_REGULAR:
+    return "regular";
+  case RSL_FILE_DIRECTORY:
+    return "directory";
+  case RSL_FILE_DEVICE:
+    return "device";
+  case RSL_FILE_FIFO:
+    return "fifo";
+  case RSL_FILE_SOCKET:
+    return "socket";
+  case RSL_FILE_DANGLING:
+    return "dangling";
   }
   return "unknown";
 }
@@ -29,11 +36,16 @@ int rsl_files_kind(const char *path, rsl_file_kind *kind, int *is_link) {
     *kind = *is_link ? RSL_FILE_DANGLING : RSL_FILE_MISSING;
     return 0;
   }
-  if (S_ISREG(st.st_mode)) *kind = RSL_FILE_REGULAR;
-  else if (S_ISDIR(st.st_mode)) *kind = RSL_FILE_DIRECTORY;
-  else if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) *kind = RSL_FILE_DEVICE;
-  else if (S_ISFIFO(st.st_mode)) *kind = RSL_FILE_FIFO;
-  else *kind = RSL_FILE_SOCKET;
+  if (S_ISREG(st.st_mode))
+    *kind = RSL_FILE_REGULAR;
+  else if (S_ISDIR(st.st_mode))
+    *kind = RSL_FILE_DIRECTORY;
+  else if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode))
+    *kind = RSL_FILE_DEVICE;
+  else if (S_ISFIFO(st.st_mode))
+    *kind = RSL_FILE_FIFO;
+  else
+    *kind = RSL_FILE_SOCKET;
   return 0;
 }
 

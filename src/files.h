@@ -6,13 +6,13 @@
 #define RSL_FILES_H
 
 typedef enum rsl_file_kind {
-  RSL_FILE_MISSING,   /* nothing there (the parent may not exist either) */
+  RSL_FILE_MISSING, /* nothing there (the parent may not exist either) */
   RSL_FILE_REGULAR,
   RSL_FILE_DIRECTORY,
-  RSL_FILE_DEVICE,    /* character or block */
+  RSL_FILE_DEVICE, /* character or block */
   RSL_FILE_FIFO,
   RSL_FILE_SOCKET,
-  RSL_FILE_DANGLING,  /* a symlink whose target does not exist */
+  RSL_FILE_DANGLING, /* a symlink whose target does not exist */
 } rsl_file_kind;
 
 /* The name of a kind ("regular", "device", ...). */

@@ -54,7 +54,8 @@ static size_t utf8_seq(const unsigned char *s, size_t n) {
   if (c < 0x80) return 1;
   size_t len;
   unsigned char lo = 0x80, hi = 0xbf;
-  if (c >= 0xc2 && c <= 0xdf) len = 2;
+  if (c >= 0xc2 && c <= 0xdf)
+    len = 2;
   else if (c >= 0xe0 && c <= 0xef) {
     len = 3;
     if (c == 0xe0) lo = 0xa0;
@@ -92,10 +93,14 @@ static int hex4(const char *p, unsigned *out) {
   for (int i = 0; i < 4; i++) {
     char c = p[i];
     v <<= 4;
-    if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
-    else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
-    else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
-    else return -1;
+    if (c >= '0' && c <= '9')
+      v |= (unsigned)(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      v |= (unsigned)(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F')
+      v |= (unsigned)(c - 'A' + 10);
+    else
+      return -1;
   }
   *out = v;
   return 0;
@@ -143,16 +148,34 @@ static int scan_string(scanner *sc, char *out, size_t *out_len) {
       char e = sc->s[sc->pos + 1];
       char plain = 0;
       switch (e) {
-      case '"': plain = '"'; break;
-      case '\\': plain = '\\'; break;
-      case '/': plain = '/'; break;
-      case 'b': plain = '\b'; break;
-      case 'f': plain = '\f'; break;
-      case 'n': plain = '\n'; break;
-      case 'r': plain = '\r'; break;
-      case 't': plain = '\t'; break;
-      case 'u': break;
-      default: return fail(sc, "bad escape in a string");
+      case '"':
+        plain = '"';
+        break;
+      case '\\':
+        plain = '\\';
+        break;
+      case '/':
+        plain = '/';
+        break;
+      case 'b':
+        plain = '\b';
+        break;
+      case 'f':
+        plain = '\f';
+        break;
+      case 'n':
+        plain = '\n';
+        break;
+      case 'r':
+        plain = '\r';
+        break;
+      case 't':
+        plain = '\t';
+        break;
+      case 'u':
+        break;
+      default:
+        return fail(sc, "bad escape in a string");
       }
       if (plain) {
         if (out) out[w++] = plain;
@@ -168,9 +191,8 @@ static int scan_string(scanner *sc, char *out, size_t *out_len) {
       if (cp >= 0xd800 && cp <= 0xdbff) {
         unsigned low;
         if (sc->pos + 6 > sc->n || sc->s[sc->pos] != '\\' ||
-            sc->s[sc->pos + 1] != 'u' ||
-            hex4(sc->s + sc->pos + 2, &low) < 0 || low < 0xdc00 ||
-            low > 0xdfff)
+            sc->s[sc->pos + 1] != 'u' || hex4(sc->s + sc->pos + 2, &low) < 0 ||
+            low < 0xdc00 || low > 0xdfff)
           return fail(sc, "lone high surrogate in a \\u escape");
         sc->pos += 6;
         cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
@@ -240,21 +262,25 @@ static int scan_number(scanner *sc) {
   const char *s = sc->s;
   if (s[sc->pos] == '-') sc->pos++;
   if (sc->pos >= sc->n || !is_digit(s[sc->pos])) return fail(sc, "bad number");
-  if (s[sc->pos] == '0') sc->pos++;
+  if (s[sc->pos] == '0')
+    sc->pos++;
   else
-    while (sc->pos < sc->n && is_digit(s[sc->pos])) sc->pos++;
+    while (sc->pos < sc->n && is_digit(s[sc->pos]))
+      sc->pos++;
   if (sc->pos < sc->n && s[sc->pos] == '.') {
     sc->pos++;
     if (sc->pos >= sc->n || !is_digit(s[sc->pos]))
       return fail(sc, "bad number: digits must follow '.'");
-    while (sc->pos < sc->n && is_digit(s[sc->pos])) sc->pos++;
+    while (sc->pos < sc->n && is_digit(s[sc->pos]))
+      sc->pos++;
   }
   if (sc->pos < sc->n && (s[sc->pos] == 'e' || s[sc->pos] == 'E')) {
     sc->pos++;
     if (sc->pos < sc->n && (s[sc->pos] == '+' || s[sc->pos] == '-')) sc->pos++;
     if (sc->pos >= sc->n || !is_digit(s[sc->pos]))
       return fail(sc, "bad number: digits must follow the exponent");
-    while (sc->pos < sc->n && is_digit(s[sc->pos])) sc->pos++;
+    while (sc->pos < sc->n && is_digit(s[sc->pos]))
+      sc->pos++;
   }
   if (number_overflows(s + start, sc->pos - start)) {
     sc->pos = start;
@@ -308,8 +334,7 @@ static int scan_container(scanner *sc, rsl_json_type kind) {
           return fail(sc, "expected a string key");
         size_t key_start = sc->pos + 1;
         size_t klen = 0;
-        if (scan_string(sc, v ? sc->args->scratch : NULL, &klen) < 0)
-          return -1;
+        if (scan_string(sc, v ? sc->args->scratch : NULL, &klen) < 0) return -1;
         if (sc->depth == 1) field = wanted_field(sc, key_start, sc->pos - 1);
         if (field && field->found) return fail(sc, "duplicate key");
         if (v && v->key(v->ud, sc->args->scratch, klen)) return stop(sc);
@@ -350,8 +375,12 @@ static int scan_value(scanner *sc, rsl_json_type *type) {
   if (sc->pos >= sc->n) return fail(sc, "unexpected end");
   const rsl_json_visitor *v = sc->args->visitor;
   switch (sc->s[sc->pos]) {
-  case '{': *type = RSL_JSON_OBJECT; return scan_container(sc, *type);
-  case '[': *type = RSL_JSON_ARRAY; return scan_container(sc, *type);
+  case '{':
+    *type = RSL_JSON_OBJECT;
+    return scan_container(sc, *type);
+  case '[':
+    *type = RSL_JSON_ARRAY;
+    return scan_container(sc, *type);
   case '"': {
     size_t len = 0;
     *type = RSL_JSON_STRING;
@@ -360,9 +389,15 @@ static int scan_value(scanner *sc, rsl_json_type *type) {
       return stop(sc);
     return 0;
   }
-  case 't': *type = RSL_JSON_TRUE; return scan_literal(sc, "true", *type);
-  case 'f': *type = RSL_JSON_FALSE; return scan_literal(sc, "false", *type);
-  case 'n': *type = RSL_JSON_NULL; return scan_literal(sc, "null", *type);
+  case 't':
+    *type = RSL_JSON_TRUE;
+    return scan_literal(sc, "true", *type);
+  case 'f':
+    *type = RSL_JSON_FALSE;
+    return scan_literal(sc, "false", *type);
+  case 'n':
+    *type = RSL_JSON_NULL;
+    return scan_literal(sc, "null", *type);
   default:
     *type = RSL_JSON_NUMBER;
     if (sc->s[sc->pos] != '-' && !is_digit(sc->s[sc->pos]))
@@ -374,7 +409,8 @@ static int scan_value(scanner *sc, rsl_json_type *type) {
 int rsl_json_scan(const char *s, size_t n, rsl_json_scan_args *args,
                   rsl_json_type *type, char *err, size_t err_cap) {
   scanner sc = {.s = s, .n = n, .args = args};
-  for (size_t i = 0; i < args->field_count; i++) args->fields[i].found = 0;
+  for (size_t i = 0; i < args->field_count; i++)
+    args->fields[i].found = 0;
   skip_ws(&sc);
   int rc = scan_value(&sc, type);
   if (rc == 0) {
@@ -395,8 +431,10 @@ size_t rsl_json_minify(const char *s, size_t n, char *out) {
     char c = s[i];
     if (in_string) {
       out[w++] = c;
-      if (c == '\\' && i + 1 < n) out[w++] = s[++i];
-      else if (c == '"') in_string = 0;
+      if (c == '\\' && i + 1 < n)
+        out[w++] = s[++i];
+      else if (c == '"')
+        in_string = 0;
     } else if (c != ' ' && c != '\t' && c != '\n' && c != '\r') {
       out[w++] = c;
       if (c == '"') in_string = 1;
@@ -412,11 +450,26 @@ size_t rsl_json_string(const char *s, size_t n, char *out) {
   for (size_t i = 0; i < n; i++) {
     unsigned char c = (unsigned char)s[i];
     switch (c) {
-    case '"': out[w++] = '\\'; out[w++] = '"'; break;
-    case '\\': out[w++] = '\\'; out[w++] = '\\'; break;
-    case '\n': out[w++] = '\\'; out[w++] = 'n'; break;
-    case '\r': out[w++] = '\\'; out[w++] = 'r'; break;
-    case '\t': out[w++] = '\\'; out[w++] = 't'; break;
+    case '"':
+      out[w++] = '\\';
+      out[w++] = '"';
+      break;
+    case '\\':
+      out[w++] = '\\';
+      out[w++] = '\\';
+      break;
+    case '\n':
+      out[w++] = '\\';
+      out[w++] = 'n';
+      break;
+    case '\r':
+      out[w++] = '\\';
+      out[w++] = 'r';
+      break;
+    case '\t':
+      out[w++] = '\\';
+      out[w++] = 't';
+      break;
     default:
       if (c < 0x20 || c == 0x7f) {
         memcpy(out + w, "\\u00", 4);

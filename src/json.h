@@ -51,8 +51,8 @@ typedef struct rsl_json_visitor {
 enum { RSL_JSON_OK = 0, RSL_JSON_INVALID = -1, RSL_JSON_STOPPED = -2 };
 
 typedef struct rsl_json_scan_args {
-  int max_depth;                  /* containers nested deeper are refused */
-  rsl_json_field *fields;         /* may be NULL */
+  int max_depth;          /* containers nested deeper are refused */
+  rsl_json_field *fields; /* may be NULL */
   size_t field_count;
   const rsl_json_visitor *visitor; /* may be NULL: validate only */
   char *scratch; /* with a visitor: room for n bytes (unescaped strings) */
@@ -77,6 +77,6 @@ int rsl_json_utf8_valid(const char *s, size_t n);
  * out, which has room for rsl_json_string_max(n) bytes; returns the length
  * written.  The text must be valid UTF-8 (rsl_json_utf8_valid). */
 size_t rsl_json_string(const char *s, size_t n, char *out);
-#define rsl_json_string_max(n) ((n) * 6 + 2)
+#define rsl_json_string_max(n) ((n)*6 + 2)
 
 #endif

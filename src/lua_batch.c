@@ -29,8 +29,8 @@
 #define MAX_FIELDS 8
 #define ERR_CAP 160
 
-static const char *const TYPE_NAMES[] = {"null",   "boolean", "boolean", "number",
-                                         "string", "array",   "object"};
+static const char *const TYPE_NAMES[] = {
+    "null", "boolean", "boolean", "number", "string", "array", "object"};
 
 static int check_depth(lua_State *L, int i) {
   lua_Integer d = luaL_optinteger(L, i, DEFAULT_MAX_DEPTH);
@@ -48,9 +48,8 @@ static int json_scan(lua_State *L) {
   rsl_json_field fields[MAX_FIELDS];
   for (int i = 0; i < nfields; i++)
     fields[i].name = luaL_checklstring(L, i + 3, &fields[i].name_len);
-  rsl_json_scan_args args = {.max_depth = max_depth,
-                             .fields = fields,
-                             .field_count = (size_t)nfields};
+  rsl_json_scan_args args = {
+      .max_depth = max_depth, .fields = fields, .field_count = (size_t)nfields};
   rsl_json_type type;
   char err[ERR_CAP];
   if (rsl_json_scan(s, n, &args, &type, err, sizeof err) != RSL_JSON_OK) {
@@ -61,8 +60,10 @@ static int json_scan(lua_State *L) {
   luaL_checkstack(L, nfields + 1, NULL);
   lua_pushstring(L, TYPE_NAMES[type]);
   for (int i = 0; i < nfields; i++) {
-    if (fields[i].found) lua_pushlstring(L, s + fields[i].start, fields[i].len);
-    else lua_pushboolean(L, 0);
+    if (fields[i].found)
+      lua_pushlstring(L, s + fields[i].start, fields[i].len);
+    else
+      lua_pushboolean(L, 0);
   }
   return nfields + 1;
 }
@@ -119,10 +120,18 @@ static int dec_scalar(void *ud, rsl_json_type type, const char *s, size_t n) {
   decoder *d = ud;
   lua_State *L = d->L;
   switch (type) {
-  case RSL_JSON_NULL: lua_pushlightuserdata(L, NULL); break;
-  case RSL_JSON_TRUE: lua_pushboolean(L, 1); break;
-  case RSL_JSON_FALSE: lua_pushboolean(L, 0); break;
-  case RSL_JSON_STRING: lua_pushlstring(L, s, n); break;
+  case RSL_JSON_NULL:
+    lua_pushlightuserdata(L, NULL);
+    break;
+  case RSL_JSON_TRUE:
+    lua_pushboolean(L, 1);
+    break;
+  case RSL_JSON_FALSE:
+    lua_pushboolean(L, 0);
+    break;
+  case RSL_JSON_STRING:
+    lua_pushlstring(L, s, n);
+    break;
   default: {
     /* Lua reads an integer literal that fits as an integer, else a float:
      * 9007199254740993 stays exact. */
@@ -153,9 +162,8 @@ static int json_decode(lua_State *L) {
                         .close = dec_close,
                         .key = dec_key,
                         .scalar = dec_scalar};
-  rsl_json_scan_args args = {.max_depth = max_depth,
-                             .visitor = &v,
-                             .scratch = scratch};
+  rsl_json_scan_args args = {
+      .max_depth = max_depth, .visitor = &v, .scratch = scratch};
   rsl_json_type type;
   char err[ERR_CAP];
   int base = lua_gettop(L);
@@ -208,8 +216,10 @@ static int files_kind(lua_State *L) {
   char *real = kind == RSL_FILE_MISSING || kind == RSL_FILE_DANGLING
                    ? NULL
                    : realpath(path, NULL);
-  if (real) lua_pushstring(L, real);
-  else lua_pushnil(L);
+  if (real)
+    lua_pushstring(L, real);
+  else
+    lua_pushnil(L);
   free(real);
   return 3;
 }
@@ -227,8 +237,9 @@ static int files_sync_dir(lua_State *L) {
 }
 
 static const luaL_Reg JSON_FUNCS[] = {
-    {"scan", json_scan},     {"decode", json_decode}, {"quote", json_quote},
-    {"minify", json_minify}, {NULL, NULL},
+    {"scan", json_scan},   {"decode", json_decode},
+    {"quote", json_quote}, {"minify", json_minify},
+    {NULL, NULL},
 };
 
 static const luaL_Reg FILES_FUNCS[] = {
