@@ -47,6 +47,12 @@ describe("core.json", function()
     local v = json.decode(line)
     assert.equal("integer", math.type(v.user))
     assert.equal(9007199254740993, v.user)
+    -- The same on a range of a larger buffer, without making the line.
+    local buf = "xx\n" .. line .. "\n{bad"
+    assert.same({ "object", "123456789012345678901" }, { json.scan_in(buf, 4, 3 + #line, 128, "id") })
+    assert.is_nil(json.scan_in(buf, 4 + #line, #buf))
+    assert.has_error(function() json.scan_in(buf, 0, 2) end)
+    assert.has_error(function() json.scan_in(buf, 2, #buf + 1) end)
     assert.equal(json.null, json.decode("null"))
     assert.equal(json.array, getmetatable(json.decode("[]")))
   end)

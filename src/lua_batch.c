@@ -4,6 +4,8 @@
  *
  *   core.json.scan(s [, max_depth [, field, ...]])
  *       -> type, raw text of each field (false when absent) | nil, message
+ *   core.json.scan_in(s, i, j [, max_depth [, field, ...]]): the same for
+ *       s:sub(i, j), without making that string
  *   core.json.decode(s [, max_depth]) -> value | nil, message
  *       integers that fit stay integers; arrays carry core.json.array as
  *       metatable; null is core.json.null (the same light userdata as
@@ -38,16 +40,17 @@ static int check_depth(lua_State *L, int i) {
   return (int)d;
 }
 
-static int json_scan(lua_State *L) {
-  size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
-  int max_depth = check_depth(L, 2);
-  int nfields = lua_gettop(L) - 2;
+/* Scans s[i, j] (1-based, inclusive); the fields' names from index
+ * `first` on. */
+static int scan_range(lua_State *L, const char *s, size_t n, int max_depth,
+                      int first) {
+  int nfields = lua_gettop(L) - first + 1;
   if (nfields < 0) nfields = 0;
-  luaL_argcheck(L, nfields <= MAX_FIELDS, MAX_FIELDS + 3, "too many fields");
+  luaL_argcheck(L, nfields <= MAX_FIELDS, first + MAX_FIELDS,
+                "too many fields");
   rsl_json_field fields[MAX_FIELDS];
   for (int i = 0; i < nfields; i++)
-    fields[i].name = luaL_checklstring(L, i + 3, &fields[i].name_len);
+    fields[i].name = luaL_checklstring(L, first + i, &fields[i].name_len);
   rsl_json_scan_args args = {
       .max_depth = max_depth, .fields = fields, .field_count = (size_t)nfields};
   rsl_json_type type;
@@ -66,6 +69,23 @@ static int json_scan(lua_State *L) {
       lua_pushboolean(L, 0);
   }
   return nfields + 1;
+}
+
+static int json_scan(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  return scan_range(L, s, n, check_depth(L, 2), 3);
+}
+
+/* scan_in(s, i, j, ...): scan(s:sub(i, j), ...) without making that
+ * string (batch reads lines out of its read buffer). */
+static int json_scan_in(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, i >= 1 && (size_t)i <= n + 1, 2, "out of range");
+  luaL_argcheck(L, j >= i - 1 && (size_t)j <= n, 3, "out of range");
+  return scan_range(L, s + i - 1, (size_t)(j - i + 1), check_depth(L, 4), 5);
 }
 
 /* --- decode: the visitor builds the value on the Lua stack --------------- */
@@ -237,9 +257,8 @@ static int files_sync_dir(lua_State *L) {
 }
 
 static const luaL_Reg JSON_FUNCS[] = {
-    {"scan", json_scan},   {"decode", json_decode},
-    {"quote", json_quote}, {"minify", json_minify},
-    {NULL, NULL},
+    {"scan", json_scan},   {"scan_in", json_scan_in}, {"decode", json_decode},
+    {"quote", json_quote}, {"minify", json_minify},   {NULL, NULL},
 };
 
 static const luaL_Reg FILES_FUNCS[] = {

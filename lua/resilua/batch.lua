@@ -127,19 +127,20 @@ end
 
 -- --- reading ----------------------------------------------------------------
 
--- Lines of f as a stream: returns an iterator of (n, line, start offset,
--- terminated); a line over MAX_LINE_BYTES comes as (n, false, offset) and
--- is skipped.  The file is read in chunks, never whole.
+-- Lines of f as a stream: an iterator of (n, buf, i, j, start offset,
+-- terminated): the line is buf:sub(i, j), left unmade unless needed.  A
+-- line over MAX_LINE_BYTES comes as (n, false) and is skipped.  The file
+-- is read in chunks, never whole.
 local function lines_of(f)
   local buf, pos, base, n = "", 1, 0, 0 -- base: the file offset of buf
   return function()
     while true do
       local nl = buf:find("\n", pos, true)
       if nl and nl - pos <= M.MAX_LINE_BYTES then
-        local line, start = buf:sub(pos, nl - 1), base + pos - 1
+        local i = pos
         pos = nl + 1
         n = n + 1
-        return n, line, start, true
+        return n, buf, i, nl - 1, base + i - 1, true
       end
       if nl or #buf - pos + 1 > M.MAX_LINE_BYTES then -- too long: skip to its end
         local start = base + pos - 1
@@ -147,24 +148,30 @@ local function lines_of(f)
         while not nl do
           base = base + #buf
           buf, pos = f:read(READ_CHUNK) or "", 1
-          if buf == "" then return n, false, start, false end
+          if buf == "" then return n, false, nil, nil, start, false end
           nl = buf:find("\n", 1, true)
         end
         pos = nl + 1
-        return n, false, start, true
+        return n, false, nil, nil, start, true
       end
       local chunk = f:read(READ_CHUNK)
       if not chunk then
         if pos > #buf then return nil end
-        local line, start = buf:sub(pos), base + pos - 1
+        local last, i = buf, pos
         base, buf, pos = base + #buf, "", 1
         n = n + 1
-        return n, line, start, false
+        return n, last, i, #last, base - #last + i - 1, false
       end
       base = base + pos - 1
       buf, pos = buf:sub(pos) .. chunk, 1
     end
   end
+end
+
+-- Whether buf:sub(i, j) is blank (a line holds no "\n").
+local function blank(buf, i, j)
+  local p = buf:find("[^ \t\r]", i)
+  return not p or p > j
 end
 
 local function valid_id(raw)
@@ -181,10 +188,11 @@ local function key_of(raw)
   return raw
 end
 
--- Checks one input line: its id's JSON text, or nil and why not.
-local function check_line(line, id_field)
-  if line == false then return nil, ("line longer than %d bytes"):format(M.MAX_LINE_BYTES) end
-  local kind, id = json.scan(line, M.MAX_DEPTH, id_field)
+-- Checks one input line, buf:sub(i, j): its id's JSON text, or nil and
+-- why not.
+local function check_line(buf, i, j, id_field)
+  if buf == false then return nil, ("line longer than %d bytes"):format(M.MAX_LINE_BYTES) end
+  local kind, id = json.scan_in(buf, i, j, M.MAX_DEPTH, id_field)
   if not kind then return nil, "bad JSON: " .. id end
   if kind ~= "object" then return nil, "bad JSON: not an object" end
   if not valid_id(id) then return nil, ("no '%s' (a non-empty string or a number)"):format(id_field) end
@@ -206,11 +214,11 @@ local function is_final(outcome, status, retry_failed)
   return status ~= nil and status < 500 and status ~= 408 and status ~= 409 and status ~= 429
 end
 
--- The fields of a ledger (or results) line, or nil when it lacks one a
--- finished item needs.
-local function ledger_fields(line)
-  local kind, id, ok, outcome, attempts, status, latency =
-    json.scan(line, M.MAX_DEPTH + 1, "id", "ok", "outcome", "attempts", "status", "latency_ms")
+-- The fields of a ledger (or results) line, buf:sub(i, j), or nil when
+-- it lacks one a finished item needs.
+local function ledger_fields(buf, i, j)
+  local kind, id, ok, outcome, attempts, status, latency = json.scan_in(buf, i, j,
+    M.MAX_DEPTH + 1, "id", "ok", "outcome", "attempts", "status", "latency_ms")
   if kind ~= "object" or not valid_id(id) or #id > M.MAX_ID_BYTES then return nil end
   if ok ~= "true" and ok ~= "false" then return nil end
   outcome = outcome and outcome:match('^"([%w_]+)"$')
@@ -389,14 +397,14 @@ local function run(opts)
   if ledger_path then
     local rf = io.open(ledger_path, "rb")
     if rf then
-      for _, line, start, terminated in lines_of(rf) do
+      for _, buf, i, j, start, terminated in lines_of(rf) do
         if not terminated then
           torn = true -- killed while writing: its item runs again, same key
           ledger_ignored = ledger_ignored + 1
-        elseif line == false then
+        elseif buf == false then
           ledger_ignored = ledger_ignored + 1
-        elseif line:find("%S") then
-          local id, _, outcome, _, status = ledger_fields(line)
+        elseif not blank(buf, i, j) then
+          local id, _, outcome, _, status = ledger_fields(buf, i, j)
           if not id then
             ledger_ignored = ledger_ignored + 1
           elseif is_final(outcome, status, retry_failed) then
@@ -435,10 +443,10 @@ local function run(opts)
       ledger:close()
       return nil, "batch: --in: " .. ferr
     end
-    for n, line in lines_of(f) do
+    for n, buf, i, j in lines_of(f) do
       lines_read = n
-      if line == false or line:find("%S") then
-        local id, why = check_line(line, id_field)
+      if buf == false or not blank(buf, i, j) then
+        local id, why = check_line(buf, i, j, id_field)
         if not id then
           n_invalid = n_invalid + 1
           if #invalid_shown < 1000 then invalid_shown[#invalid_shown + 1] = { line = n, error = why } end
@@ -518,13 +526,13 @@ local function run(opts)
   end
   local send_lines = lines_of(send_file)
   local function next_to_send()
-    for _, line in send_lines do
-      if line then
-        local kind, id = json.scan(line, M.MAX_DEPTH, id_field)
+    for _, buf, i, j in send_lines do
+      if buf then
+        local kind, id = json.scan_in(buf, i, j, M.MAX_DEPTH, id_field)
         local key = kind == "object" and id and key_of(id)
         if key and ids[key] == 0 then
           ids[key] = -1
-          return id, line
+          return id, buf:sub(i, j)
         end
       end
     end
@@ -719,8 +727,8 @@ local function run(opts)
     local f, ferr = io.open(opts.input, "rb")
     if not f then return nil, ferr end
     local read_invalid = false
-    for _, line in lines_of(f) do
-      local id = check_line(line, id_field)
+    for _, buf, i, j in lines_of(f) do
+      local id = check_line(buf, i, j, id_field)
       local key = id and key_of(id)
       local v = key and ids[key]
       if v then -- the first line with this id (the entry goes once written)
@@ -730,14 +738,14 @@ local function run(opts)
           ledger:seek("set", -v - 2)
           result = ledger:read("l")
         end
-        local _, ok, outcome, attempts, status, latency = ledger_fields(result or "")
+        local _, ok, outcome, attempts, status, latency = ledger_fields(result or "", 1, result and #result or 0)
         if not outcome then -- not done: sent on a rerun
           result, ok, outcome = result_line(id, false, "pending", 0, nil, nil, nil, pending_msg), false, "pending"
         end
         local wok, e = out:write(result, "\n")
         if not wok then f:close() return nil, e end
         tally(ok, outcome, attempts, status, latency)
-      elseif not id and (line == false or line:find("%S")) then
+      elseif not id and (buf == false or not blank(buf, i, j)) then
         read_invalid = true
       end
     end
@@ -745,9 +753,9 @@ local function run(opts)
     if not read_invalid then return true end
     f, ferr = io.open(opts.input, "rb")
     if not f then return nil, ferr end
-    for n, line in lines_of(f) do
-      if line == false or line:find("%S") then
-        local id, why = check_line(line, id_field)
+    for n, buf, i, j in lines_of(f) do
+      if buf == false or not blank(buf, i, j) then
+        local id, why = check_line(buf, i, j, id_field)
         if not id then
           local wok, e = out:write(('{"line":%d,"ok":false,"outcome":"invalid_input","error":%s}\n'):format(
             n, json.quote(why) or '"invalid"'))
@@ -789,7 +797,8 @@ local function run(opts)
 end
 
 --- Runs a batch.  opts: input, output, url, policy (name/file, default
--- "default", or a policy object from resilua.policy), policy_path, concurrency (16), chunk (100), ledger
+-- "default", or a policy object from resilua.policy), policy_path,
+-- concurrency (16), chunk (100), ledger
 -- (output .. ".ledger"; false: none, and no resume), report (a JSON
 -- file), id_field ("id"), method, headers, build (function(item) ->
 -- request table; a table body is encoded canonically), quiet, stall_s
