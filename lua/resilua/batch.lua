@@ -76,6 +76,9 @@ local function encode_into(v, out, depth)
       local s = ("%.15g"):format(v)
       if tonumber(s) ~= v then s = ("%.16g"):format(v) end
       if tonumber(s) ~= v then s = ("%.17g"):format(v) end
+      -- A float stays a float when read back ("2.0", "-0.0"), so that
+      -- encoding what was decoded gives the same text again.
+      if not s:find("[.e]") then s = s .. ".0" end
       out[#out + 1] = s
     end
   elseif t == "boolean" then
