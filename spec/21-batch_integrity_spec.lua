@@ -272,6 +272,18 @@ describe("resilua batch integrity", function()
     server:stop()
   end)
 
+  it("does not take a slow upstream for a stalled one", function()
+    local server = helpers.start_server([[
+      return function(req) return { status = 200, body = "{}", delay_ms = 2500 } end]])
+    local dir = helpers.tmpdir()
+    local input = helpers.write_file(dir .. "/in.jsonl", '{"id":1}\n{"id":2}\n')
+    local policy = helpers.write_file(dir .. "/p.lua", "return { per_try_timeout_ms = 10000 }")
+    local r = batch({ "--in", input, "--out", dir .. "/o", "--policy", policy, "--stall", "1",
+                      "--concurrency", "2", server.url })
+    server:stop()
+    assert.equal(0, r.code, r.stderr)
+  end)
+
   it("tells the truth about a budget refusal: the message and attempts agree", function()
     local server = helpers.start_server([[return function(req) return { status = 503 } end]])
     local dir = helpers.tmpdir()

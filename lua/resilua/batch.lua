@@ -571,7 +571,7 @@ local function run(opts)
 
   -- Workers run on core.call's callbacks: each records the item whose
   -- call ended (or pauses and resends it, same key) and starts the next.
-  local active, stopped = 0, false
+  local active, in_flight, stopped = 0, 0, false
   local policy = client:policy()
   local max_attempts = policy.table.max_attempts
   local function new_worker()
@@ -580,6 +580,7 @@ local function run(opts)
     local function send()
       if stopped then return end
       local sent, err = pcall(core.call, client.state, client:policy().core, req, worker)
+      if sent then in_flight = in_flight + 1 end
       if not sent then
         record(id, false, "failed", attempts, nil, core.now_ms() - started, nil, "cannot send: " .. tostring(err))
         worker(nil)
@@ -601,6 +602,7 @@ local function run(opts)
     worker = function(r)
       if stopped then return end
       if r == nil then return start_next() end -- recorded already
+      in_flight = in_flight - 1
       attempts = attempts + r.attempts
       local outcome, status = r.outcome, r.status
       if outcome == "breaker_open" then last_refusal = r
@@ -645,7 +647,10 @@ local function run(opts)
   end
 
   -- The watchdog: a status line every STATUS_EVERY_S when stderr is not a
-  -- terminal, and the stop when nothing completed for stall_s.
+  -- terminal, and the stop when nothing completed for stall_s while no
+  -- call is in flight (every item in progress waits on the breaker or the
+  -- budget).  A slow upstream with calls in flight is no stall: the
+  -- policy's deadline bounds those calls.
   local stalled, last_status_ms = nil, t0
   local function status_line()
     local elapsed = (core.now_ms() - t0) / 1000
@@ -661,7 +666,7 @@ local function run(opts)
       last_status_ms = now
       status_line()
     end
-    if now - last_done_ms >= stall_s * 1000 then
+    if now - last_done_ms >= stall_s * 1000 and in_flight == 0 then
       local why
       local f = last_failure
       if f and f.error == "connect" then

@@ -150,8 +150,9 @@ Options:
                           { method=, url=, headers=, body= } end (a table
                           body is sent as canonical JSON; default: POST the
                           item's line as it is)
-  --stall SECONDS         stop when no item completed for this long
-                          (default 60); exit 4, a rerun resumes
+  --stall SECONDS         stop when no item completed for this long with
+                          no call in flight, only items waiting on the
+                          breaker (default 60); exit 4, a rerun resumes
   --no-retry-failed       a rerun skips items that failed transiently too
   --follow-redirects      follow 3xx (at most 5 hops); without it a 3xx fails
   -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
