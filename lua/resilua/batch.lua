@@ -26,6 +26,9 @@ local M = {}
 M.EXIT_OK, M.EXIT_USAGE, M.EXIT_STALLED, M.EXIT_SOME_FAILED = 0, 2, 4, 6
 
 M.MAX_LINE_BYTES = 16 * 1024 * 1024 -- longer input lines are invalid
+-- A ledger line holds a response (up to the policy's 1 GiB cap, 6 times
+-- that once escaped as a JSON string): longer ones are not ours.
+M.MAX_LEDGER_LINE_BYTES = 7 * 1024 * 1024 * 1024
 M.MAX_ID_BYTES = 1024
 M.MAX_DEPTH = 128                   -- JSON nesting, inputs and responses
 M.DEFAULT_STALL_S = 60
@@ -132,20 +135,21 @@ end
 
 -- Lines of f as a stream: an iterator of (n, buf, i, j, start offset,
 -- terminated): the line is buf:sub(i, j), left unmade unless needed.  A
--- line over MAX_LINE_BYTES comes as (n, false) and is skipped.  The file
--- is read in chunks, never whole.
-local function lines_of(f)
+-- line over max_bytes (default MAX_LINE_BYTES) comes as (n, false) and is
+-- skipped.  The file is read in chunks, never whole.
+local function lines_of(f, max_bytes)
+  max_bytes = max_bytes or M.MAX_LINE_BYTES
   local buf, pos, base, n = "", 1, 0, 0 -- base: the file offset of buf
   return function()
     while true do
       local nl = buf:find("\n", pos, true)
-      if nl and nl - pos <= M.MAX_LINE_BYTES then
+      if nl and nl - pos <= max_bytes then
         local i = pos
         pos = nl + 1
         n = n + 1
         return n, buf, i, nl - 1, base + i - 1, true
       end
-      if nl or #buf - pos + 1 > M.MAX_LINE_BYTES then -- too long: skip to its end
+      if nl or #buf - pos + 1 > max_bytes then -- too long: skip to its end
         local start = base + pos - 1
         n = n + 1
         while not nl do
@@ -400,7 +404,7 @@ local function run(opts)
   if ledger_path then
     local rf = io.open(ledger_path, "rb")
     if rf then
-      for _, buf, i, j, start, terminated in lines_of(rf) do
+      for _, buf, i, j, start, terminated in lines_of(rf, M.MAX_LEDGER_LINE_BYTES) do
         if not terminated then
           torn = true -- killed while writing: its item runs again, same key
           ledger_ignored = ledger_ignored + 1
@@ -605,8 +609,8 @@ local function run(opts)
       in_flight = in_flight - 1
       attempts = attempts + r.attempts
       local outcome, status = r.outcome, r.status
-      if outcome == "breaker_open" then last_refusal = r
-      elseif r.error or (status and status >= 500) then last_failure = r end
+      if outcome == "breaker_open" then last_refusal = r end
+      if r.error or (status and status >= 500) then last_failure = r end
       if outcome == "breaker_open" or (outcome == "budget" and attempts < max_attempts) then
         -- The dependency needs a rest: wait, then the same request, same key.
         core.timer(pause, send)
@@ -672,8 +676,8 @@ local function run(opts)
       if f and f.error == "connect" then
         why = ("upstream unreachable: connect refused to %s"):format(host_of(opts.url))
       elseif last_refusal then
-        why = ("circuit breaker open for %s (last failure: %s)"):format(host_of(opts.url),
-          f and (f.message or f.error or f.status) or "none")
+        why = ("circuit breaker open for %s%s"):format(host_of(opts.url),
+          f and (" (last failure: %s)"):format(f.message or f.error or f.status) or "")
       elseif f then
         why = ("no item completed (last failure: %s)"):format(f.message or f.error or f.status)
       else
