@@ -4,6 +4,7 @@
  * through (NaN, 1e999, broken UTF-8, lone surrogates).  Uses only libc.
  */
 #include "json.h"
+#include "log.h" /* rsl_utf8_sequence: one UTF-8 check for all our JSON */
 
 #include <math.h>
 #include <stdint.h>
@@ -47,32 +48,6 @@ static void skip_ws(scanner *sc) {
   }
 }
 
-/* The length of the UTF-8 sequence at s[0, n), or 0 when it is not valid
- * (RFC 3629's table of well-formed byte sequences). */
-static size_t utf8_seq(const unsigned char *s, size_t n) {
-  unsigned char c = s[0];
-  if (c < 0x80) return 1;
-  size_t len;
-  unsigned char lo = 0x80, hi = 0xbf;
-  if (c >= 0xc2 && c <= 0xdf)
-    len = 2;
-  else if (c >= 0xe0 && c <= 0xef) {
-    len = 3;
-    if (c == 0xe0) lo = 0xa0;
-    if (c == 0xed) hi = 0x9f; /* no surrogates */
-  } else if (c >= 0xf0 && c <= 0xf4) {
-    len = 4;
-    if (c == 0xf0) lo = 0x90;
-    if (c == 0xf4) hi = 0x8f; /* nothing above U+10FFFF */
-  } else
-    return 0;
-  if (n < len) return 0;
-  if (s[1] < lo || s[1] > hi) return 0;
-  for (size_t i = 2; i < len; i++)
-    if (s[i] < 0x80 || s[i] > 0xbf) return 0;
-  return len;
-}
-
 int rsl_json_utf8_valid(const char *s, size_t n) {
   const unsigned char *u = (const unsigned char *)s;
   size_t i = 0;
@@ -81,7 +56,7 @@ int rsl_json_utf8_valid(const char *s, size_t n) {
       i++;
       continue;
     }
-    size_t len = utf8_seq(u + i, n - i);
+    size_t len = rsl_utf8_sequence(u + i, n - i);
     if (!len) return 0;
     i += len;
   }
@@ -200,7 +175,7 @@ static int scan_string(scanner *sc, char *out, size_t *out_len) {
       if (out) w += put_utf8(out + w, cp);
       continue;
     }
-    size_t len = utf8_seq(u + sc->pos, sc->n - sc->pos);
+    size_t len = rsl_utf8_sequence(u + sc->pos, sc->n - sc->pos);
     if (!len) return fail(sc, "invalid UTF-8 in a string");
     if (out) memcpy(out + w, sc->s + sc->pos, len);
     w += len;

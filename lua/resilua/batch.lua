@@ -329,7 +329,8 @@ local function result_line(id, ok, outcome, attempts, status, latency_ms, body, 
   if latency_ms then parts[#parts + 1] = (',"latency_ms":%.1f'):format(latency_ms) end
   if message then
     parts[#parts + 1] = ',"error":'
-    parts[#parts + 1] = json.quote(message) or json.quote((message:gsub("[\128-\255]", "?")))
+    -- A stray byte in a message becomes \u00XX, as in every JSON we write.
+    parts[#parts + 1] = json.quote(core.utf8_clean(message))
   end
   if body then
     parts[#parts + 1], parts[#parts + 2] = response_field(body)
