@@ -10,6 +10,7 @@ local cjson = require "cjson"
 local ECHO = [[
 return function(req)
   if req.body:find('"nan"', 1, true) then return { status = 200, body = '{"score": NaN}' } end
+  if req.body:find('"bin"', 1, true) then return { status = 200, body = "\255\0ab" } end
   if req.body:find('"redirect"', 1, true) then
     return { status = 302, headers = { Location = "/moved" }, body = "" }
   end
@@ -48,6 +49,7 @@ describe("resilua batch integrity", function()
       '{"id":1234567890123456789,  "x":[1e300, 5e-324]}',
       '{"id":7,"kind":"nan"}',
       '{"id":"7","kind":"redirect"}',
+      '{"id":70,"kind":"bin"}',
     }
     local bad = { '{"id":8,"x":NaN}', '{"id":9,"x":1e999}', '{"id":10,"x":"\255"}',
                   '{"id":11,"x":Infinity}', "[1,2]", '{"id":12,', '{"x":1}' }
@@ -68,6 +70,9 @@ describe("resilua batch integrity", function()
     local redirect = cjson.decode(res[7])
     assert.same({ false, "failed", 302, "7" }, { redirect.ok, redirect.outcome, redirect.status, redirect.id })
     assert.matches("redirect to /moved", redirect.error)
+    -- Not UTF-8: a string for reading, and the exact bytes in base64.
+    local bin = cjson.decode(res[8])
+    assert.same({ "\u{FF}\0ab", "/wBhYg==" }, { bin.response, bin.response_base64 })
     for i = #good + 1, #res do
       local inv = cjson.decode(res[i])
       assert.equal("invalid_input", inv.outcome)
@@ -77,13 +82,13 @@ describe("resilua batch integrity", function()
     assert.matches("number out of range", cjson.decode(res[#good + 2]).error)
     assert.matches("invalid UTF%-8", cjson.decode(res[#good + 3]).error)
     local rep = cjson.decode(helpers.read_file(report))
-    assert.same({ 6, 1, 7, 1 }, { rep.succeeded, rep.failed, rep.invalid, rep.duplicates })
+    assert.same({ 7, 1, 7, 1 }, { rep.succeeded, rep.failed, rep.invalid, rep.duplicates })
     -- A rerun finds every id in the ledger by its text and sends nothing
     -- but the 302, which failed for good.
     local before = stats(server).requests
     r = batch({ "--in", input, "--out", out, "--report", report, server.url .. "/echo" })
     assert.equal(6, r.code, r.stderr)
-    assert.equal(7, cjson.decode(helpers.read_file(report)).skipped)
+    assert.equal(8, cjson.decode(helpers.read_file(report)).skipped)
     assert.equal(before, stats(server).requests)
     -- --follow-redirects: the 302 is followed (same key, GET /moved).
     os.remove(out .. ".ledger")

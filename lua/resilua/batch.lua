@@ -311,15 +311,16 @@ local function base64(s)
 end
 
 -- The response as stored: the upstream's JSON as it is (whitespace outside
--- strings dropped only when it spans lines), else a JSON string, else
--- (not UTF-8) base64.
+-- strings dropped only when it spans lines), else a JSON string.  A body
+-- that is not UTF-8 goes in as a string with each stray byte as U+00XX
+-- (as every JSON we write), and its exact bytes in response_base64.
 local function response_field(body)
   if json.scan(body, M.MAX_DEPTH) then
-    return ',"response":', body:find("[\r\n]") and json.minify(body) or body
+    return ',"response":' .. (body:find("[\r\n]") and json.minify(body) or body)
   end
   local q = json.quote(body)
-  if q then return ',"response":', q end
-  return ',"response_base64":', '"' .. base64(body) .. '"'
+  if q then return ',"response":' .. q end
+  return ',"response":' .. json.quote(core.utf8_clean(body)) .. ',"response_base64":"' .. base64(body) .. '"'
 end
 
 local function result_line(id, ok, outcome, attempts, status, latency_ms, body, message)
@@ -332,9 +333,7 @@ local function result_line(id, ok, outcome, attempts, status, latency_ms, body, 
     -- A stray byte in a message becomes \u00XX, as in every JSON we write.
     parts[#parts + 1] = json.quote(core.utf8_clean(message))
   end
-  if body then
-    parts[#parts + 1], parts[#parts + 2] = response_field(body)
-  end
+  if body then parts[#parts + 1] = response_field(body) end
   parts[#parts + 1] = "}"
   return table.concat(parts)
 end
