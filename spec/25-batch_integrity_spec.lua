@@ -114,7 +114,7 @@ describe("resilua batch integrity", function()
     local args = { helpers.bin, "batch", "--quiet", "--in", input, "--out", out, "--ledger", ledger,
                    "--concurrency", "16", "--chunk", "20", server.url .. "/p" }
     local seed = tonumber(os.getenv("RESILUA_KILL_SEED") or "") or os.time()
-    print(("\n21-batch kill seed: %d (RESILUA_KILL_SEED=%d to replay)"):format(seed, seed))
+    print(("\n25-batch kill seed: %d (RESILUA_KILL_SEED=%d to replay)"):format(seed, seed))
     math.randomseed(seed)
     local function done() return select(2, (helpers.read_file(ledger) or ""):gsub("\n", "")) end
     for _ = 1, 5 do

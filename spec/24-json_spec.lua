@@ -59,7 +59,7 @@ describe("core.json", function()
 
   it("survives seeded mutations of the corpus, scan and decode agreeing", function()
     local seed = tonumber(os.getenv("RESILUA_FUZZ_SEED") or "") or os.time()
-    print(("\n20-json fuzz seed: %d (RESILUA_FUZZ_SEED=%d to replay)"):format(seed, seed))
+    print(("\n24-json fuzz seed: %d (RESILUA_FUZZ_SEED=%d to replay)"):format(seed, seed))
     local rng = math.random
     math.randomseed(seed)
     local docs = corpus()
