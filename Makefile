@@ -70,9 +70,11 @@ $(CORE_SO): $(CORE_OBJ) $(BUILD)/obj/embedded_lua.o
 deps:
 	$(Q)tools/deps.sh
 
-# chromium: the report spec renders report.html with it.
+# chromium: the report spec renders report.html with it; python3-requests,
+# promtool (prometheus) and the OpenAI Node SDK are the proxy specs' peers.
 test:
-	$(Q)tools/deps.sh chromium python3-requests prometheus nodejs npm
+	$(Q)tools/deps.sh chromium python3-requests prometheus
+	$(Q)tools/node-deps.sh >/dev/null
 	$(Q)$(MAKE) --no-print-directory all
 	$(Q)$(MAKE) --no-print-directory test-spec
 	$(Q)$(MAKE) --no-print-directory test-asan
