@@ -27,7 +27,7 @@
 /* Allocations at least this big check the call's deadline: copying large
  * strings (string.format, table.concat, `..`) is where C time hides. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
-/* table.move and table.sort: elements handled by one call. */
+/* The table functions: elements handled by one call. */
 #define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 16)
 /* Patterns whose worst case passes 10^this steps on their subject are
  * refused (about 0.1 s of backtracking). */
@@ -327,27 +327,77 @@ static void wrap_pattern(lua_State *L, const char *name, int anchor_ok,
   lua_setfield(L, -2, name);
 }
 
-/* table.move: it loops in C over the range, whatever the table holds
- * (`table.move({}, 1, 1 << 40, 1)` spins for hours): the range is capped. */
-static int sb_move(lua_State *L) {
-  lua_Integer f = luaL_checkinteger(L, 2), e = luaL_checkinteger(L, 3);
-  if (e >= f && (e - f >= TABLE_MAX_ELEMENTS || f < -TABLE_MAX_ELEMENTS))
-    return luaL_error(L, "table.move: over %d elements in a policy",
+/* The table functions loop in C, with no instruction to count, over a
+ * range: #t for sort and for insert or remove at a position, i..j (#t by
+ * default) for concat and unpack, f..e for move.  Each element may call a
+ * C __index or __newindex (`__index = table.concat` makes every read
+ * free), and #t is whatever a __len returns (a Lua __len may return 10 when
+ * asked here and 2^40 when the library asks again).  So a table with __len
+ * is refused, the range is taken from the raw length and capped, and the
+ * clock is checked before the original runs. */
+static int table_call(lua_State *L, const char *name, lua_Unsigned count) {
+  if (count > (lua_Unsigned)TABLE_MAX_ELEMENTS)
+    return luaL_error(L, "table.%s: over %d elements in a policy", name,
                       (int)TABLE_MAX_ELEMENTS);
   rsl_luacall_check(L);
   return call_original(L);
 }
 
-/* table.sort: comparisons of plain values run in C without instructions,
- * so the size is capped (a comparator's own code is counted as usual). */
-static int sb_sort(lua_State *L) {
+/* The raw length of the table at 1, which must have no __len. */
+static lua_Unsigned table_len(lua_State *L, const char *name) {
   luaL_checktype(L, 1, LUA_TTABLE);
-  if (lua_rawlen(L, 1) > (size_t)TABLE_MAX_ELEMENTS)
-    return luaL_error(L, "table.sort: over %d elements in a policy",
-                      (int)TABLE_MAX_ELEMENTS);
-  rsl_luacall_check(L);
-  return call_original(L);
+  if (luaL_getmetafield(L, 1, "__len") != LUA_TNIL)
+    luaL_error(L, "table.%s: a table with __len is not allowed in a policy "
+               "(its length would set how long C code loops)", name);
+  return lua_rawlen(L, 1);
 }
+
+/* The count of i..j, from arguments at idx and idx + 1 (j: #t unless
+ * `j_required`), without overflow. */
+static lua_Unsigned range_count(lua_State *L, int idx, lua_Unsigned len,
+                                int j_required) {
+  lua_Integer i = luaL_optinteger(L, idx, 1);
+  lua_Integer j = j_required ? luaL_checkinteger(L, idx + 1)
+                             : luaL_optinteger(L, idx + 1, (lua_Integer)len);
+  if (i > j) return 0;
+  lua_Unsigned span = (lua_Unsigned)j - (lua_Unsigned)i; /* 2^64 - 1 at most */
+  return span == ~(lua_Unsigned)0 ? span : span + 1;
+}
+
+static int sb_sort(lua_State *L) {
+  return table_call(L, "sort", table_len(L, "sort"));
+}
+
+static int sb_insert(lua_State *L) { /* insert(t, v) appends: no loop */
+  lua_Unsigned len = table_len(L, "insert");
+  return table_call(L, "insert", lua_gettop(L) >= 3 ? len : 0);
+}
+
+static int sb_remove(lua_State *L) { /* remove(t) takes the last: no loop */
+  lua_Unsigned len = table_len(L, "remove");
+  return table_call(L, "remove", lua_gettop(L) >= 2 ? len : 0);
+}
+
+static int sb_concat(lua_State *L) {
+  lua_Unsigned len = table_len(L, "concat");
+  return table_call(L, "concat", range_count(L, 3, len, 0));
+}
+
+static int sb_unpack(lua_State *L) {
+  lua_Unsigned len = table_len(L, "unpack");
+  return table_call(L, "unpack", range_count(L, 2, len, 0));
+}
+
+static int sb_move(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TTABLE);
+  return table_call(L, "move", range_count(L, 2, 0, 1));
+}
+
+static const luaL_Reg TABLE_BOUNDED[] = {
+    {"sort", sb_sort},     {"insert", sb_insert}, {"remove", sb_remove},
+    {"concat", sb_concat}, {"unpack", sb_unpack}, {"move", sb_move},
+    {NULL, NULL},
+};
 
 /* setmetatable: no __gc.  Lua runs finalizers with hooks off, so no limit
  * could stop one; and an object is marked for finalization only when its
@@ -477,12 +527,11 @@ static int setup(lua_State *L) {
   wrap_pattern(L, "gmatch", 0, 0);
   wrap_pattern(L, "gsub", 1, 0);
   lua_getfield(L, 1, LUA_TABLIBNAME);
-  lua_getfield(L, -1, "move");
-  lua_pushcclosure(L, sb_move, 1);
-  lua_setfield(L, -2, "move");
-  lua_getfield(L, -1, "sort");
-  lua_pushcclosure(L, sb_sort, 1);
-  lua_setfield(L, -2, "sort");
+  for (const luaL_Reg *f = TABLE_BOUNDED; f->name; f++) {
+    lua_getfield(L, -1, f->name);
+    lua_pushcclosure(L, f->func, 1);
+    lua_setfield(L, -2, f->name);
+  }
   lua_pop(L, 1);
   lua_pushliteral(L, "");
   lua_getmetatable(L, -1);
