@@ -254,6 +254,54 @@ describe("sandbox: odd files and hooks", function()
     assert.truthy(loads[2].error:find("is a directory", 1, true), loads[2].error)
   end)
 
+  it("a storm of reloads runs one load of a slot at a time, and the last edit wins", function()
+    -- Each load of this version holds 50 MB until its time limit: 60
+    -- concurrent loads (one thread each) took the process to 4 GB.
+    local dir = helpers.tmpdir()
+    local live = dir .. "/live.lua"
+    helpers.write_file(live, "return { max_attempts = 2 }")
+    local script = helpers.write_file(dir .. "/storm.lua", ([[
+      local resilua = require "resilua"
+      local policy = require "resilua.policy"
+      local live = %q
+      local function save(src)
+        local f = assert(io.open(live .. ".tmp", "wb")) f:write(src) f:close()
+        assert(os.rename(live .. ".tmp", live))
+      end
+      local function threads()
+        for l in io.lines("/proc/self/status") do
+          local n = l:match("^Threads:%%s*(%%d+)")
+          if n then return tonumber(n) end
+        end
+      end
+      local slot = assert(policy.slot(live))
+      local results = {}
+      policy.reloaded = function(_, ok, err) results[#results + 1] = ok end
+      save('local s = string.rep("x", 50 << 20) while true do local _ = s:sub(1, 9) end')
+      local peak = threads()
+      for _ = 1, 60 do
+        policy.reload(slot)
+        peak = math.max(peak, threads())
+      end
+      save("return { max_attempts = 3 }")
+      policy.reload(slot)
+      local deadline = os.time() + 60
+      while slot.current.table.max_attempts ~= 3 and os.time() < deadline do
+        peak = math.max(peak, threads())
+        resilua.sleep(0.005)
+      end
+      resilua.sleep(0.2) -- any load still running would end by now
+      print(peak, slot.current.table.max_attempts, results[#results])]]):format(live))
+    local r = helpers.run({ helpers.bin, "run", script })
+    assert.equal(0, r.code, r.stderr)
+    local peak, attempts, last = r.stdout:match("^(%d+)\t(%d+)\t(%a+)\n$")
+    assert.truthy(peak, r.stdout)
+    -- the loop's thread and one loader (inotify's own reloads included)
+    assert.is_true(tonumber(peak) <= 2, "threads at the peak: " .. peak)
+    assert.equal("3", attempts)
+    assert.equal("true", last)
+  end)
+
   it("a breaker.on_change that loops is stopped; the breaker event says where", function()
     local server = helpers.start_server("return function() return { status = 503 } end")
     finally(function() server:stop() end)

@@ -662,13 +662,17 @@ local watch       -- one inotify watch over every folder that holds a slot
 --- Loads the slot's file again, on a helper thread: calls in flight go on
 -- meanwhile.  Swaps the new version in only when it loads and validates (a
 -- broken edit keeps the old version; both are logged).  The latest edit
--- wins: a load that ends after a newer one started is dropped.  Then
--- M.reloaded(slot, ok, err) runs (a hook for tests and benches).
+-- wins: one load of a slot runs at a time, and when a reload was asked
+-- for meanwhile, its result is dropped and the file loaded again (a SIGHUP
+-- or save storm would otherwise start a thread and a state of up to the
+-- memory cap per request: 60 took 4 GB).  Then M.reloaded(slot, ok, err)
+-- runs (a hook for tests and benches).
 function M.reload(slot)
-  slot.generation = (slot.generation or 0) + 1
-  local generation = slot.generation
+  if slot.loading then
+    slot.again = true
+    return
+  end
   local function finish(p, err)
-    if generation ~= slot.generation then return end
     log_load(slot.path, p, err)
     -- The same source is the same version: keep the one in force (and the
     -- state its functions hold).
@@ -678,8 +682,14 @@ function M.reload(slot)
   local path, err = locate(slot.path, slot.policy_path)
   if not path then return finish(nil, err) end
   core.policy_load_async(path, slot.policy_path, function(box, t, bytes)
+    slot.loading = false
+    if slot.again then -- this version is already stale
+      slot.again = false
+      return M.reload(slot)
+    end
     finish(policy_object(path, box, t, bytes))
   end)
+  slot.loading = true
 end
 
 --- Called after each reload of a slot ends: ok, or false and the message.
