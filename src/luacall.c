@@ -89,13 +89,28 @@ void rsl_luacall_forbid(lua_State *L) {
   lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
 }
 
+/* Lua adds file:line to a string raised by error(), never to another
+ * object: its message gets the position of the code that raised it. */
+static const char *where_raised(lua_State *L, const char *msg) {
+  lua_Debug ar;
+  for (int level = 1; lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Sl", &ar);
+    if (ar.currentline > 0)
+      return lua_pushfstring(L, "%s:%d: %s", ar.short_src, ar.currentline,
+                             msg);
+  }
+  return msg;
+}
+
 static int traceback(lua_State *L) {
   const char *msg = lua_tostring(L, 1);
   if (msg == NULL) {
     if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      return 1;
-    msg = lua_pushfstring(L, "(error object is a %s value)",
-                          luaL_typename(L, 1));
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)",
+                            luaL_typename(L, 1));
+    msg = where_raised(L, msg);
   }
   luaL_traceback(L, L, msg, 1);
   return 1;

@@ -27,6 +27,8 @@
 /* Allocations at least this big check the call's deadline: copying large
  * strings (string.format, table.concat, `..`) is where C time hides. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
+/* A policy's error message: bytes kept (a load lists every problem). */
+#define MESSAGE_MAX_BYTES (16 * 1024)
 /* The table functions: elements handled by one call. */
 #define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 16)
 /* Patterns whose worst case passes 10^this steps on their subject are
@@ -614,9 +616,19 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
     msg = buf;
   }
   /* The message without the traceback (it may have several lines: a
-   * policy's load lists every problem). */
+   * policy's load lists every problem), and within reason: it goes into
+   * events and onto the terminal (error(string.rep("x", 1 << 25)) is a
+   * policy's message too). */
   const char *tb = strstr(msg, "\nstack traceback:");
-  *err = strndup(msg, tb ? (size_t)(tb - msg) : strlen(msg));
+  size_t len = tb ? (size_t)(tb - msg) : strlen(msg);
+  if (len > MESSAGE_MAX_BYTES) {
+    *err = malloc(MESSAGE_MAX_BYTES + 64);
+    if (*err)
+      snprintf(*err, MESSAGE_MAX_BYTES + 64, "%.*s... (%zu bytes more)",
+               MESSAGE_MAX_BYTES, msg, len - MESSAGE_MAX_BYTES);
+  } else {
+    *err = strndup(msg, len);
+  }
   lua_pop(L, 1);
   /* A refusal may have left a finalizer-heavy garbage pile: collect it now
    * (finalizers stop at once), so the next call starts under the cap. */
