@@ -257,6 +257,16 @@ local function file_exists(path)
   return f ~= nil
 end
 
+-- A module name on the policy path only: what `require` and `extend`
+-- accept (M.find also takes a file as given, for the command line, and
+-- "x.lua" is a module name too: it named ./x.lua in the working folder).
+local function find_module(name, policy_path)
+  for _, dir in ipairs(policy_path or M.path()) do
+    local path = dir .. "/" .. name:gsub("%.", "/") .. ".lua"
+    if file_exists(path) then return path end
+  end
+end
+
 -- A file's text: in a policy's own state through the core (regular files
 -- only, size-capped), in a script's state through io.
 local function read_source(path)
@@ -311,7 +321,7 @@ local function sandbox(policy_path, chain, file, src)
     if name == "resilua.policy" then return policy_view end
     if SANDBOX_MODULES[name] then return require(name) end
     if loaded[name] ~= nil then return loaded[name] end
-    local path = M.find(name, policy_path)
+    local path = find_module(name, policy_path)
     if not path then
       fail(name, ("module '%s' is not allowed in a policy (only resilua.backoff, "
                   .. "resilua.policy and modules on the policy path)"):format(name))
@@ -362,10 +372,7 @@ function M.find(name, policy_path)
   if name:find("/") or name:match("%.lua$") then
     return file_exists(name) and name or nil
   end
-  for _, dir in ipairs(policy_path or M.path()) do
-    local path = dir .. "/" .. name:gsub("%.", "/") .. ".lua"
-    if file_exists(path) then return path end
-  end
+  return find_module(name, policy_path)
 end
 
 -- A kind's own fields mean nothing to the others (a quota's costs to a
@@ -504,7 +511,7 @@ function M.extend(base_name, overrides, policy_path, chain, file)
   end
   if overrides ~= nil and type(overrides) ~= "table" then fail("overrides must be a table") end
   policy_path = policy_path or M.path()
-  local path = M.find(base_name, policy_path)
+  local path = find_module(base_name, policy_path)
   if not path then
     fail(("base policy '%s' not found (looked in %s)"):format(base_name, table.concat(policy_path, ", ")))
   end
