@@ -630,8 +630,11 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
     *err = strndup(msg, len);
   }
   lua_pop(L, 1);
-  /* A refusal may have left a finalizer-heavy garbage pile: collect it now
-   * (finalizers stop at once), so the next call starts under the cap. */
-  lua_gc(L, LUA_GCCOLLECT);
+  /* A memory refusal leaves the failed call's garbage: collect it now, so
+   * the next call starts under the cap.  Not after other errors: a full
+   * collection of a big state costs the loop ~100 ms (3M tables), and a
+   * policy could fail every decision on purpose. */
+  if (sb->over_cap || (status == LUA_ERRMEM && !sb->over_time))
+    lua_gc(L, LUA_GCCOLLECT);
   return -1;
 }
