@@ -8,7 +8,7 @@ BUSTED    ?= busted
 SANITIZE  ?=
 VERSION   := 0.1.0
 
-PKGS      := lua5.4 libcurl
+PKGS      := lua5.4 libcurl libnghttp2
 CPPFLAGS  += $(shell pkg-config --cflags $(PKGS)) -D_GNU_SOURCE \
              -DRSL_VERSION='"$(VERSION)"'
 WARN      := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes \
@@ -38,6 +38,7 @@ CORE_SO   := $(BUILD)/lib/resilua/core.so
 
 all: $(BIN) $(CORE_SO)
 
+# src/ is grouped by layer (src/grpc/, src/http2/): objects mirror it.
 $(BUILD)/obj/%.o: src/%.c
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  CC      $<")
@@ -61,7 +62,7 @@ $(BIN): $(CORE_OBJ) $(BUILD)/obj/main.o $(BUILD)/obj/embedded_lua.o
 $(CORE_SO): $(CORE_OBJ) $(BUILD)/obj/embedded_lua.o
 	@mkdir -p $(dir $@)
 	@$(if $(Q),echo "  LD      $@")
-	$(Q)$(CC) -shared $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs libcurl) -lhttp_parser -lm
+	$(Q)$(CC) -shared $(LDFLAGS) -o $@ $^ $(shell pkg-config --libs libcurl libnghttp2) -lhttp_parser -lm
 
 # Specs run against the binary; busted itself runs inside it (`resilua run`),
 # so the sanitizer build checks the in-process Lua API too.
@@ -106,6 +107,7 @@ bench:
 	$(Q)$(BIN) run bench/sandbox.lua
 	$(Q)$(BIN) run bench/peers.lua
 	$(Q)$(BIN) run bench/proxy.lua
+	$(Q)$(BIN) run bench/grpc.lua
 
 # The main job: four policies through an outage and a capacity drop.
 # tools/deps.sh (apt-get) runs only when the build or cjson is missing.
@@ -147,7 +149,7 @@ help:
 	@echo "make demo     experiments/outage.lua: 4 policies through an outage; report.html"
 	@echo "make demo-call  flaky upstream + a call that succeeds after retries"
 	@echo "make bench    decide round trip, calls/s, RSS; resilua load vs wrk and hey;"
-	@echo "              resilua proxy: overhead, vs nginx and HAProxy, RSS"
+	@echo "              resilua proxy: overhead, vs nginx and HAProxy, RSS; gRPC"
 	@echo "make install  PREFIX=$(PREFIX) DESTDIR=...: the binary, the Lua module, the policies,"
 	@echo "              examples and experiments (PREFIX/share/resilua)"
 

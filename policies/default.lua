@@ -17,7 +17,8 @@ return {
   max_response_bytes = 16 * 1024 * 1024,
   backoff = { base_ms = 200, max_ms = 5000, jitter = "full" },
   retry_on = { status = { 429, 500, 502, 503, 504 },
-               errors = { "timeout", "connect", "reset", "dns" } },
+               errors = { "timeout", "connect", "reset", "dns" },
+               grpc = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" } },  -- gRPC calls: status codes
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
   breaker = { failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,

@@ -1,12 +1,16 @@
 -- grpc — gRPC client retries as gRFC A6 defines them
 -- (https://github.com/grpc/proposal/blob/master/A6-client-retries.md),
--- over HTTP:
+-- for gRPC calls (client:call{grpc = ...}, resilua call --grpc) and over
+-- plain HTTP:
 --
 -- - retryPolicy: maxAttempts (values over 5 are treated as 5, as A6 says),
 --   initialBackoff, maxBackoff, backoffMultiplier.  The delay before retry
 --   n is random(0, min(initialBackoff * backoffMultiplier^(n-1), maxBackoff)).
--- - retryableStatusCodes: gRPC codes, mapped to what stands for them over
---   plain HTTP (CODES below).  The HTTP statuses follow Google's
+-- - retryableStatusCodes: gRPC codes.  A gRPC call's status is its own
+--   (a.grpc_status: grpc-status from the trailers, or the HTTP status mapped
+--   as grpc/grpc's doc/http-grpc-status-mapping.md says, or DEADLINE_EXCEEDED
+--   / UNAVAILABLE for a timeout / a failed connection); a plain HTTP call's
+--   is what stands for it over HTTP (CODES below).  The HTTP statuses follow Google's
 --   google.rpc.Code <-> HTTP mapping (UNAVAILABLE = 503, RESOURCE_EXHAUSTED
 --   = 429, DEADLINE_EXCEEDED = 504, ...), plus 502, which gRPC itself reads
 --   as UNAVAILABLE (doc/http-grpc-status-mapping.md); a connection that
@@ -19,10 +23,13 @@
 --   a negative or malformed value means "do not retry".  Pushback never
 --   makes a non-retryable code retryable.
 --
--- Not modelled: hedging, transparent retries, and A6's reset of the
+-- Transparent retries (a stream the server refused before any
+-- application saw it) happen below the policy, in libcurl and the
+-- transport (docs/grpc.md).  Not modelled: hedging, and A6's reset of the
 -- backoff exponent after a pushback (decide sees only the attempt number).
 -- gRPC has no per-try timeout and no breaker, so neither does this policy.
 local backoff = require "resilua.backoff"
+local grpc = require "resilua.grpc"
 
 -- gRPC's defaults are for you to set; these are the values of A6's examples.
 local RETRY_POLICY = {
@@ -66,6 +73,7 @@ end
 
 -- The gRPC code an attempt stands for (nil when none does).
 local function code_of(a)
+  if a.grpc_status then return grpc.names[a.grpc_status] end
   for name, code in pairs(CODES) do
     for _, s in ipairs(code.status) do
       if a.status == s then return name end
@@ -80,7 +88,8 @@ local MAX_DELAY_MS = 86400000  -- the core's limit on a delay
 
 local function decide(a)
   local code = code_of(a)
-  local what = a.status and ("status " .. a.status) or ("error " .. tostring(a.error))
+  local what = a.grpc_status and "gRPC status"
+    or a.status and ("status " .. a.status) or ("error " .. tostring(a.error))
   if not (code and retryable[code]) then
     return { retry = false, reason = ("%s (%s) is not retryable"):format(what, code or "no gRPC code") }
   end
@@ -108,7 +117,8 @@ return {
   deadline_ms = DEADLINE_MS,
   backoff = { base_ms = RETRY_POLICY.initialBackoff_ms, max_ms = RETRY_POLICY.maxBackoff_ms,
               jitter = "full" },
-  retry_on = { status = retry_status, errors = retry_errors },
+  retry_on = { status = retry_status, errors = retry_errors,
+               grpc = RETRY_POLICY.retryableStatusCodes },
   retry_after = false,                -- gRPC pushes back with its own header
   breaker = false,
   budget = { max_tokens = RETRY_THROTTLING.maxTokens, token_ratio = RETRY_THROTTLING.tokenRatio },
@@ -138,6 +148,15 @@ return {
     { name = "a malformed pushback stops the retries",
       attempt = { attempt = 1, status = 503, headers = { ["grpc-retry-pushback-ms"] = "soon" } },
       expect = { retry = false } },
+    { name = "a gRPC call's UNAVAILABLE is retried",
+      attempt = { attempt = 1, grpc_status = 14 }, expect = { retry = true, delay_ms = { 0, 100 } } },
+    { name = "a gRPC call's INVALID_ARGUMENT is not",
+      attempt = { attempt = 1, grpc_status = 3 }, expect = { retry = false } },
+    { name = "a gRPC call's status wins over its HTTP status",
+      attempt = { attempt = 1, status = 200, grpc_status = 13 }, expect = { retry = false } },
+    { name = "gRPC pushback from the trailers sets the delay",
+      attempt = { attempt = 1, grpc_status = 14, headers = { ["grpc-retry-pushback-ms"] = "40" } },
+      expect = { retry = true, delay_ms = { 40, 40 } } },
     { name = "pushback does not make INTERNAL retryable",
       attempt = { attempt = 1, status = 500, headers = { ["grpc-retry-pushback-ms"] = "10" } },
       expect = { retry = false } },

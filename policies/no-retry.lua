@@ -11,7 +11,7 @@ return {
   per_try_timeout_ms = 2000,
   connect_timeout_ms = 1000,
   deadline_ms = 2000,
-  retry_on = { status = {}, errors = {} },
+  retry_on = { status = {}, errors = {}, grpc = {} },
   retry_after = false,
   idempotency = false,
   breaker = false,

@@ -10,6 +10,7 @@
  */
 #include "call.h"
 
+#include "grpc/grpc.h"
 #include "redact.h"
 
 #include <curl/curl.h>
@@ -38,6 +39,8 @@ struct rsl_call {
   char *body;
   size_t body_len;
   size_t max_active;
+  int http2;
+  int grpc; /* a unary gRPC call: url, body and headers are its wire form */
   char idempotency_key[37]; /* empty when none is sent */
   int has_key; /* our key or the caller's is sent (409/422 rules) */
 
@@ -303,12 +306,20 @@ static int wants_idempotency_key(const rsl_policy_conf *c,
   return 0;
 }
 
-static int is_success(long status) { return status >= 200 && status < 400; }
+static int is_http_success(long status) {
+  return status >= 200 && status < 400;
+}
+
+static int is_success(const rsl_response *res) {
+  if (res->grpc) return res->grpc_status == RSL_GRPC_OK;
+  return is_http_success(res->status);
+}
 
 /* What the breaker and the budget count as a failure: the dependency did
  * not answer, answered 5xx, or pushed back with 429.  Other 4xx are the
  * caller's fault and say nothing about the dependency's health. */
 static int is_dependency_failure(const rsl_response *res) {
+  if (res->grpc) return rsl_grpc_is_dependency_failure(res->grpc_status);
   return res->status == 0 || res->status >= 500 || res->status == 429;
 }
 
@@ -387,6 +398,7 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
     rsl_event_num(&e, "elapsed_ms", r->elapsed_ms);
     if (r->last.status) rsl_event_int(&e, "status", r->last.status);
     else rsl_event_null(&e, "status");
+    if (r->last.grpc) rsl_event_int(&e, "grpc_status", r->last.grpc_status);
     if (r->committed) rsl_event_bool(&e, "streamed", 1);
     event_ids(&e, call);
     rsl_event_emit(&e, call->env->log);
@@ -412,6 +424,7 @@ static void log_attempt(rsl_call *call, const char *decision,
   rsl_event_url(&e, "url", call->url);
   if (res->status) rsl_event_int(&e, "status", res->status);
   else rsl_event_str(&e, "error", rsl_error_class_name(res->error));
+  if (res->grpc) rsl_event_int(&e, "grpc_status", res->grpc_status);
   rsl_event_num(&e, "latency_ms", res->latency_ms);
   rsl_event_str(&e, "decision", decision);
   rsl_event_num(&e, "delay_ms", d ? d->delay_ms : 0);
@@ -503,7 +516,7 @@ static int on_data(void *ud, const rsl_response *head, const char *data,
   call->last_byte_ns = rsl_loop_now_ns(call->env->loop);
   if (!call->has_stream) return RSL_DATA_KEEP;
   if (!call->committed) {
-    if (!is_success(head->status)) return RSL_DATA_KEEP; /* for the policy */
+    if (!is_http_success(head->status)) return RSL_DATA_KEEP; /* for the policy */
     call->committed = call->result.committed = 1;
     call->committed_ns = call->last_byte_ns;
     watchdog_arm(call); /* the per-try timeout and the deadline are off */
@@ -569,6 +582,19 @@ static void send_attempt(void *ud) {
   }
   double timeout = remaining < c->per_try_timeout_ms ? remaining
                                                      : c->per_try_timeout_ms;
+  /* gRPC: the attempt's own time on the wire, and how many went before
+   * (slots reserved after the key's). */
+  char timeout_line[RSL_GRPC_TIMEOUT_LINE_MAX], previous_line[64];
+  if (call->grpc) {
+    rsl_grpc_timeout_line(timeout < 1 ? 1 : timeout, timeout_line,
+                          sizeof timeout_line);
+    call->headers[n++] = timeout_line;
+    if (call->result.attempts > 0) {
+      snprintf(previous_line, sizeof previous_line,
+               "grpc-previous-rpc-attempts: %d", call->result.attempts);
+      call->headers[n++] = previous_line;
+    }
+  }
   rsl_request req = {
       .method = call->method,
       .url = call->url,
@@ -581,6 +607,7 @@ static void send_attempt(void *ud) {
       .max_response_bytes = c->max_response_bytes,
       .max_active = call->max_active,
       .raw = call->raw,
+      .http2 = call->http2,
   };
   int watched = call->has_stream || c->first_byte_timeout_ms ||
                 c->idle_timeout_ms;
@@ -599,7 +626,8 @@ static void send_attempt(void *ud) {
   }
   int rc = send_through(call->env, &req, on_attempt_done, call,
                         &call->attempt, &err);
-  call->headers[call->header_count] = NULL; /* key_line dies here */
+  for (size_t i = call->header_count; i < n; i++)
+    call->headers[i] = NULL; /* key_line and the gRPC lines die here */
   if (rc == 0 && watched) {
     call->try_started_ns = rsl_loop_now_ns(call->env->loop);
     watchdog_arm(call);
@@ -649,6 +677,14 @@ static int limit_decision(const rsl_policy_conf *c, const rsl_response *res,
     return RSL_OUTCOME_DEADLINE;
   }
   return -1;
+}
+
+/* A gRPC attempt that ended with DEADLINE_EXCEEDED (the server's, or our
+ * own timeout) when the call's deadline is up: the call ended at its
+ * deadline, whatever the policy thinks of DEADLINE_EXCEEDED. */
+static int ran_out_of_time(const rsl_call *call, const rsl_response *res) {
+  return res->grpc && res->grpc_status == RSL_GRPC_DEADLINE_EXCEEDED &&
+         call->conf->deadline_ms - elapsed_ms(call) < 1;
 }
 
 /* Applies the core's limits to the policy's decision; returns the outcome
@@ -746,6 +782,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   if (call->consumer_abort) res->local = 1; /* not the dependency's doing */
   if (call->has_stream && call->stream.on_attempt)
     call->stream.on_attempt(call->stream.ud, res->status, res->error);
+  if (call->grpc) rsl_grpc_read_response(res);
   int k = call->result.attempts - 1;
   if (k >= 0 && k < RSL_CALL_MAX_ATTEMPTS)
     call->result.attempt_ms[k] = (float)res->latency_ms;
@@ -769,7 +806,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
     if (budget) rsl_budget_record(budget, !failure);
   }
 
-  if (call->committed && !is_success(res->status)) {
+  if (call->committed && !is_success(res)) {
     /* Past the commit point: the consumer has part of the body. */
     rsl_decision d = {0};
     snprintf(d.reason, sizeof d.reason, "%s after the first body byte went "
@@ -783,7 +820,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
     return;
   }
 
-  if (is_success(res->status)) {
+  if (is_success(res)) {
     if (budget) rsl_budget_call_succeeded(budget, call->quota_paid);
     log_attempt(call, "ok", NULL);
     finish(call, RSL_OUTCOME_OK);
@@ -828,11 +865,20 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   }
   rsl_decision live_raw = d;
   int outcome = enforce(call, &d, budget);
+  if (outcome >= 0 && ran_out_of_time(call, res)) outcome = RSL_OUTCOME_DEADLINE;
   if (call->shadow) shadow_compare(call, &info, &live_raw, &drawn);
   if (outcome >= 0) {
     d.delay_ms = 0;
     log_attempt(call, "stop", &d);
-    if (res->status)
+    if (res->grpc)
+      snprintf(call->result.message, sizeof call->result.message,
+               "gRPC %s%s%.200s after %d attempt%s: %s",
+               rsl_grpc_code_name(res->grpc_status),
+               res->grpc_message ? ": " : "",
+               res->grpc_message ? res->grpc_message : "",
+               call->result.attempts, call->result.attempts == 1 ? "" : "s",
+               d.reason);
+    else if (res->status)
       snprintf(call->result.message, sizeof call->result.message,
                "HTTP %ld after %d attempt%s: %s", res->status,
                call->result.attempts, call->result.attempts == 1 ? "" : "s",
@@ -892,6 +938,40 @@ static const char *url_problem(const char *url) {
   return ok ? NULL : msg;
 }
 
+#define ARRAY_LEN(a) (sizeof(a) / sizeof *(a))
+
+/* What a gRPC call sends on every attempt, after the caller's metadata. */
+static const char *const GRPC_HEADERS[] = {
+    "content-type: application/grpc",
+    "te: trailers",
+    "user-agent: grpc-c-resilua/" RSL_VERSION,
+    "Accept:", /* no Accept header (curl sends one by default) */
+};
+/* Headers the caller may not set on a gRPC call: ours would clash. */
+static const char *const GRPC_RESERVED[] = {
+    "content-type", "te", "grpc-timeout", "grpc-previous-rpc-attempts",
+    "grpc-encoding", "grpc-accept-encoding",
+};
+
+/* A unary gRPC call's wire form: POST to base URL + "/pkg.Service/Method"
+ * over HTTP/2, the message framed, gRPC's headers after the caller's
+ * (call->headers has room for them).  0, or -1 when out of memory. */
+static int grpc_setup(rsl_call *call, const rsl_call_request *req) {
+  call->grpc = 1;
+  call->http2 = 1;
+  if (!(call->method = strdup("POST")) ||
+      !(call->url = rsl_grpc_url(req->url, req->grpc)) ||
+      rsl_grpc_frame(req->body ? req->body : "", req->body ? req->body_len : 0,
+                     &call->body, &call->body_len) < 0)
+    return -1;
+  for (size_t i = 0; i < ARRAY_LEN(GRPC_HEADERS); i++) {
+    if (!(call->headers[call->header_count] = strdup(GRPC_HEADERS[i])))
+      return -1;
+    call->header_count++;
+  }
+  return 0;
+}
+
 int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
                    rsl_policy *shadow, const rsl_call_request *req,
                    rsl_call_done cb, void *ud, const char **err) {
@@ -911,6 +991,20 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     if (strpbrk(line, "\r\n") ||
         (!strchr(line, ':') && !(len > 1 && line[len - 1] == ';'))) {
       *err = "bad header: expected 'Name: value' on one line";
+      return -1;
+    }
+  }
+  if (req->grpc && !rsl_grpc_method_ok(req->grpc)) {
+    *err = "bad gRPC method: expected pkg.Service/Method";
+    return -1;
+  }
+  if (req->grpc && req->stream) {
+    *err = "a gRPC call is unary: its answer is not streamed";
+    return -1;
+  }
+  for (size_t i = 0; req->grpc && i < ARRAY_LEN(GRPC_RESERVED); i++) {
+    if (has_header(req, GRPC_RESERVED[i])) {
+      *err = "a gRPC call sets content-type, te and grpc-* itself";
       return -1;
     }
   }
@@ -956,23 +1050,31 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
     call->has_stream = 1;
   }
   call->raw = req->raw;
-  call->method = copy_or_null(req->method, strlen(req->method), &failed);
-  call->url = copy_or_null(req->url, strlen(req->url), &failed);
-  /* Methods that carry a body send an empty one rather than none. */
-  const char *body = req->body;
-  if (!body && (strcmp(req->method, "POST") == 0 ||
-                strcmp(req->method, "PUT") == 0 ||
-                strcmp(req->method, "PATCH") == 0))
-    body = "";
-  call->body = copy_or_null(body, req->body_len, &failed);
-  call->body_len = body ? req->body_len : 0;
   call->max_active = req->max_active;
-  call->headers = calloc(req->header_count + 1, sizeof *call->headers);
+  call->http2 = req->http2;
+  /* Room for the caller's headers, a gRPC call's own, and the per-attempt
+   * lines (the idempotency key, grpc-timeout, grpc-previous-rpc-attempts). */
+  call->headers = calloc(req->header_count + ARRAY_LEN(GRPC_HEADERS) + 3,
+                         sizeof *call->headers);
   if (!call->headers) failed = 1;
   for (size_t i = 0; !failed && i < req->header_count; i++) {
     call->headers[i] =
         copy_or_null(req->headers[i], strlen(req->headers[i]), &failed);
     call->header_count = i + 1;
+  }
+  if (req->grpc) {
+    if (!failed) failed = grpc_setup(call, req) < 0;
+  } else {
+    call->method = copy_or_null(req->method, strlen(req->method), &failed);
+    call->url = copy_or_null(req->url, strlen(req->url), &failed);
+    /* Methods that carry a body send an empty one rather than none. */
+    const char *body = req->body;
+    if (!body && (strcmp(req->method, "POST") == 0 ||
+                  strcmp(req->method, "PUT") == 0 ||
+                  strcmp(req->method, "PATCH") == 0))
+      body = "";
+    call->body = copy_or_null(body, req->body_len, &failed);
+    call->body_len = body ? req->body_len : 0;
   }
   if (failed) {
     call_free(call);

@@ -108,6 +108,12 @@ typedef struct rsl_call_request {
   int max_attempts;
   const char *route, *request_id; /* named in its events when set */
   rsl_call **handle; /* NULL, or set to the call (valid until it ends) */
+  int http2;          /* see rsl_request.http2 */
+  /* "pkg.Service/Method": a unary gRPC call to url's origin (HTTP/2, POST,
+   * the body framed as one message, grpc-timeout on every attempt); the
+   * result's body is the answer unframed and its grpc_status decides.
+   * NULL: a plain HTTP call. */
+  const char *grpc;
 } rsl_call_request;
 
 /* Attempts whose latency a result keeps: policies allow at most 100. */

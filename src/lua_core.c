@@ -19,6 +19,7 @@
 #include <limits.h>
 #include <time.h>
 
+#include "grpc/grpc.h"
 #include "luacall.h"
 #include "redact.h"
 #include "sandbox.h"
@@ -595,7 +596,7 @@ static int client_budget(lua_State *L) {
 static int core_decide(lua_State *L) {
   rsl_policy *p = rsl_policy_check(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
-  luaL_checkstack(L, 24, "core.decide"); /* the fields read below stay */
+  luaL_checkstack(L, 26, "core.decide"); /* the fields read below stay */
   rsl_response res = {.retry_after_ms = -1};
   rsl_header headers[DECIDE_MAX_HEADERS];
   char names[DECIDE_MAX_HEADERS][DECIDE_HEADER_NAME_MAX];
@@ -616,6 +617,17 @@ static int core_decide(lua_State *L) {
   if (!lua_isnil(L, -1) &&
       rsl_error_class_parse(luaL_checkstring(L, -1), &res.error) < 0)
     return luaL_argerror(L, 2, "unknown error class");
+  if (lua_getfield(L, 2, "grpc_status") != LUA_TNIL) {
+    /* A gRPC answer (HTTP 200 unless a status is given). */
+    lua_Integer code = luaL_checkinteger(L, -1);
+    luaL_argcheck(L, code >= 0 && code < RSL_GRPC_CODE_COUNT, 2,
+                  "grpc_status must be in [0, 16]");
+    luaL_argcheck(L, res.error == RSL_ERR_NONE, 2,
+                  "give grpc_status or error, not both");
+    res.grpc = 1;
+    res.grpc_status = (int)code;
+    if (!res.status) res.status = 200;
+  }
   luaL_argcheck(L, (res.status != 0) != (res.error != RSL_ERR_NONE), 2,
                 "give exactly one of status and error");
   lua_getfield(L, 2, "retry_after_ms");
@@ -689,8 +701,10 @@ static void push_result_table(lua_State *L, const rsl_call_result *r,
   lua_createtable(L, 0, 10);
   lua_pushstring(L, rsl_outcome_name(r->outcome));
   lua_setfield(L, -2, "outcome");
-  if (r->attempts > 0)
+  if (r->attempts > 0) {
     rsl_policy_push_status(L, r->last.status, r->last.error);
+    rsl_policy_push_grpc(L, &r->last);
+  }
   if (full) {
     rsl_policy_push_headers(L, &r->last);
     lua_setfield(L, -2, "headers");
@@ -792,8 +806,45 @@ static size_t read_headers(lua_State *L, int t, const char **lines) {
   return (size_t)n;
 }
 
+/* gRPC metadata {key = value} as header lines after lines[0..n), up to
+ * MAX_REQUEST_HEADERS in all; returns the new count.  Leaves a table on
+ * the stack that keeps the lines alive. */
+static size_t read_metadata(lua_State *L, int t, const char **lines,
+                            size_t n) {
+  lua_newtable(L);
+  int keep = lua_gettop(L);
+  if (lua_getfield(L, t, "metadata") == LUA_TNIL) {
+    lua_pop(L, 1);
+    return n;
+  }
+  int m = lua_gettop(L);
+  luaL_argcheck(L, lua_istable(L, m), 3, "metadata must be a table");
+  lua_pushnil(L);
+  while (lua_next(L, m)) {
+    luaL_argcheck(L, n < MAX_REQUEST_HEADERS, 3, "too much metadata");
+    luaL_argcheck(L, lua_type(L, -2) == LUA_TSTRING &&
+                         lua_type(L, -1) == LUA_TSTRING,
+                  3, "metadata must map string keys to string values");
+    size_t len;
+    const char *value = lua_tolstring(L, -1, &len), *err = NULL;
+    char *line = rsl_grpc_metadata_line(lua_tostring(L, -2), value, len, &err);
+    if (!line) return (size_t)luaL_error(L, "metadata '%s': %s",
+                                         lua_tostring(L, -2), err);
+    lua_pushstring(L, line);
+    free(line);
+    lines[n++] = lua_tostring(L, -1);
+    lua_rawseti(L, keep, (lua_Integer)n); /* still referenced by `keep` */
+    lua_pop(L, 1); /* the value; the key stays for lua_next */
+  }
+  lua_pop(L, 1); /* metadata */
+  return n;
+}
+
 /* core.call(client, policy, {method, url, headers, body, summary_only,
- *           max_active}, callback [, shadow]): shadow is a candidate
+ *           max_active, http2, grpc, metadata}, callback [, shadow]):
+ * grpc = "pkg.Service/Method" makes a unary gRPC call (body: the
+ * serialized message; metadata: {key = value}, "-bin" keys binary);
+ * http2 = true sends a plain HTTP call over HTTP/2. shadow is a candidate
  * policy asked in shadow; with summary_only the result carries no headers
  * and no body (what a load run needs, for less work per call); with
  * max_active N each attempt waits its turn while N attempts are on the
@@ -805,6 +856,7 @@ static int core_call(lua_State *L) {
   luaL_checktype(L, 3, LUA_TTABLE);
   luaL_checktype(L, 4, LUA_TFUNCTION);
   rsl_policy *shadow = lua_isnoneornil(L, 5) ? NULL : rsl_policy_check(L, 5);
+  luaL_checkstack(L, 24, "core.call"); /* the fields read below stay */
   const char *lines[MAX_REQUEST_HEADERS];
   rsl_call_request req = {0};
   lua_getfield(L, 3, "url");
@@ -821,6 +873,16 @@ static int core_call(lua_State *L) {
                                 : lua_tostring(L, -1);
   req.header_count = read_headers(L, 3, lines);
   req.headers = lines;
+  lua_getfield(L, 3, "grpc");
+  luaL_argcheck(L, lua_isnil(L, -1) || lua_type(L, -1) == LUA_TSTRING, 3,
+                "grpc must be a string: \"pkg.Service/Method\"");
+  req.grpc = lua_tostring(L, -1);
+  if (req.grpc) req.method = "POST";
+  lua_getfield(L, 3, "http2");
+  req.http2 = lua_toboolean(L, -1);
+  luaL_argcheck(L, req.grpc || lua_getfield(L, 3, "metadata") == LUA_TNIL, 3,
+                "metadata needs grpc");
+  req.header_count = read_metadata(L, 3, lines, req.header_count);
   lua_getfield(L, 3, "max_active");
   luaL_argcheck(L, lua_isnil(L, -1) || (lua_isinteger(L, -1) &&
                                         lua_tointeger(L, -1) >= 0),

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "grpc/grpc.h"
 #include "lua_core.h"
 #include "luacall.h"
 #include "server.h"
@@ -39,8 +40,9 @@ typedef struct handler_call {
 
 static const char *const SERVE_OPTIONS[] = {"listen", "handler", "dedup",
                                             NULL};
-static const char *const RESPONSE_FIELDS[] = {"status", "headers", "body",
-                                              "delay_ms", "action", NULL};
+static const char *const RESPONSE_FIELDS[] = {
+    "status", "headers", "body", "delay_ms", "action", "grpc_status",
+    "grpc_message", NULL};
 static const char *const ACTIONS[] = {"hang", "reset", "close", NULL};
 static const rsl_server_action ACTION_CODES[] = {
   RSL_SERVER_HANG, RSL_SERVER_RESET, RSL_SERVER_CLOSE};
@@ -80,6 +82,10 @@ static void push_request(lua_State *L, const rsl_server_request *req) {
   lua_setfield(L, -2, "body");
   lua_pushinteger(L, (lua_Integer)req->n);
   lua_setfield(L, -2, "n");
+  if (req->grpc) {
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "grpc");
+  }
   lua_createtable(L, 0, (int)req->nheaders);
   for (size_t i = 0; i < req->nheaders; i++) {
     const rsl_server_header *h = &req->headers[i];
@@ -130,6 +136,29 @@ static int rawfield(lua_State *L, int idx, const char *name) {
   return lua_rawget(L, idx);
 }
 
+/* grpc_status (a number or a name such as "UNAVAILABLE") and
+ * grpc_message: a gRPC call's answer (ignored over HTTP/1.1). */
+static void read_grpc(lua_State *L, int idx, rsl_server_response *res) {
+  int code = -1, isint = 0;
+  int t = rawfield(L, idx, "grpc_status");
+  if (t == LUA_TNUMBER) {
+    lua_Integer n = lua_tointegerx(L, -1, &isint);
+    code = isint && n >= 0 && n < RSL_GRPC_CODE_COUNT ? (int)n : -1;
+  } else if (t == LUA_TSTRING && rsl_grpc_code_parse(lua_tostring(L, -1), &code) < 0) {
+    code = -1;
+  }
+  if (t != LUA_TNIL && code < 0)
+    bad_field(L, "grpc_status", "a gRPC status code: 0..16 or a name");
+  t = rawfield(L, idx, "grpc_message");
+  if (t != LUA_TNIL && t != LUA_TSTRING) bad_field(L, "grpc_message", "string");
+  size_t len = 0;
+  const char *msg = t == LUA_TSTRING ? lua_tolstring(L, -1, &len) : NULL;
+  if ((code >= 0 || msg) &&
+      rsl_server_response_grpc(res, code >= 0 ? code : 0, msg, len) < 0)
+    luaL_error(L, "handler returned a grpc_message over 4096 bytes");
+  lua_pop(L, 2);
+}
+
 /* Fills the response (light userdata 2) from the handler's result (1),
  * raising on anything off.  Called with lua_pcall: it is our code, and its
  * errors need no traceback. */
@@ -175,6 +204,8 @@ static int read_response(lua_State *L) {
     rsl_server_response_delay(res, ms + ((lua_Number)ms < d)); /* round up */
   }
   lua_pop(L, 1);
+
+  read_grpc(L, idx, res);
 
   if (rawfield(L, idx, "action") != LUA_TNIL) {
     int i = lua_type(L, -1) == LUA_TSTRING

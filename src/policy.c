@@ -21,6 +21,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "grpc/grpc.h"
 #include "luacall.h"
 #include "sandbox.h"
 
@@ -129,6 +130,30 @@ static int section(lua_State *L, int idx, const char *key) {
 }
 
 #define MAX_MS 86400000.0 /* a day: anything longer is a typo */
+
+/* retry_on.grpc: status codes by name or number; a bit per code.
+ * Absent: none. */
+static unsigned grpc_codes_field(lua_State *L, int r) {
+  unsigned codes = 0;
+  if (lua_getfield(L, r, "grpc") == LUA_TTABLE) {
+    for (lua_Integer i = 1; lua_rawgeti(L, -1, i) != LUA_TNIL; i++) {
+      int ok = 0, named;
+      lua_Integer code = lua_tointegerx(L, -1, &ok);
+      if (!ok && lua_type(L, -1) == LUA_TSTRING &&
+          rsl_grpc_code_parse(lua_tostring(L, -1), &named) == 0) {
+        code = named;
+        ok = 1;
+      }
+      if (!ok || code < 0 || code >= RSL_GRPC_CODE_COUNT)
+        luaL_error(L, "retry_on.grpc: bad gRPC status code");
+      codes |= 1u << code;
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1); /* the nil */
+  }
+  lua_pop(L, 1); /* grpc */
+  return codes;
+}
 
 /* open_ms: a number, or the list of durations by opening in a row that
  * policy.lua computes from a function (the core never calls Lua there). */
@@ -240,7 +265,9 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
     c->retry_errors |= 1u << e;
     lua_pop(L, 1);
   }
-  lua_pop(L, 3);
+  lua_pop(L, 1);
+  c->retry_grpc = grpc_codes_field(L, r);
+  lua_pop(L, 2);
 
   if (section(L, t, "retry_after")) {
     field(L, -1, "respect", LUA_TBOOLEAN, 0);
@@ -647,7 +674,13 @@ void rsl_policy_decide_builtin(const rsl_policy_conf *c,
                                const rsl_attempt_info *a, rsl_decision *d) {
   const rsl_response *res = a->res;
   int retriable;
-  if (res->status) {
+  if (res->grpc && res->status) {
+    /* A gRPC answer: its status code decides (a response without
+     * grpc-status was mapped from the HTTP status). */
+    retriable = (c->retry_grpc >> res->grpc_status) & 1u;
+    snprintf(d->reason, sizeof d->reason, "gRPC %s %s retry_on.grpc",
+             rsl_grpc_code_name(res->grpc_status), retriable ? "in" : "not in");
+  } else if (res->status) {
     retriable = res->status < 600 && c->retry_status[res->status];
     snprintf(d->reason, sizeof d->reason, "status %ld %s retry_on",
              res->status, retriable ? "in" : "not in");
@@ -750,6 +783,16 @@ void rsl_policy_push_status(lua_State *L, long status, rsl_error_class error) {
   }
 }
 
+void rsl_policy_push_grpc(lua_State *L, const rsl_response *res) {
+  if (!res->grpc) return;
+  lua_pushinteger(L, res->grpc_status);
+  lua_setfield(L, -2, "grpc_status");
+  if (res->grpc_message) {
+    lua_pushstring(L, res->grpc_message);
+    lua_setfield(L, -2, "grpc_message");
+  }
+}
+
 static void push_attempt(lua_State *L, const rsl_policy *p,
                          const rsl_attempt_info *a) {
   const rsl_response *res = a->res;
@@ -761,6 +804,7 @@ static void push_attempt(lua_State *L, const rsl_policy *p,
   lua_pushstring(L, a->url);
   lua_setfield(L, -2, "url");
   rsl_policy_push_status(L, res->status, res->error);
+  rsl_policy_push_grpc(L, res);
   if (res->retry_after_ms >= 0) {
     lua_pushnumber(L, res->retry_after_ms);
     lua_setfield(L, -2, "retry_after_ms");

@@ -35,6 +35,7 @@ typedef struct rsl_policy_conf {
   double base_ms, max_ms;
   unsigned char retry_status[600]; /* 1 for each status in retry_on */
   unsigned retry_errors;           /* bit (1 << rsl_error_class) */
+  unsigned retry_grpc;             /* bit (1 << gRPC status code) */
   int retry_after_respect;
   double retry_after_max_ms;
   char *idempotency_header;        /* NULL: no key sent */
@@ -134,6 +135,9 @@ void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);
  * table on top of the stack: how every result and attempt table says it. */
 void rsl_policy_push_status(struct lua_State *L, long status,
                             rsl_error_class error);
+/* Sets t.grpc_status and t.grpc_message (when present) on the table on
+ * top of the stack, for a gRPC response; nothing otherwise. */
+void rsl_policy_push_grpc(struct lua_State *L, const rsl_response *res);
 /* The version held by the userdata at idx (raises if it is not one). */
 rsl_policy *rsl_policy_check(struct lua_State *L, int idx);
 

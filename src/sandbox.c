@@ -457,15 +457,21 @@ static const luaL_Reg SANDBOX_CORE[] = {
     {"self_path", sb_self_path}, {NULL, NULL},
 };
 
+/* The embedded modules a policy may use: pure Lua, no I/O. */
+static const char *const POLICY_MODULES[] = {
+    "resilua.policy", "resilua.backoff", "resilua.grpc", NULL};
+
 /* The state's own `require` (for resilua.policy's code, not the policy's,
- * which gets its own from policy.lua): loaded modules, else the two
- * embedded modules a policy may use. */
+ * which gets its own from policy.lua): loaded modules, else the embedded
+ * modules a policy may use. */
 static int sb_require(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   if (lua_getfield(L, -1, name) != LUA_TNIL) return 1;
   lua_pop(L, 1);
-  if (strcmp(name, "resilua.policy") != 0 && strcmp(name, "resilua.backoff"))
+  const char *const *allowed = POLICY_MODULES;
+  while (*allowed && strcmp(*allowed, name) != 0) allowed++;
+  if (!*allowed)
     return luaL_error(L, "module '%s' is not available in a policy", name);
   for (const rsl_embedded *m = rsl_embedded_modules; m->name; m++) {
     if (strcmp(m->name, name) != 0) continue;

@@ -21,6 +21,7 @@
 
 #include "http/buf.h"
 #include "http/conn.h"
+#include "http2/h2c.h"
 
 #define RESPONSE_HEAD_MAX_BYTES (64 * 1024)
 #define STATS_MAX_BYTES (64 * 1024)
@@ -33,6 +34,8 @@ struct rsl_server_response {
   rsl_server_action action;
   rsl_buf head; /* "Name: value\r\n" lines */
   rsl_buf body;
+  int grpc_status; /* -1: none */
+  rsl_buf grpc_message;
 };
 
 typedef struct job job;
@@ -79,6 +82,7 @@ struct rsl_server {
   int dedup;      /* Idempotency-Key dedup is on (the default) */
   int in_handler; /* the handler is running (the loop cannot re-enter) */
   int closing;    /* rsl_server_free was called from inside the handler */
+  rsl_h2c *h2c;   /* HTTP/2 connections (http2/h2c.c keeps the list) */
   rsl_server_stats stats;
 };
 
@@ -102,12 +106,14 @@ static uint64_t fnv1a(uint64_t h, const void *data, size_t n) {
 #define FNV_OFFSET 0xcbf29ce484222325ull
 
 static void response_init(rsl_server_response *res) {
-  *res = (rsl_server_response){.status = 200, .action = RSL_SERVER_RESPOND};
+  *res = (rsl_server_response){
+      .status = 200, .action = RSL_SERVER_RESPOND, .grpc_status = -1};
 }
 
 static void response_free(rsl_server_response *res) {
   rsl_buf_free(&res->head);
   rsl_buf_free(&res->body);
+  rsl_buf_free(&res->grpc_message);
 }
 
 int rsl_server_response_status(rsl_server_response *res, int status) {
@@ -164,6 +170,20 @@ int rsl_server_response_delay(rsl_server_response *res, uint64_t delay_ms) {
 void rsl_server_response_action(rsl_server_response *res,
                                 rsl_server_action action) {
   res->action = action;
+}
+
+#define GRPC_MESSAGE_MAX_BYTES 4096
+
+int rsl_server_response_grpc(rsl_server_response *res, int code,
+                             const char *message, size_t len) {
+  if (code < 0 || code > 16 || len > GRPC_MESSAGE_MAX_BYTES) return -EINVAL;
+  res->grpc_status = code;
+  res->grpc_message.len = 0;
+  if (!message) return 0;
+  /* one byte more, so that an empty message is there too */
+  int rc = rsl_buf_add(&res->grpc_message, message, len, GRPC_MESSAGE_MAX_BYTES + 1);
+  if (rc == 0) rc = rsl_buf_add(&res->grpc_message, "", 1, GRPC_MESSAGE_MAX_BYTES + 1);
+  return rc;
 }
 
 /* Replaces whatever the handler set with a plain-text answer. */
@@ -572,10 +592,17 @@ static void on_reject(void *ud, int status) {
   s->stats.counter[RSL_SERVER_REJECTED]++;
 }
 
+/* A connection that opened with the HTTP/2 preface: h2c serves it. */
+static void on_h2c(void *ud, int fd, const char *read, size_t n) {
+  rsl_server *s = ud;
+  if (rsl_h2c_start(s, fd, read, n, &s->h2c) < 0) close(fd);
+}
+
 static const rsl_http_handlers http_handlers = {
   .on_request = on_request,
   .on_close = on_close,
   .on_reject = on_reject,
+  .on_h2c = on_h2c,
 };
 
 void rsl_server_set_dedup(rsl_server *s, int on) { s->dedup = on != 0; }
@@ -611,6 +638,65 @@ int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
   return 0;
 }
 
+void rsl_server_response_view(const rsl_server_response *res,
+                              rsl_server_answer *out) {
+  *out = (rsl_server_answer){
+      .status = res->status,
+      .delay_ms = res->delay_ms,
+      .action = res->action,
+      .head = res->head.data ? res->head.data : "",
+      .head_len = res->head.len,
+      .body = res->body.data ? res->body.data : "",
+      .body_len = res->body.len,
+      .grpc_status = res->grpc_status,
+      .grpc_message = res->grpc_message.len ? res->grpc_message.data : NULL,
+      .grpc_message_len = res->grpc_message.len ? res->grpc_message.len - 1 : 0,
+  };
+}
+
+int rsl_server_handle(rsl_server *s, rsl_server_request *req,
+                      rsl_server_response **out) {
+  rsl_server_response *res = malloc(sizeof *res);
+  *out = NULL;
+  if (!res) return -ENOMEM;
+  response_init(res);
+  req->n = ++s->stats.counter[RSL_SERVER_REQUESTS];
+  char *err = NULL;
+  s->in_handler = 1;
+  int hrc = s->handler(s->ud, req, res, &err);
+  s->in_handler = 0;
+  s->stats.counter[RSL_SERVER_HANDLER_RUNS]++;
+  if (s->closing) {
+    free(err);
+    rsl_server_response_free(res);
+    return 1;
+  }
+  if (hrc != 0) {
+    const char *msg = err ? err : "handler failed";
+    fprintf(stderr, "resilua serve: request %llu: %s\n",
+            (unsigned long long)req->n, msg);
+    s->stats.counter[RSL_SERVER_HANDLER_ERRORS]++;
+    response_text(res, 500, msg);
+    free(err);
+  }
+  if (res->delay_ms && res->action != RSL_SERVER_HANG)
+    s->stats.counter[RSL_SERVER_DELAYED]++;
+  *out = res;
+  return 0;
+}
+
+void rsl_server_response_free(rsl_server_response *res) {
+  if (!res) return;
+  response_free(res);
+  free(res);
+}
+
+void rsl_server_count_status(rsl_server *s, int status) {
+  if (status >= 100 && status < 600) s->stats.status[status]++;
+}
+
+rsl_loop *rsl_server_loop(const rsl_server *s) { return s->loop; }
+
 void rsl_server_free(rsl_server *s) {
   if (!s) return;
   if (s->in_handler) { /* on_request finishes this when it returns */
@@ -619,6 +705,7 @@ void rsl_server_free(rsl_server *s) {
   }
   while (s->jobs) job_free(s->jobs); /* releases the keys in flight */
   rsl_http_listener_free(s->listener);
+  while (s->h2c) rsl_h2c_close(s->h2c);
   while (s->oldest) key_release(s, s->oldest);
   free(s->buckets);
   free(s);

@@ -6,8 +6,12 @@
  * rules: "idempotency keys" in server.c), answers GET /_stats with JSON
  * counters, and is a model stub without a handler.
  *
+ * A connection that opens with the HTTP/2 preface (h2c with prior
+ * knowledge) is handed to src/http2/h2c.c, which answers HTTP/2 and gRPC
+ * through the same handler.
+ *
  * Provides: rsl_server_* (this file).
- * Uses: http/conn (connections), loop (timers), libc.
+ * Uses: http/conn (connections), http2/h2c, loop (timers), libc.
  * Never includes lua.h: the Lua bridge is lua_server.c.
  */
 #ifndef RSL_SERVER_H
@@ -46,6 +50,7 @@ typedef struct rsl_server_request {
   const char *body;
   size_t body_len;
   uint64_t n; /* request number, from 1; /_stats is not counted */
+  int grpc;   /* a gRPC call over HTTP/2: body is its message, unframed */
 } rsl_server_request;
 
 typedef enum rsl_server_action {
@@ -74,6 +79,10 @@ int rsl_server_response_body(rsl_server_response *res, const char *body,
 int rsl_server_response_delay(rsl_server_response *res, uint64_t delay_ms);
 void rsl_server_response_action(rsl_server_response *res,
                                 rsl_server_action action);
+/* A gRPC call's status (0..16) and message (copied; NULL: none); -EINVAL
+ * for a code outside 0..16 or a message over 4 KiB, -ENOMEM. */
+int rsl_server_response_grpc(rsl_server_response *res, int code,
+                             const char *message, size_t len);
 
 /* Fills *res for *req.  Returns 0, or nonzero after setting *err to a
  * malloc'd message (or NULL) that the server frees: the request is then
@@ -130,5 +139,35 @@ const char *rsl_server_address(const rsl_server *s);
 
 /* Live counters; owned by s. */
 const rsl_server_stats *rsl_server_stats_get(rsl_server *s);
+
+/* --- for the HTTP/2 side (http2/h2c.c) ------------------------------------ */
+
+/* A handler's answer, read-only; borrowed from the response. */
+typedef struct rsl_server_answer {
+  int status;
+  uint64_t delay_ms;
+  rsl_server_action action;
+  const char *head; /* "Name: value\r\n" lines */
+  size_t head_len;
+  const char *body;
+  size_t body_len;
+  int grpc_status; /* -1: the handler set none */
+  const char *grpc_message; /* NULL: none */
+  size_t grpc_message_len;
+} rsl_server_answer;
+
+void rsl_server_response_view(const rsl_server_response *res,
+                              rsl_server_answer *out);
+/* Runs the handler for req (numbered and counted as an HTTP/1.1 request
+ * is; a failing handler's answer is a 500).  *out is the caller's (free it
+ * with rsl_server_response_free).  0; -ENOMEM; or 1 when the handler
+ * closed the server: *out is then NULL and the caller calls
+ * rsl_server_free once it is out of its own callbacks. */
+int rsl_server_handle(rsl_server *s, rsl_server_request *req,
+                      rsl_server_response **out);
+void rsl_server_response_free(rsl_server_response *res);
+/* Counts a response sent (the status counters of /_stats). */
+void rsl_server_count_status(rsl_server *s, int status);
+rsl_loop *rsl_server_loop(const rsl_server *s);
 
 #endif

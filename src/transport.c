@@ -28,6 +28,28 @@
  * grow_connection_cache); this is only where it starts. */
 #define MIN_CACHED_CONNECTIONS 1024
 #define MAX_SPARE_ATTEMPTS 256 /* finished attempts kept for reuse */
+#define MAX_H2C_ORIGINS 1024     /* past this, h2c attempts always ask for
+                                    prior knowledge (see h2c_origin) */
+#define MAX_ORIGIN_BYTES 256
+/* Streams per HTTP/2 connection, on our side.  High, so that one h2c
+ * connection carries every call in flight: with a second one being
+ * opened, curl 7.88 sends the attempts that find the first full over new
+ * HTTP/1.1 Upgrade connections (see h2c_origin) rather than wait. */
+#define H2_MAX_CONCURRENT_STREAMS 100000L
+
+/* An http:// origin spoken to in HTTP/2 (h2c).  libcurl 7.88 fails an
+ * attempt that asks for prior knowledge on a connection it reuses ("Error
+ * in the HTTP2 framing layer": curl#10634, fixed in curl 8.0), and one
+ * that asks for plain HTTP/2 opens an HTTP/1.1 Upgrade connection, which
+ * gRPC servers refuse, when there is no HTTP/2 connection to reuse.  So an
+ * attempt asks for prior knowledge only when its origin has no h2c
+ * connection, open or being opened; otherwise for HTTP/2, which reuses it
+ * (and, with PIPEWAIT, waits for the one being opened). */
+typedef struct h2c_origin {
+  char name[MAX_ORIGIN_BYTES]; /* "http://host:port" as the URL spells it */
+  int opening; /* prior-knowledge attempts in flight */
+  int conns;   /* h2c connection sockets open */
+} h2c_origin;
 
 struct rsl_transport {
   rsl_loop *loop;
@@ -49,6 +71,8 @@ struct rsl_transport {
   /* The connection sockets curl opened through opensocket_cb, by fd. */
   struct socket_ctx **by_fd;
   size_t by_fd_cap;
+  h2c_origin *origins;
+  size_t origin_count;
 };
 
 struct rsl_attempt {
@@ -72,6 +96,10 @@ struct rsl_attempt {
   rsl_attempt_data on_data; /* streaming hook, or NULL */
   rsl_attempt *prev, *next;
   int added;  /* to the multi handle */
+  /* 1 + the index of its h2c origin in t->origins, or 0; `opening`: it
+   * asked for prior knowledge (counted in the origin's `opening`);
+   * `h2c_resent`: it was sent again (see h2c_resend). */
+  int h2c_origin, opening, h2c_resent;
   int queued; /* in t's queue, waiting for fewer than queue_limit active */
   size_t queue_limit;
   /* A queued attempt's timeout runs while it waits: when it fires first,
@@ -103,6 +131,7 @@ typedef struct socket_ctx {
   rsl_transport *t;
   int conn;   /* a connection socket, in t->by_fd */
   int parked; /* curl does not watch it now */
+  int h2c_origin; /* 1 + index in t->origins: an h2c connection; or 0 */
 } socket_ctx;
 
 static const char *const ERROR_CLASS_NAMES[RSL_ERR_COUNT] = {
@@ -130,6 +159,8 @@ void rsl_response_free(rsl_response *res) {
   }
   free(res->headers);
   free(res->body);
+  free(res->grpc_message);
+  res->grpc_message = NULL;
   res->headers = NULL;
   res->header_count = 0;
   res->body = NULL;
@@ -258,11 +289,13 @@ static int socket_cb(CURL *easy, curl_socket_t s, int what, void *userp,
 }
 
 /* curl opens its connection sockets here (CURLOPT_OPENSOCKETFUNCTION), so
- * that the transport knows them (see socket_ctx); close-on-exec, so that a
- * child process never holds one open. */
+ * that the transport knows them (see socket_ctx), and which are h2c (see
+ * h2c_origin); close-on-exec, so that a child process never holds one
+ * open.  clientp is the attempt that opens the connection. */
 static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
                                    struct curl_sockaddr *address) {
-  rsl_transport *t = clientp;
+  const rsl_attempt *opener = clientp;
+  rsl_transport *t = opener->t;
   curl_socket_t s =
       socket(address->family, address->socktype | SOCK_CLOEXEC,
              address->protocol);
@@ -281,6 +314,7 @@ static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
     /* Left from a socket closed behind our back: the close dropped its
      * registration; this puts our books right. */
     rsl_io_set(t->loop, &ctx->io, 0);
+    if (ctx->h2c_origin) t->origins[ctx->h2c_origin - 1].conns--;
   } else {
     ctx = calloc(1, sizeof *ctx);
     if (!ctx) return s;
@@ -290,6 +324,10 @@ static curl_socket_t opensocket_cb(void *clientp, curlsocktype purpose,
   ctx->t = t;
   ctx->conn = 1;
   rsl_io_init(&ctx->io, s, on_socket_ready, ctx);
+  if (opener->opening) { /* a prior-knowledge attempt: h2c, reusable */
+    ctx->h2c_origin = opener->h2c_origin;
+    t->origins[ctx->h2c_origin - 1].conns++;
+  }
   return s;
 }
 
@@ -300,6 +338,7 @@ static int closesocket_cb(void *clientp, curl_socket_t s) {
   socket_ctx *ctx = conn_socket(t, s);
   if (ctx) {
     rsl_io_set(t->loop, &ctx->io, 0);
+    if (ctx->h2c_origin) t->origins[ctx->h2c_origin - 1].conns--;
     t->by_fd[s] = NULL;
     free(ctx);
   }
@@ -357,6 +396,12 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
   }
   t->max_connects = MIN_CACHED_CONNECTIONS;
   curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, t->max_connects);
+  /* HTTP/2 attempts to one origin share a connection (see set_http2), up
+   * to the server's SETTINGS_MAX_CONCURRENT_STREAMS and ours (curl's
+   * default, 100, would open a connection per 100 calls in flight). */
+  curl_multi_setopt(t->multi, CURLMOPT_PIPELINING, CURLPIPE_MULTIPLEX);
+  curl_multi_setopt(t->multi, CURLMOPT_MAX_CONCURRENT_STREAMS,
+                    H2_MAX_CONCURRENT_STREAMS);
   *out = t;
   return 0;
 }
@@ -425,6 +470,7 @@ static void attempt_free(rsl_attempt *a) {
     else t->done_tail = a->done_prev;
   }
   if (a->queued) dequeue(t, a);
+  if (a->opening) t->origins[a->h2c_origin - 1].opening--;
   if (a->added) {
     curl_multi_remove_handle(t->multi, a->easy);
     t->active--;
@@ -499,6 +545,7 @@ void rsl_transport_free(rsl_transport *t) {
     free(t->by_fd[i]);
   }
   free(t->by_fd);
+  free(t->origins);
   curl_slist_free_all(t->default_headers);
   rsl_timer_stop(t->loop, &t->timer);
   free(t);
@@ -705,6 +752,55 @@ static void finish(rsl_attempt *a, CURLcode code) {
   cb(ud, &handed);
 }
 
+/* Sends an h2c attempt again, once, when the way it went out reached no
+ * application, so that the workaround in h2c_origin never shows:
+ * - curl failed it as it tried to reuse an h2c connection with prior
+ *   knowledge (CURLE_HTTP2 before a byte was sent): again as HTTP/2,
+ *   which reuses it;
+ * - it asked for HTTP/2 but found no h2c connection to reuse (one closed
+ *   meanwhile, say), so curl sent an HTTP/1.1 Upgrade request that the
+ *   h2c-only server answered with HTTP/2 frames (curl: "HTTP/0.9"):
+ *   again with prior knowledge, on a fresh connection.
+ * Returns 1 when it was sent again. */
+static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
+  long request_bytes = -1;
+  if (!a->h2c_origin || a->h2c_resent || !a->added) return 0;
+  curl_easy_getinfo(a->easy, CURLINFO_REQUEST_SIZE, &request_bytes);
+  int reused_pk = code == CURLE_HTTP2 && a->opening && request_bytes == 0;
+  int upgrade_refused = code == CURLE_UNSUPPORTED_PROTOCOL && !a->opening;
+  if (!reused_pk && !upgrade_refused) return 0;
+  long waited_ms = (long)((rsl_now_ns() - a->started_ns) / 1000000u);
+  if (waited_ms >= a->timeout_ms) return 0;
+  curl_multi_remove_handle(t->multi, a->easy);
+  a->added = 0;
+  t->active--;
+  rsl_response_free(&a->res);
+  a->res.retry_after_ms = -1;
+  a->header_bytes = 0;
+  a->too_large = 0;
+  a->h2c_resent = 1;
+  a->sends = 0; /* a new transfer: not one of curl's hidden resends */
+  a->plain = 0; /* FRESH_CONNECT, a version: start the handle afresh */
+  if (a->opening) t->origins[a->h2c_origin - 1].opening--;
+  a->opening = upgrade_refused;
+  if (a->opening) t->origins[a->h2c_origin - 1].opening++;
+  CURLcode rc = curl_easy_setopt(a->easy, CURLOPT_HTTP_VERSION,
+                                 upgrade_refused
+                                     ? CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE
+                                     : CURL_HTTP_VERSION_2_0);
+  if (rc == CURLE_OK)
+    rc = curl_easy_setopt(a->easy, CURLOPT_FRESH_CONNECT,
+                          (long)upgrade_refused);
+  if (rc == CURLE_OK)
+    rc = curl_easy_setopt(a->easy, CURLOPT_TIMEOUT_MS,
+                          a->timeout_ms - waited_ms);
+  if (rc != CURLE_OK || attempt_add(t, a) < 0) {
+    a->result = CURLE_OUT_OF_MEMORY;
+    return 0;
+  }
+  return 1;
+}
+
 /* Reads every finished transfer first, then calls back: curl's
  * curl_multi_remove_handle looks through the messages not yet read, so
  * finishing each as it was read cost O(n^2) when many finished at once
@@ -725,8 +821,57 @@ static void drain_done(rsl_transport *t) {
     if (t->done_head) t->done_head->done_prev = NULL;
     else t->done_tail = NULL;
     a->done = 0;
-    finish(a, a->result);
+    if (!h2c_resend(t, a, a->result)) finish(a, a->result);
   }
+}
+
+/* The h2c origin of url (1 + its index in t->origins, added if new), or
+ * 0 when it cannot be kept (too long, too many, out of memory). */
+static int origin_index(rsl_transport *t, const char *url) {
+  const char *host = strstr(url, "://");
+  size_t n = host ? strcspn(host + 3, "/?#") + (size_t)(host + 3 - url)
+                  : strlen(url);
+  if (n >= MAX_ORIGIN_BYTES) return 0;
+  for (size_t i = 0; i < t->origin_count; i++)
+    if (strncmp(t->origins[i].name, url, n) == 0 && !t->origins[i].name[n])
+      return (int)i + 1;
+  if (t->origin_count == MAX_H2C_ORIGINS) return 0;
+  h2c_origin *grown =
+      realloc(t->origins, (t->origin_count + 1) * sizeof *grown);
+  if (!grown) return 0;
+  t->origins = grown;
+  h2c_origin *o = &t->origins[t->origin_count++];
+  memcpy(o->name, url, n);
+  o->name[n] = '\0';
+  o->opening = o->conns = 0;
+  return (int)t->origin_count;
+}
+
+/* The HTTP version of an attempt, set on every one (handles are reused):
+ * HTTP/2 by ALPN on https://; on http://, h2c (see h2c_origin); or
+ * curl's default.  PIPEWAIT makes an HTTP/2 attempt wait for a connection
+ * being set up to the same origin rather than open its own, so that many
+ * attempts started at once multiplex on one connection. */
+static CURLcode set_http2(rsl_transport *t, rsl_attempt *a,
+                          const rsl_request *req) {
+  long version = CURL_HTTP_VERSION_NONE;
+  if (req->http2 && strncasecmp(req->url, "https:", 6) == 0) {
+    version = CURL_HTTP_VERSION_2TLS;
+  } else if (req->http2) {
+    a->h2c_origin = origin_index(t, req->url);
+    const h2c_origin *o = a->h2c_origin ? &t->origins[a->h2c_origin - 1] : NULL;
+    if (o && (o->opening || o->conns)) {
+      version = CURL_HTTP_VERSION_2_0;
+    } else {
+      version = CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE;
+      a->opening = a->h2c_origin != 0;
+      if (a->opening) t->origins[a->h2c_origin - 1].opening++;
+    }
+  }
+  CURLcode rc = curl_easy_setopt(a->easy, CURLOPT_HTTP_VERSION, version);
+  if (rc == CURLE_OK)
+    rc = curl_easy_setopt(a->easy, CURLOPT_PIPEWAIT, req->http2 ? 1L : 0L);
+  return rc;
 }
 
 int rsl_transport_send(rsl_transport *t, const rsl_request *req,
@@ -770,7 +915,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     SET(CURLOPT_HEADERDATA, a);
     SET(CURLOPT_ACCEPT_ENCODING, "");
     SET(CURLOPT_OPENSOCKETFUNCTION, opensocket_cb);
-    SET(CURLOPT_OPENSOCKETDATA, t);
+    SET(CURLOPT_OPENSOCKETDATA, a);
     SET(CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
     SET(CURLOPT_CLOSESOCKETDATA, t);
     SET(CURLOPT_PREREQFUNCTION, prereq_cb);
@@ -784,6 +929,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
   /* A streamed body is not kept: on_body caps only what it keeps. */
   SET(CURLOPT_MAXFILESIZE_LARGE,
       req->on_data ? (curl_off_t)0 : (curl_off_t)a->max_body_bytes);
+  if (rc == CURLE_OK) rc = set_http2(t, a, req);
   if (req->body) {
     a->plain = 0;
     SET(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req->body_len);

@@ -49,6 +49,12 @@ typedef struct rsl_response {
   size_t body_len;
   double latency_ms;
   double retry_after_ms; /* -1 when the response had no usable Retry-After */
+  /* A gRPC call's status (grpc/grpc.h), set by the call, not the
+   * transport: meaningful when `grpc` is 1; grpc_message is malloc'd or
+   * NULL. */
+  int grpc;
+  int grpc_status;
+  char *grpc_message;
 } rsl_response;
 
 void rsl_response_free(rsl_response *res);
@@ -87,6 +93,10 @@ typedef struct rsl_request {
   size_t max_active;
   rsl_attempt_data on_data; /* NULL: the body is kept whole */
   int raw; /* pass the body as sent: no Accept-Encoding, no decoding */
+  /* HTTP/2: with prior knowledge (h2c) on http://, by ALPN on https://;
+   * attempts to one origin share a connection, multiplexed.  0: curl's
+   * default (HTTP/1.1 on http://). */
+  int http2;
 } rsl_request;
 
 /* Whether url is one an attempt can be sent to: http or https, a host, a

@@ -4,7 +4,8 @@
 # everything is there.  Extra package names may be given (make bench: wrk).
 set -euo pipefail
 PACKAGES=(gcc make pkg-config liblua5.4-dev lua5.4 libcurl4-openssl-dev
-          lua-cjson lua-busted libhttp-parser-dev curl "$@")
+          lua-cjson lua-busted libhttp-parser-dev libnghttp2-dev curl
+          python3-grpcio nghttp2-client "$@")
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -570,6 +570,7 @@ local function run(opts)
     req.headers = req.headers or {}
     for k, v in pairs(extra_headers) do req.headers[k] = v end
     req.headers["Idempotency-Key"] = M.key_for(id)
+    if opts.http2 then req.http2 = true end
     return req
   end
 

@@ -66,6 +66,12 @@ Options:
   --json                   write the result as one JSON object: outcome,
                            status or error, attempts, elapsed_ms, headers,
                            body (body_base64 when it is not UTF-8)
+  --http2                  HTTP/2: h2c with prior knowledge on http://, ALPN
+                           on https://
+  --grpc pkg.Service/Method
+                           a unary gRPC call to URL's origin: -d is the
+                           serialized request message, -H adds metadata, the
+                           response message is the body (docs/grpc.md)
   --policy NAME|FILE.lua   retry policy (default: default)
   --policy-path DIR        where to look for policies by name (repeatable;
                            default ./policies, then the shipped ones)
@@ -79,8 +85,8 @@ Options:
   -h, --help               this text
 
 Exit codes: 0 ok, 2 usage or policy error (or -o cannot be written),
-3 failed (not retriable), 4 gave up (attempts, deadline or budget),
-5 breaker open.
+3 failed (not retriable; with --grpc, a gRPC status the policy does not
+retry), 4 gave up (attempts, deadline or budget), 5 breaker open.
 ]]
 
 local POLICIES_USAGE = [[
@@ -157,6 +163,7 @@ Options:
   --follow-redirects      follow 3xx (at most 5 hops); without it a 3xx fails
   -X METHOD  -H 'Name: value'  --policy NAME|FILE  --policy-path DIR
 ]] .. POLICY_OVERRIDES_USAGE .. [[
+  --http2                 HTTP/2 (h2c on http://, ALPN on https://)
   --log FILE              event log (default: none; batches are long)
   --redact NAME           mask NAME's values too (repeatable; see call --help)
   --seed N                reproducible jitter
@@ -198,6 +205,10 @@ Options:
   -X, --request METHOD     HTTP method (default GET, or POST with -d)
   -H, --header 'Name: v'   add a request header (repeatable)
   -d, --data DATA          request body; @FILE reads a file
+  --http2                  HTTP/2 (h2c on http://, ALPN on https://); calls
+                           share connections, multiplexed
+  --grpc pkg.Service/Method
+                           unary gRPC calls (-d: the request message)
   --policy NAME|FILE.lua   retry policy (default: no-retry, so that the
                            load goes out as with hey or vegeta)
   --policy-path DIR        where to look for policies by name (repeatable)
@@ -400,12 +411,14 @@ local function base64(s)
   return table.concat(out)
 end
 
-local CALL_JSON_ORDER = { [""] = { "outcome", "status", "error", "attempts", "elapsed_ms",
+local CALL_JSON_ORDER = { [""] = { "outcome", "status", "error", "grpc_status", "grpc_message",
+                                   "attempts", "elapsed_ms",
                                    "call_id", "message", "policy", "headers", "body",
                                    "body_base64" } }
 
 local function call_json(final, outcome, p)
   local o = { outcome = outcome, status = final.status, error = final.error,
+              grpc_status = final.grpc_status, grpc_message = final.grpc_message,
               attempts = final.attempts, elapsed_ms = final.elapsed_ms,
               call_id = final.call_id, message = final.message,
               policy = p.name, headers = final.headers }
@@ -431,9 +444,11 @@ function M.call(args)
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--verbose"] = "flag", ["--output"] = "value", ["--include"] = "flag", ["--json"] = "flag",
     ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+    ["--grpc"] = "value", ["--http2"] = "flag",
   }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help",
        ["-v"] = "--verbose", ["-o"] = "--output", ["-i"] = "--include" })
   if not opts then return fail("call", pos .. " (see resilua call --help)") end
+  if opts["--grpc"] and opts["--request"] then return fail("call", "--grpc: a gRPC call is a POST; no -X") end
   if opts["--help"] then io.stdout:write(CALL_USAGE) return EXIT.ok end
   if #pos ~= 1 then
     return fail("call", (#pos == 0 and "missing URL" or "expected one URL, got " .. #pos)
@@ -455,6 +470,7 @@ function M.call(args)
   end
   local ok, res, err = pcall(client.call, client, {
     method = opts["--request"], url = pos[1], headers = opts["--header"], body = body,
+    grpc = opts["--grpc"], http2 = opts["--http2"],
   })
   if not ok then
     if out ~= io.stdout then out:close() end
@@ -617,7 +633,7 @@ function M.batch(args)
     ["--id-field"] = "value", ["--concurrency"] = "value", ["--chunk"] = "value",
     ["--request"] = "value", ["--header"] = "list", ["--method"] = "value",
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
-    ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+    ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag", ["--http2"] = "flag",
     ["--stall"] = "value", ["--no-retry-failed"] = "flag", ["--follow-redirects"] = "flag",
   }, { ["-X"] = "--method", ["-H"] = "--header", ["-h"] = "--help" })
   if not opts then return fail("batch", pos .. " (see resilua batch --help)") end
@@ -673,7 +689,7 @@ function M.batch(args)
     report = opts["--report"], id_field = opts["--id-field"], method = opts["--method"],
     concurrency = numbers["--concurrency"], chunk = numbers["--chunk"], headers = headers,
     build = build, quiet = opts["--quiet"], policy = policy,
-    policy_path = opts["--policy-path"], stall_s = stall_s,
+    policy_path = opts["--policy-path"], stall_s = stall_s, http2 = opts["--http2"],
     retry_failed = not opts["--no-retry-failed"], follow_redirects = opts["--follow-redirects"],
   }
   if not report then return fail(nil, err) end
@@ -692,8 +708,10 @@ function M.load(args)
     ["--request"] = "value", ["--header"] = "list", ["--data"] = "value",
     ["--policy"] = "value", ["--policy-path"] = "list", ["--log"] = "value", ["--redact"] = "list",
     ["--json"] = "flag", ["--quiet"] = "flag", ["--seed"] = "value", ["--help"] = "flag",
+    ["--grpc"] = "value", ["--http2"] = "flag",
   }, { ["-X"] = "--request", ["-H"] = "--header", ["-d"] = "--data", ["-h"] = "--help" })
   if not opts then return fail("load", pos .. " (see resilua load --help)") end
+  if opts["--grpc"] and opts["--request"] then return fail("load", "--grpc: a gRPC call is a POST; no -X") end
   if opts["--help"] then io.stdout:write(LOAD_USAGE) return EXIT.ok end
   if #pos ~= 1 then
     return fail("load", (#pos == 0 and "missing URL" or "expected one URL, got " .. #pos)
@@ -736,8 +754,9 @@ function M.load(args)
     progress = function(line) io.stderr:write(line, "\n") end
   end
   local report, err = load.run{
-    url = pos[1], method = opts["--request"] or (body and "POST" or "GET"),
+    url = pos[1], method = opts["--request"] or ((body or opts["--grpc"]) and "POST" or "GET"),
     headers = opts["--header"], body = body, client = client, policy_name = client:policy().name,
+    grpc = opts["--grpc"], http2 = opts["--http2"],
     policy_overrides = client:policy().overrides,
     rate = rate, concurrency = conc, duration_s = duration_s,
     max_in_flight = caps["--max-in-flight"], connections = caps["--connections"],

@@ -279,7 +279,7 @@ local function start_lane(x, lane, done)
       end
     end
     return { method = r.method or "GET", url = base_url .. (r.path or "/"), headers = r.headers,
-             body = r.body }
+             body = r.body, grpc = r.grpc, metadata = r.metadata, http2 = r.http2 }
   end
 
   local finish -- below: runs once the last call of the lane ended

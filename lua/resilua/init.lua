@@ -49,10 +49,10 @@ Client.__index = Client
 -- a policy object is used as it is.
 -- The fields resilua.client{...} and client:call{...} take: any other is a
 -- mistake (methd=, headrs=) and an error, as in policies.  Other modules
--- may add theirs.  on_chunk, grpc and metadata: contracts 7 and 8.
+-- may add theirs.  on_chunk, grpc, metadata and http2: contracts 7 and 8.
 M.CLIENT_FIELDS = { policy = true, policy_path = true, name = true, shadow = true }
 M.CALL_FIELDS = { method = true, url = true, headers = true, body = true, max_active = true,
-                  on_chunk = true, grpc = true, metadata = true }
+                  on_chunk = true, grpc = true, metadata = true, http2 = true }
 
 -- Raises, at the caller's caller, on the first field of t not in fields.
 local function check_fields(t, fields, prefix)
@@ -98,7 +98,8 @@ function Client:shadow_policy() return self.shadow and self.shadow.current end
 local function split(r)
   if r.outcome == "ok" then
     return { status = r.status, headers = r.headers, body = r.body, attempts = r.attempts,
-             elapsed_ms = r.elapsed_ms, call_id = r.call_id }
+             elapsed_ms = r.elapsed_ms, call_id = r.call_id,
+             grpc_status = r.grpc_status, grpc_message = r.grpc_message }
   end
   return nil, r
 end

@@ -76,7 +76,7 @@ function M.run(o)
   local client = o.client
   -- summary_only: results without headers and body, which are not counted.
   local req = { method = o.method, url = o.url, headers = o.headers, body = o.body,
-                summary_only = true,
+                grpc = o.grpc, http2 = o.http2, summary_only = true,
                 max_active = o.rate and (o.connections or M.DEFAULT_CONNECTIONS) or nil }
   local duration_ms = o.duration_s * 1000
   local max_in_flight = o.max_in_flight or M.DEFAULT_MAX_IN_FLIGHT
@@ -84,7 +84,7 @@ function M.run(o)
   local attempt_lat, lag = series(), series()
   local all = { call_lat, ok_lat, failed_lat, attempt_lat, lag }
   local calls, done, in_flight, attempts, drops, ok = 0, 0, 0, 0, 0, 0
-  local outcomes, statuses, errors, per_call = {}, {}, {}, {}
+  local outcomes, statuses, errors, per_call, grpc_codes = {}, {}, {}, {}, {}
   local sending, start_error = true, nil
   local windows, win_calls, win_ok = 0, 0, 0
   local last_start
@@ -103,6 +103,7 @@ function M.run(o)
     -- statuses and per_call are counted under numbers (no string made
     -- per call) and keyed by strings in the report.
     if r.status then bump(statuses, r.status) end
+    if r.grpc_status then bump(grpc_codes, r.grpc_status) end
     if r.error then bump(errors, r.error) end
     local n = r.attempts
     attempts = attempts + n
@@ -223,6 +224,11 @@ function M.run(o)
     return out
   end
   statuses, per_call = keyed(statuses), keyed(per_call)
+  local grpc_by_name -- gRPC calls: their statuses by name
+  for code, n in pairs(grpc_codes) do
+    grpc_by_name = grpc_by_name or {}
+    grpc_by_name[require("resilua.grpc").names[code] or tostring(code)] = n
+  end
 
   -- The rate achieved over the sending phase: on schedule, calls over the
   -- duration; behind schedule, over the time it really took to start them;
@@ -241,7 +247,7 @@ function M.run(o)
     success_rate = calls > 0 and ok / calls or 0,
     attempts = attempts, amplification = calls > 0 and attempts / calls or 0,
     attempts_per_call = per_call,
-    outcomes = outcomes, statuses = statuses, errors = errors,
+    outcomes = outcomes, statuses = statuses, grpc_statuses = grpc_by_name, errors = errors,
     latency_ms = M.figures(call_lat.total) or {},
     latency_ok_ms = M.figures(ok_lat.total), latency_failed_ms = M.figures(failed_lat.total),
     attempt_latency_ms = M.figures(attempt_lat.total),
@@ -271,7 +277,7 @@ local JSON_ORDER = {
   [""] = { "url", "policy", "policy_overrides", "mode", "rate", "concurrency", "duration_s",
            "elapsed_s", "interrupted", "calls", "scheduled", "drops", "achieved_rate",
            "success_rate", "outcomes", "attempts", "amplification", "attempts_per_call",
-           "statuses", "errors", "latency_ms", "latency_ok_ms", "latency_failed_ms",
+           "statuses", "grpc_statuses", "errors", "latency_ms", "latency_ok_ms", "latency_failed_ms",
            "attempt_latency_ms", "schedule_lag_ms", "windows", "start_error" },
 }
 for _, k in ipairs({ "latency_ms", "latency_ok_ms", "latency_failed_ms", "attempt_latency_ms",
@@ -310,6 +316,7 @@ function M.format(r)
   say("attempts     %d  amplification %.3f  (calls by attempts  %s)", r.attempts,
       r.amplification, #per > 0 and table.concat(per, "  ") or "-")
   say("status       %s", counts_line(r.statuses))
+  if r.grpc_statuses then say("grpc status  %s", counts_line(r.grpc_statuses)) end
   say("errors       %s", counts_line(r.errors))
   say("latency ms   %9s %9s %9s %9s %9s %9s %9s", "count", "p50", "p90", "p95", "p99",
       "p99.9", "max")

@@ -3,6 +3,7 @@
 -- (errors name file:line), fills in the defaults (contract 1) and hands the
 -- normalized table to the C core.
 local core = require "resilua.core"
+local grpc = require "resilua.grpc"
 
 local M = {}
 
@@ -16,7 +17,8 @@ M.DEFAULTS = {
   max_response_bytes = 16 * 1024 * 1024,
   backoff = { base_ms = 200, max_ms = 5000, jitter = "full" },
   retry_on = { status = { 429, 500, 502, 503, 504 },
-               errors = { "timeout", "connect", "reset", "dns" } },
+               errors = { "timeout", "connect", "reset", "dns" },
+               grpc = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" } },
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
   breaker = { failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
@@ -44,7 +46,8 @@ local RULES = {
     jitter = { "choice", full = true, equal = true, decorrelated = true, none = true } } },
   retry_on = { "section", fields = {
     status = { "list", "integer", 100, 599 },
-    errors = { "list", "choice", choices = ERROR_CLASSES } } },
+    errors = { "list", "choice", choices = ERROR_CLASSES },
+    grpc = { "list", "grpc_code" } } },  -- gRPC status codes, by name or number
   retry_after = { "section", optional = true, fields = {
     respect = { "boolean" }, max_ms = ms() } },
   idempotency = { "section", optional = true, fields = {
@@ -145,6 +148,13 @@ local function check_value(rule, v, what)
     elseif type(v) ~= "function" then
       return check_value(ms(), v, what)
     end
+  elseif kind == "grpc_code" then
+    if not grpc.code(v) then
+      if type(v) == "string" then
+        return ("%s: unknown gRPC status code '%s'%s"):format(what, v, suggest(v:upper(), grpc.codes))
+      end
+      return ("%s must be a gRPC status code (a name, or 0 to 16), got %s"):format(what, tostring(v))
+    end
   elseif kind == "token" then
     if type(v) ~= "string" or not v:match("^[%w!#$%%&'*+.^_`|~-]+$") then
       return ("%s must be an HTTP token (a header name or method), got %s"):format(what, tostring(v))
@@ -227,7 +237,8 @@ end
 M.version_of = version_of
 
 -- Modules a policy may require besides its own: pure helpers, no I/O.
-local SANDBOX_MODULES = { ["resilua.backoff"] = true, ["resilua.policy"] = true }
+local SANDBOX_MODULES = { ["resilua.backoff"] = true, ["resilua.policy"] = true,
+                          ["resilua.grpc"] = true }
 
 local SAFE_GLOBALS = { "assert", "error", "ipairs", "next", "pairs", "pcall", "select",
   "tonumber", "tostring", "type", "xpcall", "rawequal", "rawget", "rawlen", "rawset",
@@ -323,7 +334,7 @@ local function sandbox(policy_path, chain, file, src)
     if loaded[name] ~= nil then return loaded[name] end
     local path = find_module(name, policy_path)
     if not path then
-      fail(name, ("module '%s' is not allowed in a policy (only resilua.backoff, "
+      fail(name, ("module '%s' is not allowed in a policy (only resilua.backoff, resilua.grpc, "
                   .. "resilua.policy and modules on the policy path)"):format(name))
     end
     local msrc, rerr = read_source(path)

@@ -34,6 +34,8 @@
 #define ACCEPT_RETRY_MS 100 /* out of descriptors: pause accepting */
 #define ACCEPTS_PER_WAKEUP 64
 #define NS_PER_MS 1000000ull
+#define H2_PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#define H2_PREFACE_BYTES 24
 
 struct rsl_http_conn {
   rsl_http_listener *l;
@@ -58,6 +60,7 @@ struct rsl_http_conn {
   int lingering;    /* our side is shut: discard input until EOF */
   int discard;      /* rsl_http_conn_discard_input */
   int want_drain;
+  int fresh; /* nothing parsed yet: the HTTP/2 preface may come (on_h2c) */
   rsl_buf out;
   size_t out_sent;
   void *data;
@@ -92,6 +95,7 @@ void rsl_http_status_line(char *out, size_t cap, int status) {
 /* --- output ----------------------------------------------------------------- */
 
 static void conn_free(rsl_http_conn *c, int reset, int notify);
+static void conn_to_h2c(rsl_http_conn *c);
 static int conn_process(rsl_http_conn *c);
 
 /* Watches what the connection's state needs. */
@@ -437,6 +441,15 @@ static void conn_read(rsl_http_conn *c) {
     conn_free(c, 0, 1);
     return;
   }
+  if (c->fresh) {
+    size_t k = c->in.len < H2_PREFACE_BYTES ? c->in.len : H2_PREFACE_BYTES;
+    if (memcmp(c->in.data, H2_PREFACE, k) != 0) c->fresh = 0;
+    else if (k < H2_PREFACE_BYTES) return; /* maybe the preface: wait */
+    else {
+      conn_to_h2c(c);
+      return;
+    }
+  }
   conn_process(c);
 }
 
@@ -467,16 +480,11 @@ static void on_timer(void *ud) {
   rsl_timer_start(c->l->loop, &c->timer, now >= due ? idle_ns : due - now);
 }
 
-static void conn_free(rsl_http_conn *c, int reset, int notify) {
+/* Unlinks c from its listener and frees it; its socket is left open. */
+static void conn_forget(rsl_http_conn *c) {
   rsl_http_listener *l = c->l;
-  if (notify && c->busy && l->h.on_close) l->h.on_close(l->ud, c);
   rsl_io_set(l->loop, &c->io, 0);
   rsl_timer_stop(l->loop, &c->timer);
-  if (reset) {
-    struct linger lg = {.l_onoff = 1, .l_linger = 0};
-    setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
-  }
-  close(c->io.fd);
   if (c->prev) c->prev->next = c->next; else l->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   l->nconns--;
@@ -487,6 +495,30 @@ static void conn_free(rsl_http_conn *c, int reset, int notify) {
   free(c);
 }
 
+static void conn_free(rsl_http_conn *c, int reset, int notify) {
+  rsl_http_listener *l = c->l;
+  if (notify && c->busy && l->h.on_close) l->h.on_close(l->ud, c);
+  if (reset) {
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(c->io.fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+  }
+  close(c->io.fd);
+  conn_forget(c);
+}
+
+/* Hands c, which opened with the HTTP/2 preface, to the owner's on_h2c
+ * with the socket and what was read, and forgets it here. */
+static void conn_to_h2c(rsl_http_conn *c) {
+  rsl_http_listener *l = c->l;
+  int fd = c->io.fd;
+  rsl_buf read = c->in; /* kept: conn_forget frees the rest */
+  c->in = (rsl_buf){0};
+  conn_forget(c);
+  /* Last but the free: on_h2c may run a handler that frees the listener. */
+  l->h.on_h2c(l->ud, fd, read.data, read.len);
+  rsl_buf_free(&read);
+}
+
 static void conn_new(rsl_http_listener *l, int fd,
                      const struct sockaddr_storage *ss) {
   rsl_http_conn *c = calloc(1, sizeof *c);
@@ -495,6 +527,7 @@ static void conn_new(rsl_http_listener *l, int fd,
     return;
   }
   c->l = l;
+  c->fresh = l->h.on_h2c != NULL;
   rsl_io_init(&c->io, fd, conn_on_io, c);
   rsl_timer_init(&c->timer, on_timer, c);
   http_parser_init(&c->parser, HTTP_REQUEST);

@@ -3,7 +3,8 @@
  * and `resilua proxy` (proxy/): a listener on the resilua loop, and
  * connections that parse one request at a time (http-parser, with limits),
  * hand it to the owner complete (body buffered), and send what the owner
- * writes, in order, with backpressure.
+ * writes, in order, with backpressure.  A connection that opens with the
+ * HTTP/2 preface goes to the owner's on_h2c when it has one (serve: h2c).
  *
  * Provides: rsl_http_* (this file).
  * Uses: loop (watchers, timers), http-parser, libc sockets.  No lua.h.
@@ -74,6 +75,12 @@ typedef struct rsl_http_handlers {
   /* Answered 400/413/431 (or 503, out of memory) before a request was
    * complete; then closed. */
   void (*on_reject)(void *ud, int status);
+  /* Optional.  A connection that opens with the HTTP/2 client preface
+   * (h2c with prior knowledge, RFC 9113 section 3.4) is handed over: the
+   * owner takes fd (non-blocking, its to close) and the n bytes read from
+   * it so far, preface first; the connection is gone from here.  It may
+   * free the listener.  NULL: the preface is parsed as HTTP/1.1 (a 400). */
+  void (*on_h2c)(void *ud, int fd, const char *read, size_t n);
 } rsl_http_handlers;
 
 /* Listens on `addr` ("HOST:PORT", "[V6]:PORT"; port 0 = ephemeral).  On
