@@ -623,8 +623,9 @@ static int stream_closed(rsl_h2c *c, int32_t id) {
   return !st || nghttp2_stream_get_state(st) == NGHTTP2_STREAM_STATE_CLOSED;
 }
 
-/* Copies data to out without the RST_STREAM frames for streams already
- * closed; returns the bytes left.  libcurl 7.88 resets every stream once
+/* Copies data to out (room for n + 8 bytes: see feed) without the
+ * RST_STREAM frames for streams already closed; returns the bytes left.
+ * libcurl 7.88 resets every stream once
  * its answer is in, and Debian's libnghttp2 counts those resets against
  * its rapid-reset limit (CVE-2023-44487: 1000, then 33/s) and ends the
  * connection with GOAWAY after about a thousand calls; a peer MUST ignore
@@ -668,7 +669,9 @@ static size_t drop_late_resets(rsl_h2c *c, const uint8_t *data, size_t n,
 /* Feeds n bytes to nghttp2; 0, or -1 after closing the connection (or
  * the whole server, when a handler closed it). */
 static int feed(rsl_h2c *c, const char *data, size_t n) {
-  uint8_t *kept = malloc(n ? n : 1);
+  /* + 9: a frame header split across reads goes out whole, with the up
+   * to 8 bytes of it that came with the previous read. */
+  uint8_t *kept = malloc(n + 9);
   if (!kept) {
     rsl_h2c_close(c);
     return -1;
