@@ -413,6 +413,38 @@ describe("resilua serve answers HTTP/2 and gRPC over h2c", function()
     assert.is_true(stats.requests >= 2)
   end)
 
+  it("takes the preface and frame headers split across reads (the HTTP/1.1 side waits for the whole preface)", function()
+    -- the preface a byte at a time, then a SETTINGS frame's 9-byte header
+    -- in two sends: serve must answer with its SETTINGS and ack ours
+    local script = dir .. "/split.py"
+    helpers.write_file(script, [=[
+import socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_connection((host, int(port)))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n":
+    s.sendall(bytes([b])); time.sleep(0.005)
+frame = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"
+s.sendall(frame[:5]); time.sleep(0.05); s.sendall(frame[5:])
+s.settimeout(10)
+got, acked, seen = b"", False, []
+while not acked:
+    d = s.recv(65536)
+    if not d: break
+    got += d
+    while len(got) >= 9 and len(got) >= 9 + int.from_bytes(got[:3], "big"):
+        n = int.from_bytes(got[:3], "big")
+        seen.append((got[3], got[4]))
+        if got[3] == 4 and got[4] & 1: acked = True
+        got = got[9 + n:]
+print(" ".join("%d/%d" % t for t in seen))
+]=])
+    local r = helpers.run({ "python3", script, (up.url:gsub("^http://", "")) })
+    assert.equal(0, r.code, r.stderr)
+    assert.matches("^4/0", r.stdout) -- the server's SETTINGS first
+    assert.matches("4/1", r.stdout)  -- then the ack of ours
+  end)
+
   it("keeps one connection for 2,000 calls from 64 at a time (libcurl's resets of finished streams are not a rapid-reset attack)", function()
     local fresh = helpers.start_server()
     local c = client(RETRY_UNAVAILABLE)
