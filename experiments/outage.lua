@@ -8,8 +8,11 @@
 -- its own copy of the upstream:
 --   no retry            one attempt;
 --   naive retry         5 attempts at once, no backoff, no budget, no breaker;
---   backoff + jitter    the default policy without its budget and breaker;
---   default             backoff + jitter + retry budget + circuit breaker.
+--   backoff + jitter    the seed recipe: backoff and jitter, timeouts retried,
+--                       no budget and no breaker;
+--   default             the shipped default (docs/policies.md, "Choosing a
+--                       policy"): backoff + jitter, no retry of timeouts, a
+--                       retry ratio budget and a failure-rate breaker.
 -- Every policy waits at most 1 s per try.  A full queue holds more than 1 s
 -- of work, so once it fills, every request times out at the client while
 -- still costing the upstream a worker: naive retries then keep it overloaded
@@ -21,6 +24,9 @@ local experiment = require "resilua.experiment"
 local extend = require("resilua.policy").extend
 
 local PER_TRY_MS = 1000
+-- What the seed recipe retries: timeouts too (the default no longer does).
+local RETRY_ALL = { status = { 429, 500, 502, 503, 504 },
+                    errors = { "timeout", "connect", "reset", "dns" } }
 
 return experiment.run{
   name = "outage",
@@ -44,10 +50,10 @@ return experiment.run{
         per_try_timeout_ms = PER_TRY_MS, deadline_ms = PER_TRY_MS }) },
     { name = "naive retry", policy = {
         max_attempts = 5, per_try_timeout_ms = PER_TRY_MS, deadline_ms = 10000,
-        backoff = { base_ms = 0, max_ms = 0, jitter = "none" },
+        backoff = { base_ms = 0, max_ms = 0, jitter = "none" }, retry_on = RETRY_ALL,
         retry_after = false, breaker = false, budget = false } },
     { name = "backoff + jitter", policy = extend("default", {
-        per_try_timeout_ms = PER_TRY_MS, breaker = false, budget = false }) },
+        per_try_timeout_ms = PER_TRY_MS, retry_on = RETRY_ALL, breaker = false, budget = false }) },
     { name = "default", policy = extend("default", { per_try_timeout_ms = PER_TRY_MS }) },
   },
 }

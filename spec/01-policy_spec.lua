@@ -25,12 +25,15 @@ describe("policy loading", function()
     assert.equal(10000, t.deadline_ms)
     assert.same({ base_ms = 200, max_ms = 5000, jitter = "full" }, t.backoff)
     assert.same({ 429, 500, 502, 503, 504 }, t.retry_on.status)
-    assert.same({ "timeout", "connect", "reset", "dns" }, t.retry_on.errors)
+    assert.same({ "connect", "reset", "dns" }, t.retry_on.errors)
+    assert.is_true(t.retry_on.refused)
     assert.same({ respect = true, max_ms = 30000 }, t.retry_after)
     assert.same({ header = "Idempotency-Key", methods = { "POST", "PATCH" } }, t.idempotency)
-    assert.same({ failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
+    assert.same({ kind = "rate", window = "time", window_ms = 2000, minimum_calls = 20,
+                  failure_rate = 0.5, slow_call_rate = 1.0, open_ms = 250, half_open = 1,
                   key = "host" }, t.breaker)
-    assert.same({ max_tokens = 10, token_ratio = 0.1 }, t.budget)
+    assert.same({ kind = "ratio", ratio = 0.2, ttl_ms = 10000, min_per_s = 10 }, t.budget)
+    assert.is_false(t.throttle)
   end)
 
   it("ships policies/default.lua with exactly the defaults", function()
@@ -183,7 +186,7 @@ describe("built-in decisions", function()
     { { status = 504 }, true }, { { status = 429 }, true },
     { { status = 400 }, false }, { { status = 401 }, false }, { { status = 404 }, false },
     { { status = 409 }, false }, { { status = 501 }, false },
-    { { error = "timeout" }, true }, { { error = "connect" }, true }, { { error = "reset" }, true },
+    { { error = "timeout" }, false }, { { error = "connect" }, true }, { { error = "reset" }, true },
     { { error = "dns" }, true }, { { error = "tls" }, false }, { { error = "protocol" }, false },
     { { error = "too_large" }, false },
   }

@@ -153,6 +153,7 @@ describe("resilua call", function()
 
   it("enforces the per-try timeout and retries timeouts", function()
     local p = policy [[return { per_try_timeout_ms = 200, max_attempts = 2,
+                               retry_on = { errors = { "timeout" } },
                                backoff = { base_ms = 10, jitter = "none" } }]]
     local r = call({ "--policy", p, server.url .. "/slow" })
     assert.equal(4, r.code)
@@ -177,7 +178,8 @@ describe("resilua call", function()
   end)
 
   it("clips the last attempt's timeout to the deadline", function()
-    local p = policy [[return { deadline_ms = 300, per_try_timeout_ms = 2000 }]]
+    local p = policy [[return { deadline_ms = 300, per_try_timeout_ms = 2000,
+                               retry_on = { errors = { "timeout" } } }]]
     local r = call({ "--policy", p, server.url .. "/slow" })
     assert.equal(4, r.code)
     assert.equal("deadline", r.call.outcome)

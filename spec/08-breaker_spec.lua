@@ -55,7 +55,7 @@ describe("breakers", function()
       local b = check{ breaker = { kind = "rate" } }
       assert.same({ kind = "rate", window = "count", window_size = 100, minimum_calls = 100,
                     failure_rate = 0.5, slow_call_rate = 1.0,
-                    open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1, key = "host" }, b)
+                    open_ms = 250, half_open = 1, key = "host" }, b)
       assert.equal(60000, check{ breaker = { kind = "rate", window = "time" } }.window_ms)
     end)
 

@@ -136,7 +136,9 @@ describe("resilua batch", function()
     local dir = helpers.tmpdir()
     local input = items_file(dir, 100)
     local policy = helpers.write_file(dir .. "/p.lua", [[
+      -- refused = false: a refused try ends the call, and batch pauses the item
       return { max_attempts = 10, backoff = { base_ms = 10, max_ms = 50 },
+               retry_on = { refused = false },
                breaker = { failures = 5, open_ms = 200 } }]])
     local out, log = dir .. "/o.jsonl", dir .. "/events.jsonl"
     local r = batch({ "--in", input, "--out", out, "--policy", policy, "--log", log,

@@ -89,6 +89,7 @@ describe("testing.play", function()
   it("lets the deadline cut a timeline: the last try gets only the time left", function()
     local file = policy_file("short", [[
       return { deadline_ms = 3000, per_try_timeout_ms = 2000, breaker = false, budget = false,
+               retry_on = { errors = { "timeout" } },
                backoff = { base_ms = 100, max_ms = 100, jitter = "none" } }]])
     local r = testing.play(file, { { error = "timeout" } })
     assert.equal("deadline", r.outcome)
@@ -137,9 +138,11 @@ describe("testing.play_calls", function()
   local all503 = { { status = 503 } }
 
   it("runs the retry budget dry across calls", function()
-    -- default: 10 tokens, a retry only while tokens > 5; every failed
+    -- gRFC A6: 10 tokens, a retry only while tokens > 5; every failed
     -- attempt costs one.
-    local r = testing.play_calls("default", { all503, all503 })
+    local r = testing.play_calls(policy_file("bucket", [[
+      return { breaker = false, budget = { max_tokens = 10, token_ratio = 0.1 } }]]),
+      { all503, all503 })
     assert.equal("gave_up", r.calls[1].outcome)
     assert.equal(4, #r.calls[1].attempts)
     assert.equal("budget", r.calls[2].outcome)

@@ -257,7 +257,8 @@ describe("resilua load", function()
                           slow.url })
     assert.is_true(r.calls >= 2, r.calls)
     assert.are.equal(r.calls, r.errors.timeout)
-    local d = load_json({ "--concurrency", "2", "--duration", "0.2", "--policy", "default",
+    -- (aws-standard retries timeouts; the default does not)
+    local d = load_json({ "--concurrency", "2", "--duration", "0.2", "--policy", "aws-standard",
                           "--no-breaker", "--no-budget", "--timeout", "100ms",
                           "--deadline", "250ms", slow.url })
     slow:stop()

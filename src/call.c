@@ -51,6 +51,15 @@ struct rsl_call {
   uint64_t started_ns;
   double prev_delay_ms;
   double quota_paid; /* what the last retry took from a quota budget */
+  int refused; /* tries the breaker or the throttle refused (nothing sent) */
+  /* hedging: more attempts of the same try in flight beside `attempt` */
+  struct hedge_slot {
+    rsl_call *call;
+    rsl_attempt *attempt; /* in flight, or NULL */
+  } hedges[RSL_HEDGE_MAX - 1];
+  rsl_timer hedge_timer;
+  int hedges_sent; /* in all, for the call event */
+  double try_sent_ms; /* when the try's first attempt went out */
   rsl_call_result result;
 
   /* Per-request overrides (a copy of the policy's conf), or NULL. */
@@ -67,7 +76,7 @@ struct rsl_call {
 
 static const char *const OUTCOME_NAMES[] = {
     "ok", "failed", "gave_up", "deadline", "budget", "breaker_open",
-    "policy_error"};
+    "policy_error", "throttled"};
 
 const char *rsl_outcome_name(rsl_outcome o) { return OUTCOME_NAMES[o]; }
 
@@ -212,6 +221,18 @@ rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
   return &c->budget;
 }
 
+rsl_throttle *rsl_client_throttle(rsl_client *c, const rsl_policy_conf *conf) {
+  if (!conf->throttle_enabled) return NULL;
+  /* Counts carry over reloads that keep the window: they are the
+   * dependency's recent history, whatever the policy's version. */
+  if (!c->has_throttle || c->throttle.window_ms != conf->throttle_window_ms) {
+    rsl_throttle_init(&c->throttle, conf->throttle_k, conf->throttle_window_ms);
+    c->has_throttle = 1;
+  }
+  c->throttle.k = conf->throttle_k;
+  return &c->throttle;
+}
+
 /* --- helpers ------------------------------------------------------------- */
 
 static double elapsed_ms(const rsl_call *call) {
@@ -323,6 +344,24 @@ static int is_dependency_failure(const rsl_response *res) {
   return res->status == 0 || res->status >= 500 || res->status == 429;
 }
 
+/* --- hedging (helpers; the machine's part is below) ---------------------- */
+
+static int hedges_in_flight(const rsl_call *call) {
+  int n = 0;
+  for (int i = 0; i < RSL_HEDGE_MAX - 1; i++) n += call->hedges[i].attempt != NULL;
+  return n;
+}
+
+/* Cancels the hedges in flight and the next one's timer.  Hedges never go
+ * out half-open, so none holds a breaker probe. */
+static void cancel_hedges(rsl_call *call) {
+  rsl_timer_stop(call->env->loop, &call->hedge_timer);
+  for (int i = 0; i < RSL_HEDGE_MAX - 1; i++) {
+    if (call->hedges[i].attempt) cancel_through(call->env, call->hedges[i].attempt);
+    call->hedges[i].attempt = NULL;
+  }
+}
+
 /* --- lifecycle ----------------------------------------------------------- */
 
 static void call_free(rsl_call *call) {
@@ -332,6 +371,7 @@ static void call_free(rsl_call *call) {
   if (call->next) call->next->prev = call->prev;
   rsl_timer_stop(env->loop, &call->timer);
   rsl_timer_stop(env->loop, &call->watchdog);
+  cancel_hedges(call);
   if (call->attempt) {
     cancel_through(env, call->attempt);
     if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
@@ -401,6 +441,10 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
     if (r->last.grpc) rsl_event_int(&e, "grpc_status", r->last.grpc_status);
     if (r->committed) rsl_event_bool(&e, "streamed", 1);
     event_ids(&e, call);
+    if (outcome == RSL_OUTCOME_THROTTLED || outcome == RSL_OUTCOME_BREAKER_OPEN)
+      rsl_event_str(&e, "reason", r->message);
+    if (call->refused) rsl_event_int(&e, "refused", call->refused);
+    if (call->hedges_sent) rsl_event_int(&e, "hedges", call->hedges_sent);
     rsl_event_emit(&e, call->env->log);
   }
 
@@ -438,6 +482,9 @@ static void log_attempt(rsl_call *call, const char *decision,
     rsl_event_str(&e, "breaker", rsl_breaker_state_name(call->breaker->state));
   else rsl_event_null(&e, "breaker");
   event_ids(&e, call);
+  rsl_throttle *throttle = rsl_client_throttle(call->client, call->conf);
+  if (throttle)
+    rsl_event_num(&e, "throttle", rsl_throttle_p(throttle, now_ms(call)));
   rsl_event_emit(&e, call->env->log);
 }
 
@@ -548,6 +595,85 @@ void rsl_call_resume(rsl_call *call) {
 
 /* --- the machine --------------------------------------------------------- */
 
+/* The request of an attempt with at most `remaining` ms: the caller's
+ * headers, then our idempotency key in the slot reserved at the end of
+ * call->headers (key_line holds it; valid until the send returns, after
+ * which the slot must be cleared). */
+typedef struct request_lines {
+  char key[512];
+  char timeout[RSL_GRPC_TIMEOUT_LINE_MAX];
+  char previous[64];
+} request_lines;
+
+static void build_request(rsl_call *call, rsl_request *req,
+                          request_lines *lines, double remaining) {
+  const rsl_policy_conf *c = call->conf;
+  size_t n = call->header_count;
+  if (call->idempotency_key[0]) {
+    snprintf(lines->key, sizeof lines->key, "%s: %s", c->idempotency_header,
+             call->idempotency_key);
+    call->headers[n++] = lines->key;
+  }
+  double timeout = remaining < c->per_try_timeout_ms ? remaining
+                                                     : c->per_try_timeout_ms;
+  /* gRPC: the attempt's own time on the wire, and how many went before
+   * (slots reserved after the key's). */
+  if (call->grpc) {
+    rsl_grpc_timeout_line(timeout < 1 ? 1 : timeout, lines->timeout,
+                          sizeof lines->timeout);
+    call->headers[n++] = lines->timeout;
+    if (call->result.attempts > 0) {
+      snprintf(lines->previous, sizeof lines->previous,
+               "grpc-previous-rpc-attempts: %d", call->result.attempts);
+      call->headers[n++] = lines->previous;
+    }
+  }
+  *req = (rsl_request){
+      .method = call->method,
+      .url = call->url,
+      .headers = (const char *const *)call->headers,
+      .header_count = n,
+      .body = call->body,
+      .body_len = call->body_len,
+      .timeout_ms = (long)(timeout < 1 ? 1 : timeout),
+      .connect_timeout_ms = (long)c->connect_timeout_ms,
+      .max_response_bytes = c->max_response_bytes,
+      .max_active = call->max_active,
+      .raw = call->raw,
+      .http2 = call->http2,
+  };
+}
+
+/* After the send: the lines build_request added die with `lines`. */
+static void clear_request_lines(rsl_call *call, const rsl_request *req) {
+  for (size_t i = call->header_count; i < req->header_count; i++)
+    call->headers[i] = NULL;
+}
+
+static void hedge_arm(rsl_call *call);
+
+/* The breaker or the throttle refused this try (result.message says
+ * why).  With retry_on.refused the call tries again after the backoff, as
+ * after a failed attempt, while attempts (refused ones count) and the
+ * deadline allow: a refusal sends nothing, so it spends no budget token.
+ * Otherwise, or once out of tries, the call ends with `outcome`. */
+static void refuse(rsl_call *call, rsl_outcome outcome) {
+  const rsl_policy_conf *c = call->conf;
+  call->refused++;
+  int tries = call->result.attempts + call->refused;
+  if (c->retry_refused && tries < c->max_attempts) {
+    double delay = rsl_backoff_ms(call->env->prng, c->jitter, c->base_ms,
+                                  c->max_ms, tries, call->prev_delay_ms);
+    if (delay < c->deadline_ms - elapsed_ms(call) &&
+        rsl_timer_start(call->env->loop, &call->timer,
+                        (uint64_t)(delay * 1e6)) == 0) {
+      call->prev_delay_ms = delay;
+      return;
+    }
+  }
+  finish(call, outcome);
+}
+
 static void send_attempt(void *ud) {
   rsl_call *call = ud;
   const rsl_policy_conf *c = call->conf;
@@ -567,48 +693,29 @@ static void send_attempt(void *ud) {
       snprintf(call->result.message, sizeof call->result.message,
                "circuit breaker %s is %s: nothing sent", call->breaker->key,
                rsl_breaker_state_name(call->breaker->state));
-      finish(call, RSL_OUTCOME_BREAKER_OPEN);
+      refuse(call, RSL_OUTCOME_BREAKER_OPEN);
       return;
     }
   }
-  /* Headers: the caller's, then our idempotency key (its slot was
-   * reserved at the end of call->headers). */
-  size_t n = call->header_count;
-  char key_line[512];
-  if (call->idempotency_key[0]) {
-    snprintf(key_line, sizeof key_line, "%s: %s", c->idempotency_header,
-             call->idempotency_key);
-    call->headers[n++] = key_line;
-  }
-  double timeout = remaining < c->per_try_timeout_ms ? remaining
-                                                     : c->per_try_timeout_ms;
-  /* gRPC: the attempt's own time on the wire, and how many went before
-   * (slots reserved after the key's). */
-  char timeout_line[RSL_GRPC_TIMEOUT_LINE_MAX], previous_line[64];
-  if (call->grpc) {
-    rsl_grpc_timeout_line(timeout < 1 ? 1 : timeout, timeout_line,
-                          sizeof timeout_line);
-    call->headers[n++] = timeout_line;
-    if (call->result.attempts > 0) {
-      snprintf(previous_line, sizeof previous_line,
-               "grpc-previous-rpc-attempts: %d", call->result.attempts);
-      call->headers[n++] = previous_line;
+  rsl_throttle *throttle = rsl_client_throttle(call->client, c);
+  if (throttle) {
+    double p = rsl_throttle_p(throttle, now_ms(call));
+    if (!rsl_throttle_admit(throttle, now_ms(call),
+                            rsl_prng_uniform(call->env->prng, 0, 1))) {
+      if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
+      double requests, accepts;
+      rsl_throttle_counts(throttle, now_ms(call), &requests, &accepts);
+      snprintf(call->result.message, sizeof call->result.message,
+               "adaptive throttle refused (p %.2f: %.0f requests, %.0f "
+               "accepted in %.0f ms, k %g): nothing sent",
+               p, requests, accepts, throttle->window_ms, throttle->k);
+      refuse(call, RSL_OUTCOME_THROTTLED);
+      return;
     }
   }
-  rsl_request req = {
-      .method = call->method,
-      .url = call->url,
-      .headers = (const char *const *)call->headers,
-      .header_count = n,
-      .body = call->body,
-      .body_len = call->body_len,
-      .timeout_ms = (long)(timeout < 1 ? 1 : timeout),
-      .connect_timeout_ms = (long)c->connect_timeout_ms,
-      .max_response_bytes = c->max_response_bytes,
-      .max_active = call->max_active,
-      .raw = call->raw,
-      .http2 = call->http2,
-  };
+  request_lines lines;
+  rsl_request req;
+  build_request(call, &req, &lines, remaining);
   int watched = call->has_stream || c->first_byte_timeout_ms ||
                 c->idle_timeout_ms;
   if (watched) {
@@ -626,8 +733,7 @@ static void send_attempt(void *ud) {
   }
   int rc = send_through(call->env, &req, on_attempt_done, call,
                         &call->attempt, &err);
-  for (size_t i = call->header_count; i < n; i++)
-    call->headers[i] = NULL; /* key_line and the gRPC lines die here */
+  clear_request_lines(call, &req);
   if (rc == 0 && watched) {
     call->try_started_ns = rsl_loop_now_ns(call->env->loop);
     watchdog_arm(call);
@@ -638,7 +744,9 @@ static void send_attempt(void *ud) {
     snprintf(call->result.message, sizeof call->result.message,
              "cannot send: %s", err);
     finish(call, RSL_OUTCOME_FAILED);
+    return;
   }
+  hedge_arm(call);
 }
 
 /* The core's stateless limits under conf c: attempts, Retry-After and the
@@ -691,12 +799,14 @@ static int ran_out_of_time(const rsl_call *call, const rsl_response *res) {
  * when the call must stop, or -1 to retry. */
 static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
   const rsl_response *res = &call->result.last;
-  int outcome = limit_decision(call->conf, res, call->result.attempts,
+  int outcome = limit_decision(call->conf, res,
+                               call->result.attempts + call->refused,
                                elapsed_ms(call), d);
   if (outcome >= 0 || !d->retry) return outcome;
   /* Last: a quota budget takes the retry's cost here, so nothing may
-   * refuse the retry after it. */
-  if (budget && !rsl_budget_take_retry(budget, !res->status &&
+   * refuse the retry after it.  A retry of an attempt that never left
+   * (our own fd shortage) adds no load to the dependency: no charge. */
+  if (budget && !res->local && !rsl_budget_take_retry(budget, !res->status &&
                                                    res->error == RSL_ERR_TIMEOUT,
                                        &call->quota_paid)) {
     snprintf(d->reason, sizeof d->reason, "budget %.1f/%.0f tokens",
@@ -774,6 +884,35 @@ static void shadow_compare(rsl_call *call, const rsl_attempt_info *info,
   rsl_event_emit(&e, call->env->log);
 }
 
+/* What an attempt's answer says of the dependency, told to the breaker
+ * (probe: whether it was a half-open probe), the budget and the throttle. */
+static void record_health(rsl_call *call, const rsl_response *res, int probe) {
+  int failure = is_dependency_failure(res);
+  rsl_budget *budget = rsl_client_budget(call->client, call->conf);
+  if (budget) rsl_budget_tick(budget, now_ms(call));
+  if (res->local) {
+    /* Our own shortage (no fds): it says nothing of the dependency, so it
+     * moves neither the breaker nor the budget. */
+    if (call->breaker) rsl_breaker_release(call->breaker, probe);
+    return;
+  }
+  if (call->breaker) {
+    rsl_breaker_change ch;
+    rsl_breaker_record(call->breaker, probe, !failure, res->latency_ms,
+                       now_ms(call), &ch);
+    log_breaker_change(call, ch);
+  }
+  if (budget) rsl_budget_record(budget, !failure);
+  rsl_throttle *throttle = rsl_client_throttle(call->client, call->conf);
+  if (throttle && !failure) rsl_throttle_accept(throttle, now_ms(call));
+}
+
+static void note_latency(rsl_client *c, double ms) {
+  c->recent_ms[c->recent_next] = (float)ms;
+  c->recent_next = (c->recent_next + 1) % RSL_CLIENT_RECENT;
+  if (c->recent_len < RSL_CLIENT_RECENT) c->recent_len++;
+}
+
 static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_call *call = ud;
   const rsl_policy_conf *c = call->conf;
@@ -783,28 +922,21 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   if (call->has_stream && call->stream.on_attempt)
     call->stream.on_attempt(call->stream.ud, res->status, res->error);
   if (call->grpc) rsl_grpc_read_response(res);
+  if (!is_success(res) && hedges_in_flight(call)) {
+    /* A hedge may still answer: this failure only tells of the dependency. */
+    record_health(call, res, call->probe);
+    call->probe = 0;
+    rsl_response_free(res);
+    return;
+  }
+  cancel_hedges(call);
   int k = call->result.attempts - 1;
   if (k >= 0 && k < RSL_CALL_MAX_ATTEMPTS)
     call->result.attempt_ms[k] = (float)res->latency_ms;
   rsl_response_free(&call->result.last);
   call->result.last = *res;
-  int failure = is_dependency_failure(res);
+  record_health(call, res, call->probe);
   rsl_budget *budget = rsl_client_budget(call->client, c);
-  if (budget) rsl_budget_tick(budget, now_ms(call));
-
-  if (res->local) {
-    /* Our own shortage (no fds): it says nothing of the dependency, so it
-     * moves neither the breaker nor the budget. */
-    if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
-  } else {
-    if (call->breaker) {
-      rsl_breaker_change ch;
-      rsl_breaker_record(call->breaker, call->probe, !failure,
-                         res->latency_ms, now_ms(call), &ch);
-      log_breaker_change(call, ch);
-    }
-    if (budget) rsl_budget_record(budget, !failure);
-  }
 
   if (call->committed && !is_success(res)) {
     /* Past the commit point: the consumer has part of the body. */
@@ -822,6 +954,9 @@ static void on_attempt_done(void *ud, rsl_response *res) {
 
   if (is_success(res)) {
     if (budget) rsl_budget_call_succeeded(budget, call->quota_paid);
+    /* The try's latency as the caller saw it, from its first attempt: a
+     * won hedge's own latency would pull the p95 down, and hedge more. */
+    note_latency(call->client, now_ms(call) - call->try_sent_ms);
     log_attempt(call, "ok", NULL);
     finish(call, RSL_OUTCOME_OK);
     return;
@@ -900,6 +1035,119 @@ static void on_attempt_done(void *ud, rsl_response *res) {
              "out of memory");
     finish(call, RSL_OUTCOME_FAILED);
   }
+}
+
+/* --- hedging -------------------------------------------------------------- */
+
+/* Methods a server may see twice without harm (RFC 9110, 9.2.2). */
+static int is_idempotent_method(const char *m) {
+  static const char *const SAFE[] = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE",
+                                     "TRACE"};
+  for (size_t i = 0; i < sizeof SAFE / sizeof *SAFE; i++)
+    if (strcmp(m, SAFE[i]) == 0) return 1;
+  return 0;
+}
+
+static int cmp_float(const void *a, const void *b) {
+  float x = *(const float *)a, y = *(const float *)b;
+  return (x > y) - (x < y);
+}
+
+/* The p95 of the client's recent successful attempts, or -1 while it has
+ * too few to say (HEDGE_MIN_SAMPLES). */
+#define HEDGE_MIN_SAMPLES 20
+static double recent_p95(const rsl_client *c) {
+  if (c->recent_len < HEDGE_MIN_SAMPLES) return -1;
+  float sorted[RSL_CLIENT_RECENT];
+  memcpy(sorted, c->recent_ms, (size_t)c->recent_len * sizeof *sorted);
+  qsort(sorted, (size_t)c->recent_len, sizeof *sorted, cmp_float);
+  return sorted[(int)(0.95 * (c->recent_len - 1))];
+}
+
+/* After a try went out: the timer for its first hedge, when the policy
+ * hedges and the request may be sent twice (an idempotent method, or an
+ * idempotency key the server dedups by). */
+static void hedge_arm(rsl_call *call) {
+  const rsl_policy_conf *c = call->conf;
+  call->try_sent_ms = now_ms(call);
+  /* A body consumer (or a byte timeout) watches one attempt: no hedge. */
+  if (!c->hedge_enabled || call->has_stream || c->first_byte_timeout_ms ||
+      c->idle_timeout_ms ||
+      !(is_idempotent_method(call->method) || call->has_key))
+    return;
+  double after = c->hedge_after_ms >= 0 ? c->hedge_after_ms
+                                        : recent_p95(call->client);
+  if (after < 0) return;
+  if (rsl_timer_start(call->env->loop, &call->hedge_timer,
+                      (uint64_t)(after * 1e6)) < 0)
+    return; /* no hedge is no harm */
+}
+
+static void on_hedge_done(void *ud, rsl_response *res);
+
+/* The try is still out after after_ms: send another attempt of it, if the
+ * breaker is closed (a hedge is never a probe) and the budget pays it as a
+ * retry, and arm the next while fewer than max are in flight. */
+static void hedge_fire(void *ud) {
+  rsl_call *call = ud;
+  const rsl_policy_conf *c = call->conf;
+  struct hedge_slot *slot = NULL;
+  for (int i = 0; i < RSL_HEDGE_MAX - 1 && !slot; i++)
+    if (!call->hedges[i].attempt) slot = &call->hedges[i];
+  double remaining = c->deadline_ms - elapsed_ms(call);
+  if (!call->attempt || !slot || call->probe || remaining < 1 ||
+      1 + hedges_in_flight(call) >= c->hedge_max)
+    return;
+  /* Not while the dependency is judged sick: an open or half-open breaker,
+   * or a throttle that refuses some. */
+  if (call->breaker && call->breaker->state != RSL_BREAKER_CLOSED) return;
+  rsl_throttle *throttle = rsl_client_throttle(call->client, c);
+  if (throttle && rsl_throttle_p(throttle, now_ms(call)) > 0) return;
+  rsl_budget *budget = rsl_client_budget(call->client, c);
+  double paid = 0;
+  if (budget && !rsl_budget_take_retry(budget, 0, &paid)) return;
+  if (paid > 0) call->quota_paid = paid;
+  request_lines lines;
+  rsl_request req;
+  build_request(call, &req, &lines, remaining);
+  const char *err = NULL;
+  slot->call = call;
+  int rc = send_through(call->env, &req, on_hedge_done, slot, &slot->attempt,
+                        &err);
+  clear_request_lines(call, &req);
+  if (rc < 0) {
+    slot->attempt = NULL;
+    return;
+  }
+  call->result.attempts++;
+  call->hedges_sent++;
+  double after = c->hedge_after_ms >= 0 ? c->hedge_after_ms
+                                        : recent_p95(call->client);
+  if (1 + hedges_in_flight(call) < c->hedge_max && after >= 0)
+    rsl_timer_start(call->env->loop, &call->hedge_timer,
+                    (uint64_t)(after * 1e6));
+}
+
+/* A hedge answered.  The first good answer wins: the others are cancelled
+ * and the call goes on with it as with any attempt.  A failure while
+ * others are still out only tells of the dependency; the last failure of
+ * the try is the one the policy decides on. */
+static void on_hedge_done(void *ud, rsl_response *res) {
+  struct hedge_slot *slot = ud;
+  rsl_call *call = slot->call;
+  slot->attempt = NULL;
+  if (!is_success(res) && (call->attempt || hedges_in_flight(call))) {
+    record_health(call, res, 0);
+    rsl_response_free(res);
+    return;
+  }
+  if (call->attempt) {
+    cancel_through(call->env, call->attempt);
+    call->attempt = NULL;
+    if (call->breaker) rsl_breaker_release(call->breaker, call->probe);
+    call->probe = 0;
+  }
+  on_attempt_done(call, res);
 }
 
 static int is_token(const char *s) {
@@ -1026,6 +1274,7 @@ int rsl_call_start(rsl_call_env *env, rsl_client *client, rsl_policy *policy,
   env->calls = call;
   rsl_timer_init(&call->timer, send_attempt, call);
   rsl_timer_init(&call->watchdog, on_watchdog, call);
+  rsl_timer_init(&call->hedge_timer, hedge_fire, call);
 
   int failed = 0;
   if ((req->deadline_ms > 0 && req->deadline_ms < call->conf->deadline_ms) ||

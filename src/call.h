@@ -13,6 +13,7 @@
 #include "log.h"
 #include "loop.h"
 #include "policy.h"
+#include "throttle.h"
 #include "transport.h"
 
 typedef enum {
@@ -23,6 +24,7 @@ typedef enum {
   RSL_OUTCOME_BUDGET,
   RSL_OUTCOME_BREAKER_OPEN,
   RSL_OUTCOME_POLICY_ERROR,
+  RSL_OUTCOME_THROTTLED, /* the adaptive throttle refused: nothing sent */
 } rsl_outcome;
 
 const char *rsl_outcome_name(rsl_outcome o);
@@ -53,14 +55,22 @@ typedef struct rsl_call_env {
   rsl_call *calls;
 } rsl_call_env;
 
-/* A client's shared state: breakers by key and one retry budget.  Clients
- * with the same name share one; refcounted (calls in flight hold a ref). */
+#define RSL_CLIENT_RECENT 128
+
+/* A client's shared state: breakers by key, one retry budget and one
+ * adaptive throttle.  Clients with the same name share one; refcounted
+ * (calls in flight hold a ref). */
 typedef struct rsl_client {
   int refs;
   char *name;
   rsl_breakers breakers;
   int has_budget;
   rsl_budget budget;
+  int has_throttle;
+  rsl_throttle throttle;
+  /* the latencies of the last successful attempts, for hedge.after_ms = "p95" */
+  float recent_ms[RSL_CLIENT_RECENT];
+  int recent_len, recent_next;
 } rsl_client;
 
 rsl_client *rsl_client_new(const char *name); /* NULL on ENOMEM; refs = 1 */
@@ -91,6 +101,10 @@ typedef struct rsl_call_stream {
   /* Optional: told of every attempt's status (0: error) as it ends. */
   void (*on_attempt)(void *ud, long status, rsl_error_class error);
 } rsl_call_stream;
+
+/* The adaptive throttle, created from conf on first use (again when its
+ * settings change); NULL without one. */
+rsl_throttle *rsl_client_throttle(rsl_client *c, const rsl_policy_conf *conf);
 
 /* Borrowed: the call copies what it keeps. */
 typedef struct rsl_call_request {

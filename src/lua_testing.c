@@ -332,10 +332,11 @@ static void run_until(lua_State *L, play *p, const int *flag) {
   }
 }
 
-/* core.play(policy, { outcomes, ... }, { gap_ms, url, method })
+/* core.play(policy, { outcomes, ... }, { gap_ms, url, method, events })
  *   -> { calls = { { outcome, attempts, elapsed_ms, started_ms, status |
  *        error, message, sent = { { t_ms, timeout_ms, latency_ms, status |
- *        error, repeated }, ... } }, ... }, events = "JSON lines" }
+ *        error, repeated }, ... } }, ... }, events = "JSON lines" (none
+ *        with events = false) }
  * Plays each list of outcomes as one call, one call after the other
  * (gap_ms of virtual time between a call's end and the next one's start),
  * all on one client, so breaker and budget state carries from call to call.
@@ -391,8 +392,13 @@ static int core_play(lua_State *L) {
     lua_pop(L, 1);
   }
 
+  /* events = false: no event log (a planner playing many calls needs only
+   * the outcomes, and building the lines was most of the cost) */
+  lua_getfield(L, 3, "events");
+  int events = lua_isnil(L, -1) || lua_toboolean(L, -1);
+  lua_pop(L, 1);
   int rc = rsl_loop_new_virtual(&p->env.loop, PLAY_EPOCH_NS);
-  if (rc < 0 || rsl_log_open_memory(&p->log) < 0 ||
+  if (rc < 0 || (events && rsl_log_open_memory(&p->log) < 0) ||
       !(p->client = rsl_client_new(rsl_policy_name(policy))))
     return luaL_error(L, "out of memory");
   p->s.loop = p->env.loop;
@@ -403,6 +409,7 @@ static int core_play(lua_State *L) {
 
   lua_createtable(L, 0, 2);
   lua_createtable(L, (int)ncalls, 0);
+  size_t sent_from = 0; /* calls play one after the other: their sends too */
   for (int c = 0; c < (int)ncalls; c++) {
     p->s.current = c;
     p->s.next = 0;
@@ -442,7 +449,7 @@ static int core_play(lua_State *L) {
     }
     lua_newtable(L);
     lua_Integer k = 0;
-    for (size_t i = 0; i < p->s.sent_len; i++) {
+    for (size_t i = sent_from; i < p->s.sent_len; i++) {
       const script_sent *sn = &p->s.sent[i];
       if (sn->call != c) continue;
       lua_createtable(L, 0, 6);
@@ -459,12 +466,15 @@ static int core_play(lua_State *L) {
     }
     lua_setfield(L, -2, "sent");
     lua_rawseti(L, -2, c + 1);
+    sent_from = p->s.sent_len;
   }
   lua_setfield(L, -2, "calls");
-  size_t len;
-  const char *lines = rsl_log_memory(p->log, &len);
-  lua_pushlstring(L, lines, len);
-  lua_setfield(L, -2, "events");
+  if (p->log) {
+    size_t len;
+    const char *lines = rsl_log_memory(p->log, &len);
+    lua_pushlstring(L, lines, len);
+    lua_setfield(L, -2, "events");
+  }
   play_free(p); /* now, not at the next collection */
   return 1;
 }

@@ -267,7 +267,11 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   }
   lua_pop(L, 1);
   c->retry_grpc = grpc_codes_field(L, r);
-  lua_pop(L, 2);
+  /* refused: an attempt the breaker or the throttle refused (nothing was
+   * sent) is tried again after the backoff, while attempts and time last. */
+  if (field(L, r, "refused", LUA_TBOOLEAN, 1) == LUA_TBOOLEAN)
+    c->retry_refused = lua_toboolean(L, -1);
+  lua_pop(L, 3); /* refused, errors, retry_on */
 
   if (section(L, t, "retry_after")) {
     field(L, -1, "respect", LUA_TBOOLEAN, 0);
@@ -310,8 +314,9 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
   if (section(L, t, "budget")) {
     int s = lua_gettop(L);
     c->budget_enabled = 1;
-    c->budget_max_tokens = num_field(L, s, "max_tokens", 1, 1e9);
-    c->budget_token_ratio = num_field(L, s, "token_ratio", 0, 1e9);
+    /* A ratio budget has neither; a quota has no token_ratio. */
+    c->budget_max_tokens = opt_num_field(L, s, "max_tokens", 10, 1, 1e9);
+    c->budget_token_ratio = opt_num_field(L, s, "token_ratio", 0.1, 0, 1e9);
     /* kind = "quota": the AWS retry quota; its costs default to the SDKs'
      * (5 a retry, 10 after a timeout, 1 back for a call without retries). */
     c->budget_kind = RSL_BUDGET_BUCKET;
@@ -332,6 +337,34 @@ static void read_conf(lua_State *L, int t, rsl_policy_conf *c) {
     c->budget_ratio = opt_num_field(L, s, "ratio", 0.2, 0, 1000);
     c->budget_ttl_ms = opt_num_field(L, s, "ttl_ms", 10000, 1000, 60 * 60e3);
     c->budget_min_per_s = opt_num_field(L, s, "min_per_s", 10, 0, 1e6);
+    lua_pop(L, 1);
+  }
+
+  if (section(L, t, "hedge")) {
+    int s = lua_gettop(L);
+    if (lua_getfield(L, s, "after_ms") == LUA_TSTRING &&
+        strcmp(lua_tostring(L, -1), "p95") == 0) {
+      c->hedge_after_ms = -1;
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 1);
+      c->hedge_after_ms = num_field(L, s, "after_ms", 1, MAX_MS);
+    }
+    c->hedge_max = (int)num_field(L, s, "max", 2, RSL_HEDGE_MAX);
+    c->hedge_enabled = 1;
+    lua_pop(L, 1);
+  }
+
+  if (section(L, t, "throttle")) {
+    int s = lua_gettop(L);
+    field(L, s, "kind", LUA_TSTRING, 0);
+    if (strcmp(lua_tostring(L, -1), "adaptive") != 0)
+      luaL_error(L, "policy field 'throttle.kind': unknown '%s'",
+                 lua_tostring(L, -1));
+    lua_pop(L, 1);
+    c->throttle_enabled = 1;
+    c->throttle_k = num_field(L, s, "k", 1, 100);
+    c->throttle_window_ms = num_field(L, s, "window_ms", 100, MAX_MS);
     lua_pop(L, 1);
   }
 }

@@ -21,6 +21,7 @@
 #include "transport.h"
 
 #define RSL_REASON_MAX 160
+#define RSL_HEDGE_MAX 4 /* hedge.max: attempts of one try in flight at once */
 
 typedef enum {
   RSL_BREAKER_KEY_HOST, /* scheme://host:port */
@@ -49,6 +50,12 @@ typedef struct rsl_policy_conf {
   double budget_max_tokens, budget_token_ratio;
   double budget_retry_cost, budget_timeout_cost, budget_success_refund;
   double budget_ratio, budget_ttl_ms, budget_min_per_s; /* kind = ratio */
+  int throttle_enabled; /* adaptive throttling (throttle.h) */
+  double throttle_k, throttle_window_ms;
+  int retry_refused; /* retry_on.refused: try again after a local refusal */
+  int hedge_enabled;  /* hedge: more attempts of a slow try, first good wins */
+  double hedge_after_ms; /* -1: the client's recent p95 */
+  int hedge_max;         /* attempts of one try in flight at once, 2..MAX */
   size_t max_response_bytes;
   /* streaming (contract 7); 0: off */
   double first_byte_timeout_ms, idle_timeout_ms, stream_timeout_ms;

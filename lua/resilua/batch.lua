@@ -610,9 +610,10 @@ local function run(opts)
       in_flight = in_flight - 1
       attempts = attempts + r.attempts
       local outcome, status = r.outcome, r.status
-      if outcome == "breaker_open" then last_refusal = r end
+      if outcome == "breaker_open" or outcome == "throttled" then last_refusal = r end
       if r.error or (status and status >= 500) then last_failure = r end
-      if outcome == "breaker_open" or (outcome == "budget" and attempts < max_attempts) then
+      if outcome == "breaker_open" or outcome == "throttled"
+          or (outcome == "budget" and attempts < max_attempts) then
         -- The dependency needs a rest: wait, then the same request, same key.
         core.timer(pause, send)
         pause = math.min(pause * 2, PAUSE_MAX_S)

@@ -9,7 +9,7 @@ local core = require "resilua.core"
 local M = {}
 
 local EXIT = { ok = 0, script_error = 1, usage = 2, failed = 3, gave_up = 4, deadline = 4,
-               budget = 4, breaker_open = 5, policy_error = 2, some_failed = 6 }
+               budget = 4, breaker_open = 5, throttled = 5, policy_error = 2, some_failed = 6 }
 M.EXIT = EXIT
 
 local USAGE = [[
@@ -30,6 +30,8 @@ Commands:
                               open- or closed-loop load; latency and retry summary
   proxy --listen HOST:PORT --upstream URL [--policy P] | --config FILE
                               a reverse proxy (sidecar): every request one call
+  plan --slo "p95<800ms" --profile FILE
+                              ranked retry plans for an SLO, simulated; --write, --verify
 
 Options:
   -h, --help                  this text; `resilua COMMAND --help` for one command
@@ -791,7 +793,8 @@ function M.main(args)
   end
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
                      policies = M.policies,
-                     batch = M.batch, load = M.load, proxy = M.proxy })[cmd]
+                     batch = M.batch, load = M.load, proxy = M.proxy,
+                     plan = function(a) return require("resilua.plan").main(a) end })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end

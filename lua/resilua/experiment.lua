@@ -226,7 +226,8 @@ local null = cjson.null
 local lanes_made = 0 -- client names must be new so breakers and budgets start fresh
 
 local function new_window()
-  return { started = 0, ended = 0, ok = 0, attempts = 0, budget = 0, breaker_open = false }
+  return { started = 0, ended = 0, ok = 0, attempts = 0, budget = 0, throttled = 0,
+           breaker_open = false }
 end
 
 local function percentile_or_null(h, p)
@@ -252,7 +253,9 @@ local function start_lane(x, lane, done)
   local window_ms = x.window * 1000
   local duration_ms = x.duration * 1000
   local W = { t = {}, offered = {}, attempts = {}, success_rate = {}, p50 = {}, p95 = {},
-              p99 = {}, breaker = {}, budget_exhausted = {}, slo_ok = x.slo and {} or nil,
+              p99 = {}, breaker = {}, budget_exhausted = {},
+              throttled = lane.policy.table.throttle and {} or nil,
+              slo_ok = x.slo and {} or nil,
               upstream_arrivals = up and {} or nil, upstream_queue = up and {} or nil }
   lane.windows = W
   local win, win_hist, total_hist = new_window(), core.hist(), core.hist()
@@ -298,6 +301,7 @@ local function start_lane(x, lane, done)
     win.ended, win.attempts = win.ended + 1, win.attempts + r.attempts
     if ok then win.ok = win.ok + 1 end
     if outcome == "budget" then win.budget = win.budget + 1 end
+    if outcome == "throttled" then win.throttled = win.throttled + 1 end
     if outcome == "breaker_open" then win.breaker_open = true end
     win_hist:record(latency)
     totals.calls, totals.attempts = totals.calls + 1, totals.attempts + r.attempts
@@ -346,6 +350,7 @@ local function start_lane(x, lane, done)
     if state == "closed" and win.breaker_open then state = "open" end
     W.breaker[k] = state
     W.budget_exhausted[k] = win.budget
+    if W.throttled then W.throttled[k] = win.throttled end
     if up then
       local u = up:window()
       W.upstream_arrivals[k] = u.arrivals / x.window
@@ -408,7 +413,7 @@ local function start_lane(x, lane, done)
       end
     end
     core.timer(math.max(0, t0 - now()) / 1000, function()
-      if up then up:reset() end
+      if up then up:reset(t0) end -- late or not, phases count from t0
       tick()
     end)
   else
@@ -423,7 +428,7 @@ local function start_lane(x, lane, done)
       start(t, worker)
     end
     core.timer(math.max(0, t0 - now()) / 1000, function()
-      if up then up:reset() end
+      if up then up:reset(t0) end -- late or not, phases count from t0
       for _ = 1, workers do worker() end
     end)
   end

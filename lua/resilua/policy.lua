@@ -17,13 +17,16 @@ M.DEFAULTS = {
   max_response_bytes = 16 * 1024 * 1024,
   backoff = { base_ms = 200, max_ms = 5000, jitter = "full" },
   retry_on = { status = { 429, 500, 502, 503, 504 },
-               errors = { "timeout", "connect", "reset", "dns" },
+               errors = { "connect", "reset", "dns" }, refused = true,
                grpc = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" } },
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
-  breaker = { failures = 5, open_ms = { 1000, 2000, 5000, 10000, 30000 }, half_open = 1,
+  breaker = { kind = "rate", window = "time", window_ms = 2000, minimum_calls = 20,
+              failure_rate = 0.5, slow_call_rate = 1.0, open_ms = 250, half_open = 1,
               key = "host" },
-  budget = { max_tokens = 10, token_ratio = 0.1 },
+  budget = { kind = "ratio", ratio = 0.2, ttl_ms = 10000, min_per_s = 10 },
+  throttle = false,
+  hedge = false,
 }
 
 local DAY_MS = 86400000
@@ -47,7 +50,8 @@ local RULES = {
   retry_on = { "section", fields = {
     status = { "list", "integer", 100, 599 },
     errors = { "list", "choice", choices = ERROR_CLASSES },
-    grpc = { "list", "grpc_code" } } },  -- gRPC status codes, by name or number
+    grpc = { "list", "grpc_code" },  -- gRPC status codes, by name or number
+    refused = { "boolean" } } },  -- retry a try the breaker or throttle refused
   retry_after = { "section", optional = true, fields = {
     respect = { "boolean" }, max_ms = ms() } },
   idempotency = { "section", optional = true, fields = {
@@ -72,7 +76,19 @@ local RULES = {
     success_refund = { "number", 0, 1e9 },
     ratio = { "number", 0, 1000 }, ttl_ms = { "number", 1000, 3600000 },
     min_per_s = { "number", 0, 1e6 } } },
+  -- Google SRE adaptive throttling: refuse locally with probability
+  -- max(0, (requests - k * accepts) / (requests + 1)) over window_ms
+  -- hedging (Envoy's hedge_policy, gRPC's hedgingPolicy): after after_ms
+  -- ("p95": the client's recent p95) another attempt of the same try
+  -- goes out, up to max in flight; the first good answer wins
+  hedge = { "section", optional = true, fields = {
+    after_ms = { "after" }, max = { "integer", 2, 4 } } },
+  throttle = { "section", optional = true, fields = {
+    kind = { "choice", adaptive = true }, k = { "number", 1, 100 },
+    window_ms = ms(100) } },
 }
+local THROTTLE_DEFAULTS = { kind = "adaptive", k = 2, window_ms = 2000 }
+local HEDGE_DEFAULTS = { after_ms = "p95", max = 2 }
 
 --- Edit distance, for "did you mean".
 local function distance(a, b)
@@ -155,6 +171,11 @@ local function check_value(rule, v, what)
       end
       return ("%s must be a gRPC status code (a name, or 0 to 16), got %s"):format(what, tostring(v))
     end
+  elseif kind == "after" then
+    if v ~= "p95" then
+      local err = check_value(ms(1), v, what)
+      if err then return err .. ' (or "p95")' end
+    end
   elseif kind == "token" then
     if type(v) ~= "string" or not v:match("^[%w!#$%%&'*+.^_`|~-]+$") then
       return ("%s must be an HTTP token (a header name or method), got %s"):format(what, tostring(v))
@@ -210,19 +231,84 @@ local function copy(t)
   return out
 end
 
+-- Sections that come in kinds: which kind a section is (given, or told by
+-- a field only that kind has), the fields every kind shares, and what
+-- each kind needs when the defaults are of another kind.
+local KINDS = {
+  breaker = { default = "consecutive", shared = { key = true, half_open = true, open_ms = true,
+                                                  on_change = true },
+              by_field = { failures = "consecutive", window = "rate", window_size = "rate",
+                           window_ms = "rate", minimum_calls = "rate", failure_rate = "rate",
+                           slow_call_ms = "rate", slow_call_rate = "rate" },
+              needs = { consecutive = { failures = 5 } } },
+  budget = { default = "bucket", shared = {},
+             -- max_tokens: a bucket's or a quota's (a bucket unless the base is a quota)
+             by_field = { max_tokens = { "bucket", "quota" }, token_ratio = "bucket", retry_cost = "quota",
+                          timeout_cost = "quota", success_refund = "quota", ratio = "ratio",
+                          ttl_ms = "ratio", min_per_s = "ratio" },
+             needs = { bucket = { max_tokens = 10, token_ratio = 0.1 },
+                       ratio = { ratio = 0.2, ttl_ms = 10000, min_per_s = 10 } } },
+}
+
+local function kind_of(name, v, base_kind)
+  local k = KINDS[name]
+  if not k or type(v) ~= "table" then return nil end
+  if v.kind then return v.kind end
+  local found
+  for field, kind in pairs(k.by_field) do
+    if v[field] ~= nil then
+      if type(kind) ~= "table" then return kind end
+      if kind[1] ~= base_kind and kind[2] ~= base_kind then found = kind[1] end
+    end
+  end
+  return found
+end
+
+-- A section `over` laid on `base`: field by field when over is of the
+-- same kind without naming it (or of no kind); else, when it names its
+-- kind or has fields of another, only the fields every kind shares are
+-- kept from base and the kind's own defaults fill the rest: a consecutive
+-- breaker never inherits a rate breaker's window, nor a token bucket a
+-- ratio's, and `kind = "rate"` means resilience4j's defaults.
+local function merge_section(name, base, over, merge)
+  local kb = kind_of(name, base) or KINDS[name].default
+  local ko = kind_of(name, over, kb)
+  if ko == nil or (ko == kb and over.kind == nil) then return merge(base, over) end
+  local kept = {}
+  for f in pairs(KINDS[name].shared) do kept[f] = base[f] end
+  local out = merge(kept, over)
+  out.kind = ko
+  for f, v in pairs(KINDS[name].needs[ko] or {}) do
+    if out[f] == nil then out[f] = v end
+  end
+  return out
+end
+
 -- Missing fields take the defaults; sections merge one level deep.
 local function normalize(t)
   local out = copy(t)
+  local function fill(base, over)
+    local r = copy(over)
+    for sk, sv in pairs(base) do
+      if r[sk] == nil then r[sk] = copy(sv) end
+    end
+    return r
+  end
   for k, default in pairs(M.DEFAULTS) do
     if out[k] == nil then
       out[k] = copy(default)
     elseif type(default) == "table" and type(out[k]) == "table" then
-      for sk, sv in pairs(default) do
-        if out[k][sk] == nil then out[k][sk] = copy(sv) end
-      end
+      out[k] = KINDS[k] and merge_section(k, default, out[k], fill) or fill(default, out[k])
     end
   end
   if out.retry_after == false then out.retry_after = { respect = false, max_ms = 0 } end
+  for name, defaults in pairs({ throttle = THROTTLE_DEFAULTS, hedge = HEDGE_DEFAULTS }) do
+    if type(out[name]) == "table" then
+      for k, v in pairs(defaults) do
+        if out[name][k] == nil then out[name][k] = v end
+      end
+    end
+  end
   return out
 end
 
@@ -495,7 +581,7 @@ local function deep_merge(base, overrides)
   local out = copy(base)
   for k, v in pairs(overrides) do
     if is_section(v) and is_section(out[k]) then
-      out[k] = deep_merge(out[k], v)
+      out[k] = KINDS[k] and merge_section(k, out[k], v, deep_merge) or deep_merge(out[k], v)
     else
       out[k] = copy(v)
     end

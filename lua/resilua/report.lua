@@ -146,7 +146,7 @@ local function windows_of(p)
   local w = tbl(p.windows) or {}
   local n = 0
   for _, k in ipairs({ "t", "offered", "attempts", "upstream_arrivals", "success_rate",
-                       "p50", "p95", "p99", "breaker", "budget_exhausted", "slo_ok" }) do
+                       "p50", "p95", "p99", "breaker", "budget_exhausted", "throttled", "slo_ok" }) do
     if tbl(w[k]) then n = math.max(n, #w[k]) end
   end
   return w, n
@@ -844,12 +844,17 @@ local function chart_list(r, policies)
       note = ("The %s of the latencies of calls that ended in each window%s."):format(key,
         limit and (", and the SLO's %s < %s ms (dashed)"):format(key, fmt_tick(limit)) or "") }
   end
-  if has("budget_exhausted") then
-    charts[#charts + 1] = {
-      id = "budget", title = "Retry budget exhausted", unit = "refused per window",
-      get = field("budget_exhausted"),
-      note = "Calls or retries the retry budget refused in each window: the budget capping"
-        .. " the storm." }
+  -- Refusals per window, for the policies that have the mechanism.
+  for _, c in ipairs({
+    { "budget_exhausted", "budget", "Retry budget exhausted", "refused per window",
+      "Calls or retries the retry budget refused in each window: the budget capping the storm." },
+    { "throttled", "throttled", "Adaptive throttle", "calls refused per window",
+      "Calls the adaptive throttle refused locally (nothing sent) in each window: the load it"
+        .. " shed while fewer than 1/k of the attempts were accepted." },
+  }) do
+    if has(c[1]) then
+      charts[#charts + 1] = { id = c[2], title = c[3], unit = c[4], get = field(c[1]), note = c[5] }
+    end
   end
   return charts
 end

@@ -505,14 +505,15 @@ function M.new(cfg)
   return self
 end
 
---- Starts the model over: t0 = now, no request waiting or in service, the
--- PRNG streams reseeded, counters zeroed.  So each arm of an experiment
--- meets the identical upstream.
-function Upstream:reset()
+--- Starts the model over: t0 = t0_ms (default now), no request waiting or
+-- in service, the PRNG streams reseeded, counters zeroed.  So each arm of
+-- an experiment meets the identical upstream, its phases on the arm's own
+-- schedule even when the reset itself runs late.
+function Upstream:reset(t0_ms)
   local next_seed = splitmix(self.conf.seed)
   self.fault_uniform = xoshiro(next_seed)
   self.draw_service = drawer(self.conf.service_ms, xoshiro(next_seed))
-  self.t0 = self.clock()
+  self.t0 = t0_ms or self.clock()
   self.free_at = heap()  -- the always-usable slots' free-at times (ms)
   for _ = 1, self.slots.always do self.free_at:push(self.t0) end
   self.extra_free_at = {} -- slot always + j -> its free-at time (ms)

@@ -1,0 +1,387 @@
+--- resilua.plan — `resilua plan`: the seed's mini challenge as a tool.
+-- "Your SLA is p95 < 800 ms: propose a per-try timeout, a number of
+-- attempts and a backoff."  From an SLO and an upstream profile (a latency
+-- distribution and a failure mix), it searches plans (per-try timeout,
+-- attempts, backoff, deadline), plays each one through the real call state
+-- machine on the virtual clock (core.play, as resilua.testing does) against
+-- calls drawn from the profile, and ranks them: those that meet the SLO
+-- first, then by predicted success, then by p95.  `--write` writes the
+-- best as a policy file; `--verify` runs the top two as a real experiment
+-- against resilua.upstream built from the same profile and prints
+-- predicted against measured.
+-- Uses: resilua.core (play, hist), resilua.policy, resilua.upstream,
+-- resilua.experiment (for --verify), cjson.
+local core = require "resilua.core"
+local cjson = require("cjson").new()
+local policy = require "resilua.policy"
+local upstream = require "resilua.upstream"
+
+local M = {}
+
+local EXIT_OK, EXIT_USAGE, EXIT_SLO = 0, 2, 6
+local MAX_CALLS = 10000 -- core.play's limit
+local MAX_PROFILE_BYTES = 16 * 1024 * 1024
+local FAULT_LATENCY_MS = 1 -- a fault is answered at once (as resilua.upstream does)
+
+M.USAGE = [[
+usage: resilua plan --slo "p95<800ms" --profile FILE [options]
+
+Searches retry plans (per-try timeout, attempts, backoff, deadline) for an
+SLO, simulating each on the real call state machine with a virtual clock
+against calls drawn from an upstream profile, and prints them ranked.
+
+  --slo "pNN<Xms"     the latency objective (p50, p90, p95, p99; ms or s)
+  --success F         also a success floor, 0..1 (e.g. 0.99)
+  --profile FILE      the upstream: a Lua file returning
+                        { service_ms = { dist = "lognormal", median = 185, sigma = 0.8 },
+                          faults = { { p = 0.06, status = 503 }, { p = 0.02, action = "hang" } } }
+                      (dists and faults as resilua.upstream), or the JSON
+                      of `resilua load --json` (a lognormal fitted to its
+                      p50 and p95, its statuses and errors as faults)
+  --calls N           simulated calls per plan (default 10000)
+  --top K             plans printed (default 10)
+  --seed N            draws (default 1)
+  --write FILE.lua    write the best plan as a policy file
+  --verify            run the top two as a real experiment against
+                      resilua.upstream built from the profile; print
+                      predicted vs measured
+  --duration S        --verify's seconds (default 20), --rate R its calls/s (default 50)
+
+Exit codes: 0 done and the best plan meets the SLO, 2 usage, 6 no plan meets it.
+]]
+
+--- Arguments --------------------------------------------------------------
+
+local function parse_slo(s)
+  local p, v, unit = tostring(s):match("^%s*p(%d+)%s*<%s*([%d.]+)%s*(m?s)%s*$")
+  p, v = tonumber(p), tonumber(v)
+  if not p or not v or p < 1 or p > 99 or v <= 0 or v ~= v or v == math.huge then
+    return nil, ("--slo: expected e.g. \"p95<800ms\", got %q"):format(tostring(s))
+  end
+  return { p = p, ms = unit == "s" and v * 1000 or v }
+end
+
+local function parse_args(args)
+  local o = { calls = 10000, top = 10, seed = 1, duration = 20, rate = 50 }
+  local i = 2
+  local function value(name)
+    i = i + 1
+    if args[i] == nil then error(name .. ": expects a value", 0) end
+    return args[i]
+  end
+  local function number(name, lo, hi, integer)
+    local v = tonumber(value(name))
+    if not v or v < lo or v > hi or (integer and v ~= math.floor(v)) then
+      error(("%s: expected a number in [%g, %g], got %s"):format(name, lo, hi, args[i]), 0)
+    end
+    return integer and math.tointeger(v) or v
+  end
+  while i <= #args do
+    local a = args[i]
+    if a == "-h" or a == "--help" then o.help = true
+    elseif a == "--slo" then o.slo = assert(parse_slo(value(a)))
+    elseif a == "--success" then o.success = number(a, 0, 1)
+    elseif a == "--profile" then o.profile = value(a)
+    elseif a == "--calls" then o.calls = number(a, 1, MAX_CALLS, true)
+    elseif a == "--top" then o.top = number(a, 1, 1000, true)
+    elseif a == "--seed" then o.seed = number(a, 0, 2 ^ 53, true)
+    elseif a == "--write" then o.write = value(a)
+    elseif a == "--verify" then o.verify = true
+    elseif a == "--duration" then o.duration = number(a, 1, 3600)
+    elseif a == "--rate" then o.rate = number(a, 1, 10000)
+    else error(("unknown option '%s' (see resilua plan --help)"):format(a), 0) end
+    i = i + 1
+  end
+  return o
+end
+
+--- The profile ------------------------------------------------------------
+
+local Z95 = 1.6449 -- the standard normal's 95th percentile
+
+-- `resilua load --json` -> a profile: a lognormal through its p50 and p95,
+-- and what failed as faults (statuses as answers, timeouts as hangs).
+local function from_load(j)
+  local lat = type(j.latency_ok_ms) == "table" and j.latency_ok_ms
+              or type(j.latency_ms) == "table" and j.latency_ms or {}
+  local p50, p95 = tonumber(lat.p50), tonumber(lat.p95)
+  local calls = tonumber(j.calls)
+  if not p50 or not p95 or p50 <= 0 or p95 < p50 or not calls or calls < 1 then
+    return nil, "a load --json needs calls and latency_ms.p50 <= p95"
+  end
+  local faults = {}
+  for status, n in pairs(type(j.statuses) == "table" and j.statuses or {}) do
+    local s = math.tointeger(tonumber(status))
+    if s and s >= 400 and s <= 599 and tonumber(n) then
+      faults[#faults + 1] = { p = tonumber(n) / calls, status = s }
+    end
+  end
+  local errors = type(j.errors) == "table" and j.errors or {}
+  if tonumber(errors.timeout) then faults[#faults + 1] = { p = errors.timeout / calls, action = "hang" } end
+  if tonumber(errors.reset) then faults[#faults + 1] = { p = errors.reset / calls, action = "reset" } end
+  table.sort(faults, function(a, b) return (a.status or 0) < (b.status or 0) end)
+  return { service_ms = { dist = "lognormal", median = p50, sigma = math.log(p95 / p50) / Z95 },
+           faults = faults }
+end
+
+local function load_profile(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, "--profile: " .. tostring(err) end
+  local src = f:read(MAX_PROFILE_BYTES + 1)
+  f:close()
+  if not src then return nil, "--profile: " .. path .. ": cannot read (a directory?)" end
+  if #src > MAX_PROFILE_BYTES then return nil, "--profile: " .. path .. ": over 16 MiB" end
+  local prof
+  if src:match("^%s*{") then
+    local ok, j = pcall(cjson.decode, src)
+    if not ok or type(j) ~= "table" then return nil, "--profile: " .. path .. ": not JSON" end
+    prof, err = from_load(j)
+    if not prof then return nil, "--profile: " .. path .. ": " .. err end
+  else
+    -- A Lua profile is data: no globals, under the instruction limit.
+    local chunk, cerr = load(src, "@" .. path, "t", {})
+    if not chunk then return nil, "--profile: " .. cerr end
+    local ok, t = core.pcall(1000000, chunk)
+    if not ok or type(t) ~= "table" then
+      return nil, "--profile: " .. path .. ": " .. (ok and "expected a table" or tostring(t))
+    end
+    prof = { service_ms = t.service_ms, faults = t.faults or {} }
+  end
+  -- resilua.upstream checks both (and says what is wrong).
+  local ok, uerr = pcall(upstream.new, { service_ms = prof.service_ms, faults = prof.faults })
+  if not ok then return nil, "--profile: " .. tostring(uerr) end
+  return prof
+end
+
+--- Simulation ---------------------------------------------------------------
+
+-- The outcome of one attempt, drawn from the profile: a fault (answered at
+-- once; a hang takes the per-try timeout) or the service time.
+local function drawer(prof, seed)
+  local u = upstream.sampler({ dist = "uniform", min = 0, max = 1 }, seed)
+  local service = upstream.sampler(prof.service_ms, seed + 1)
+  return function()
+    local x, acc = u(), 0
+    local ms = service() -- one draw each, whatever the fault: streams stay aligned
+    for _, f in ipairs(prof.faults) do
+      acc = acc + f.p
+      if x < acc then
+        if f.action == "hang" then return { error = "timeout" } end
+        if f.action then return { error = "reset", latency_ms = FAULT_LATENCY_MS } end
+        return { status = f.status or 503, latency_ms = FAULT_LATENCY_MS }
+      end
+    end
+    return { status = 200, latency_ms = ms }
+  end
+end
+
+-- The calls every plan plays: n calls of `attempts` outcomes each (a plan
+-- with fewer attempts uses the first ones), so plans differ only in what
+-- they do with the same luck.
+local function draw_calls(prof, n, attempts, seed)
+  local draw = drawer(prof, seed)
+  local calls = {}
+  for i = 1, n do
+    local c = {}
+    for k = 1, attempts do c[k] = draw() end
+    calls[i] = c
+  end
+  return calls
+end
+
+local function plan_policy(p)
+  return { max_attempts = p.attempts, per_try_timeout_ms = p.per_try_ms, deadline_ms = p.deadline_ms,
+           backoff = { base_ms = p.base_ms, max_ms = math.max(p.base_ms * 8, 1),
+                       jitter = p.base_ms > 0 and "full" or "none" },
+           retry_on = { status = { 429, 500, 502, 503, 504 },
+                        errors = { "timeout", "connect", "reset", "dns" } },
+           hedge = p.hedge_ms and { after_ms = p.hedge_ms, max = 2 } or false,
+           breaker = false, budget = false }
+end
+
+-- Plays the plan over the calls; its predicted figures.
+local function simulate(p, calls)
+  local pol = assert(policy.define(plan_policy(p), "plan", "plan"))
+  local r = core.play(pol.core, calls, { events = false })
+  local h, ok, attempts = core.hist(), 0, 0
+  for _, c in ipairs(r.calls) do
+    h:record(c.elapsed_ms)
+    if c.outcome == "ok" then ok = ok + 1 end
+    attempts = attempts + #c.sent
+  end
+  return { success = ok / #calls, p50 = h:percentile(50), p95 = h:percentile(95),
+           p99 = h:percentile(99), amplification = attempts / #calls }
+end
+
+-- The candidates: per-try timeouts at quantiles of the service time (and
+-- the SLO's bound), 1 to 4 attempts, three backoffs or a hedge at the
+-- service time's p90 (GET: idempotent), three deadlines.
+local function candidates(prof, slo)
+  local s = upstream.sampler(prof.service_ms, 7)
+  local sample = {}
+  for i = 1, 2000 do sample[i] = s() end
+  table.sort(sample)
+  local per_try = {}
+  local seen = {}
+  for _, q in ipairs({ 0.75, 0.9, 0.95, 0.99 }) do
+    local v = math.max(1, math.floor(sample[math.floor(q * #sample)] + 0.5))
+    v = math.min(v, slo.ms)
+    if not seen[v] then per_try[#per_try + 1], seen[v] = v, true end
+  end
+  local p90 = math.max(1, math.floor(sample[math.floor(0.9 * #sample)] + 0.5))
+  local list = {}
+  for _, t in ipairs(per_try) do
+    for attempts = 1, 4 do
+      local waits = attempts == 1 and { { 0 } } or { { 0 }, { 25 }, { 100 } }
+      if p90 < t then waits[#waits + 1] = { 0, p90 } end
+      for _, w in ipairs(waits) do
+        for _, deadline in ipairs({ slo.ms, 1.5 * slo.ms, 2 * slo.ms }) do
+          if deadline >= t then
+            list[#list + 1] = { per_try_ms = t, attempts = attempts, base_ms = w[1],
+                                hedge_ms = w[2], deadline_ms = deadline }
+          end
+        end
+      end
+    end
+  end
+  return list
+end
+
+local function meets(f, o)
+  local v = f["p" .. o.slo.p] or f.p95
+  return v < o.slo.ms and (not o.success or f.success >= o.success)
+end
+
+local function describe(p)
+  return ("%d x %g ms, %s, deadline %g ms"):format(p.attempts, p.per_try_ms,
+    p.hedge_ms and ("hedge at %g ms"):format(p.hedge_ms) or ("backoff %g ms"):format(p.base_ms),
+    p.deadline_ms)
+end
+
+--- Output -----------------------------------------------------------------------
+
+local function write_policy(path, p, f, slo)
+  local src = ([[-- Written by `resilua plan` for p%d < %g ms: predicted success %.2f %%,
+-- p95 %.0f ms, p99 %.0f ms, %.2f attempts a call (no breaker or budget were
+-- simulated; add them for an outage).
+return {
+  max_attempts = %d,
+  per_try_timeout_ms = %g,
+  deadline_ms = %g,
+  backoff = { base_ms = %g, max_ms = %g, jitter = %q },
+  retry_on = { status = { 429, 500, 502, 503, 504 }, errors = { "timeout", "connect", "reset", "dns" } },
+  hedge = %s,
+  breaker = false,
+  budget = false,
+}
+]]):format(slo.p, slo.ms, 100 * f.success, f.p95, f.p99, f.amplification, p.attempts, p.per_try_ms,
+           p.deadline_ms, p.base_ms, math.max(p.base_ms * 8, 1), p.base_ms > 0 and "full" or "none",
+           p.hedge_ms and ("{ after_ms = %g, max = 2 }"):format(p.hedge_ms) or "false")
+  local out, err = io.open(path, "wb")
+  if not out then return nil, err end
+  local ok, werr = out:write(src)
+  out:close()
+  if not ok then return nil, werr end
+  return true
+end
+
+-- Runs the top two as a real experiment; returns their measured figures.
+local function verify(prof, ranked, o)
+  local experiment = require "resilua.experiment"
+  local dir = os.tmpname()
+  os.remove(dir)
+  local saved = _G.arg
+  _G.arg = { [0] = "resilua plan", "--quiet", "--out", dir }
+  local policies = {}
+  for i = 1, math.min(2, #ranked) do
+    policies[i] = { name = ("plan %d"):format(i), policy = plan_policy(ranked[i].plan) }
+  end
+  local ok, code = pcall(experiment.run, {
+    name = "plan-verify", duration = o.duration, seed = o.seed,
+    upstream = { service_ms = prof.service_ms, faults = prof.faults },
+    load = { rate = o.rate, poisson = true }, policies = policies,
+    request = function() return { method = "GET", path = "/v1/predict" } end })
+  _G.arg = saved
+  if not ok or code ~= 0 then return nil, "--verify: the experiment failed: " .. tostring(code) end
+  local f = io.open(dir .. "/report.json", "rb")
+  if not f then return nil, "--verify: no report" end
+  local rep = cjson.decode(f:read("a"))
+  f:close()
+  local measured = {}
+  for i, p in ipairs(rep.policies) do
+    local s = p.summary
+    measured[i] = { success = s.success_rate, p95 = s.latency_ms.p95, p99 = s.latency_ms.p99,
+                    amplification = s.amplification }
+  end
+  return measured
+end
+
+function M.main(args)
+  local okp, o = pcall(parse_args, args)
+  if not okp then
+    io.stderr:write("resilua plan: ", tostring(o), "\n")
+    return EXIT_USAGE
+  end
+  if o.help then
+    io.stdout:write(M.USAGE)
+    return EXIT_OK
+  end
+  if not o.slo or not o.profile then
+    io.stderr:write("resilua plan: --slo and --profile are required (see resilua plan --help)\n")
+    return EXIT_USAGE
+  end
+  local prof, perr = load_profile(o.profile)
+  if not prof then
+    io.stderr:write("resilua plan: ", perr, "\n")
+    return EXIT_USAGE
+  end
+  local calls = draw_calls(prof, o.calls, 4, o.seed)
+  local ranked = {}
+  for _, p in ipairs(candidates(prof, o.slo)) do
+    local f = simulate(p, calls)
+    ranked[#ranked + 1] = { plan = p, f = f, meets = meets(f, o) }
+  end
+  table.sort(ranked, function(a, b)
+    if a.meets ~= b.meets then return a.meets end
+    if a.f.success ~= b.f.success then return a.f.success > b.f.success end
+    return a.f.p95 < b.f.p95
+  end)
+  local out = { ("%d plans x %d simulated calls; SLO p%d < %g ms%s\n"):format(#ranked, o.calls,
+    o.slo.p, o.slo.ms, o.success and (" and success >= %g %%"):format(100 * o.success) or ""),
+    ("  %-4s %-50s %9s %8s %8s %6s  %s\n"):format("rank", "plan", "success %", "p95 ms",
+                                                  "p99 ms", "ampl.", "SLO") }
+  for i = 1, math.min(o.top, #ranked) do
+    local r = ranked[i]
+    out[#out + 1] = ("  %-4d %-50s %9.2f %8.1f %8.1f %6.2f  %s\n"):format(i, describe(r.plan),
+      100 * r.f.success, r.f.p95, r.f.p99, r.f.amplification, r.meets and "met" or "missed")
+  end
+  io.stdout:write(table.concat(out))
+  if o.write then
+    local okw, werr = write_policy(o.write, ranked[1].plan, ranked[1].f, o.slo)
+    if not okw then
+      io.stderr:write("resilua plan: --write: ", tostring(werr), "\n")
+      return EXIT_USAGE
+    end
+    io.stdout:write("wrote ", o.write, "\n")
+  end
+  if o.verify then
+    local measured, verr = verify(prof, ranked, o)
+    if not measured then
+      io.stderr:write("resilua plan: ", verr, "\n")
+      return 1
+    end
+    io.stdout:write(("\npredicted vs measured (%g s at %g calls/s against resilua.upstream):\n")
+      :format(o.duration, o.rate))
+    io.stdout:write(("  %-6s %21s %21s %21s\n"):format("plan", "success %", "p95 ms", "p99 ms"))
+    io.stdout:write(("  %-6s" .. (" %10s %10s"):rep(3) .. "\n"):format("", "predicted", "measured",
+      "predicted", "measured", "predicted", "measured"))
+    for i, m in ipairs(measured) do
+      local f = ranked[i].f
+      io.stdout:write(("  %-6d %10.2f %10.2f %10.1f %10.1f %10.1f %10.1f\n"):format(i,
+        100 * f.success, 100 * m.success, f.p95, m.p95, f.p99, m.p99))
+    end
+  end
+  return ranked[1].meets and EXIT_OK or EXIT_SLO
+end
+
+return M
