@@ -90,6 +90,7 @@ end
 ]]
 
 local FAST = [[return { max_attempts = 3, backoff = { base_ms = 1, max_ms = 5, jitter = "none" },
+                       retry_on = { errors = { "timeout", "connect", "reset", "dns" } },
                        per_try_timeout_ms = 2000, breaker = false, budget = false }]]
 
 local function start_python(src)
@@ -332,6 +333,7 @@ print(json.dumps(out))
       py = start_python(STREAM_UPSTREAM)
       local pol = H.write_file(dir .. "/stream.lua", [[return { max_attempts = 3,
         per_try_timeout_ms = 1000, first_byte_timeout_ms = 500, idle_timeout_ms = 20000,
+        retry_on = { errors = { "timeout", "connect", "reset" } },
         backoff = { base_ms = 1, max_ms = 2 }, breaker = false, budget = false }]])
       px = start_proxy{ "--listen", "127.0.0.1:0", "--upstream", py.url, "--policy", pol }
     end)
@@ -387,6 +389,7 @@ print(json.dumps(out))
       local script = H.write_file(H.tmpname(".lua"), ([[
         local resilua = require "resilua"
         local p = require("resilua.policy").define({ first_byte_timeout_ms = 500,
+          retry_on = { errors = { "timeout" } },
           backoff = { base_ms = 1, max_ms = 1 }, breaker = false, budget = false }, "t", "t.lua", "")
         local client = resilua.client{ policy = p }
         local n, parts = 0, 0
