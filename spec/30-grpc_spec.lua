@@ -181,7 +181,8 @@ describe("deadlines on the wire", function()
   it("grpc-timeout is the per-try timeout when that is shorter", function()
     local c = client([[
       return { max_attempts = 2, per_try_timeout_ms = 300, deadline_ms = 20000,
-               retry_on = { grpc = { "DEADLINE_EXCEEDED" } }, backoff = { base_ms = 1, max_ms = 1 },
+               retry_on = { grpc = { "DEADLINE_EXCEEDED" }, errors = { "timeout" } },
+               backoff = { base_ms = 1, max_ms = 1 },
                breaker = false, budget = false }
     ]])
     local _, err = c:call{ url = url, grpc = "test.Echo/Sleep", body = "x",
