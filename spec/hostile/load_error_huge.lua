@@ -1,4 +1,4 @@
 -- when: load  expect: bytes more)
--- An error object whose __tostring is 1 MB: no position from Lua, and a
+-- An error object whose __tostring is 256 KB: no position from Lua, and a
 -- message too big for an event line.
-error(setmetatable({}, { __tostring = function() return string.rep("x", 1 << 20) end }))
+error(setmetatable({}, { __tostring = function() return string.rep("x", 1 << 18) end }))
