@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -131,11 +132,13 @@ void rsl_fwd_lines_free(rsl_fwd_lines *l) {
   l->n = 0;
 }
 
-void rsl_fwd_response(const rsl_response *res, int keep_length, FILE *out) {
+int rsl_fwd_response(const rsl_response *res, int keep_length, rsl_buf *out,
+                     size_t limit) {
   const char *conn = rsl_response_header(res, "connection");
   size_t conn_len = conn ? strlen(conn) : 0;
-  for (size_t i = 0; i < res->header_count; i++) {
-    const char *name = res->headers[i].name;
+  int rc = 0;
+  for (size_t i = 0; rc == 0 && i < res->header_count; i++) {
+    const char *name = res->headers[i].name, *value = res->headers[i].value;
     size_t nl = strlen(name);
     if (rsl_fwd_hop_by_hop(name, nl, conn, conn_len) ||
         (!keep_length && rsl_http_name_is(name, nl, "content-length")) ||
@@ -144,6 +147,10 @@ void rsl_fwd_response(const rsl_response *res, int keep_length, FILE *out) {
         rsl_http_name_is(name, nl, "x-should-retry") ||
         (nl >= 10 && strncasecmp(name, "x-resilua-", 10) == 0))
       continue;
-    fprintf(out, "%s: %s\r\n", name, res->headers[i].value);
+    if ((rc = rsl_buf_add(out, name, nl, limit)) == 0 &&
+        (rc = rsl_buf_add(out, ": ", 2, limit)) == 0 &&
+        (rc = rsl_buf_str(out, value, limit)) == 0)
+      rc = rsl_buf_add(out, "\r\n", 2, limit);
   }
+  return rc;
 }

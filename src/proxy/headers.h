@@ -12,8 +12,8 @@
 #define RSL_PROXY_HEADERS_H
 
 #include <stddef.h>
-#include <stdio.h>
 
+#include "../http/buf.h"
 #include "../http/conn.h"
 #include "../transport.h"
 
@@ -44,10 +44,12 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
                     const char **why);
 void rsl_fwd_lines_free(rsl_fwd_lines *l);
 
-/* Writes res's header fields for the client ("Name: value\r\n"), the
- * hop-by-hop ones, Content-Length, Via, X-Request-Id and X-Should-Retry
- * left out (the proxy sets those).  keep_length: Content-Length passes. */
-void rsl_fwd_response(const rsl_response *res, int keep_length, FILE *out);
+/* Appends res's header fields for the client ("Name: value\r\n") to out,
+ * the hop-by-hop ones, Content-Length, Via, X-Request-Id and X-Should-Retry
+ * left out (the proxy sets those).  keep_length: Content-Length passes.
+ * 0, or rsl_buf_add's error past limit bytes or out of memory. */
+int rsl_fwd_response(const rsl_response *res, int keep_length, rsl_buf *out,
+                     size_t limit);
 
 /* 1 when the name is hop-by-hop, or named in connection (a Connection
  * field's value, or NULL). */

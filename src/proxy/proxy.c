@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,6 +30,7 @@
 #define HIGH_WATER_BYTES (256 * 1024) /* unsent to a client: pause */
 #define REQUEST_ID_MAX 128            /* a longer X-Request-Id is replaced */
 #define NS_PER_S 1e9
+#define HEAD_MAX_BYTES ((size_t)1 << 30) /* a response head: no real cap */
 
 typedef struct route {
   int refs;
@@ -166,31 +168,60 @@ static int has_body(long status) {
   return status >= 200 && status != 204 && status != 304;
 }
 
-/* Writes (or with `hold`, only queues) the bytes of a memstream and frees
- * them.  OK or GONE. */
-static int write_stream(rsl_http_conn *c, FILE *f, char **data, size_t *len,
-                        int hold) {
-  int ok = fclose(f) == 0 && *data;
-  int rc = !ok    ? RSL_HTTP_GONE
-           : hold ? rsl_http_conn_append(c, *data, *len)
-                  : rsl_http_conn_write(c, *data, *len);
-  if (!ok) rsl_http_conn_close(c, 0);
-  free(*data);
+/* A response head being built: appended to straight, with no stdio
+ * stream (a memstream per answer cost more than the rest of the head). */
+typedef struct answer_head {
+  rsl_buf b;
+  int failed; /* out of memory: the answer cannot go out */
+} answer_head;
+
+static void head_add(answer_head *h, const char *s, size_t n) {
+  if (!h->failed && rsl_buf_add(&h->b, s, n, HEAD_MAX_BYTES) != 0) h->failed = 1;
+}
+
+static void head_str(answer_head *h, const char *s) { head_add(h, s, strlen(s)); }
+
+/* For numbers: fmt's output is short. */
+__attribute__((format(printf, 2, 3)))
+static void head_fmt(answer_head *h, const char *fmt, ...) {
+  char s[128];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(s, sizeof s, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (size_t)n >= sizeof s) h->failed = 1;
+  else head_add(h, s, (size_t)n);
+}
+
+static void head_status(answer_head *h, int status) {
+  char line[128];
+  rsl_http_status_line(line, sizeof line, status);
+  head_str(h, line);
+}
+
+/* Writes (or with `hold`, only queues) the head and frees it.  OK or GONE. */
+static int send_head(rsl_http_conn *c, answer_head *h, int hold) {
+  int rc = h->failed ? RSL_HTTP_GONE
+           : hold    ? rsl_http_conn_append(c, h->b.data, h->b.len)
+                     : rsl_http_conn_write(c, h->b.data, h->b.len);
+  if (h->failed) rsl_http_conn_close(c, 0);
+  rsl_buf_free(&h->b);
   return rc;
 }
 
 /* The headers every answer carries: what the call did. */
-static void write_call_headers(FILE *f, const exchange *ex, const char *outcome,
-                               int attempts, int no_retry) {
-  fprintf(f, "X-Request-Id: %s\r\nx-resilua-attempts: %d\r\n"
-             "x-resilua-outcome: %s\r\n",
-          ex->request_id, attempts, outcome);
-  if (no_retry) fputs("x-should-retry: false\r\n", f);
+static void write_call_headers(answer_head *h, const exchange *ex,
+                               const char *outcome, int attempts, int no_retry) {
+  head_str(h, "X-Request-Id: ");
+  head_str(h, ex->request_id);
+  head_fmt(h, "\r\nx-resilua-attempts: %d\r\nx-resilua-outcome: ", attempts);
+  head_str(h, outcome);
+  head_str(h, no_retry ? "\r\nx-should-retry: false\r\n" : "\r\n");
 }
 
-static void write_connection(FILE *f, int keep_alive, int http10) {
-  if (!keep_alive) fputs("Connection: close\r\n", f);
-  else if (http10) fputs("Connection: keep-alive\r\n", f);
+static void write_connection(answer_head *h, int keep_alive, int http10) {
+  if (!keep_alive) head_str(h, "Connection: close\r\n");
+  else if (http10) head_str(h, "Connection: keep-alive\r\n");
 }
 
 /* An answer of the proxy's own: JSON, then the request ends. */
@@ -198,8 +229,8 @@ static int answer_json(rsl_http_conn *c, int status, const char *error,
                        const char *outcome, int attempts,
                        const char *request_id, double retry_after_s,
                        int keep_alive, int head_only, int http10) {
-  char *body = NULL, *head = NULL;
-  size_t body_len = 0, head_len = 0;
+  char *body = NULL;
+  size_t body_len = 0;
   FILE *b = open_memstream(&body, &body_len);
   if (!b) {
     rsl_http_conn_close(c, 0);
@@ -217,28 +248,23 @@ static int answer_json(rsl_http_conn *c, int status, const char *error,
     rsl_http_conn_close(c, 0);
     return RSL_HTTP_GONE;
   }
-  FILE *h = open_memstream(&head, &head_len);
-  if (!h) {
-    free(body);
-    rsl_http_conn_close(c, 0);
-    return RSL_HTTP_GONE;
-  }
-  char line[128];
-  rsl_http_status_line(line, sizeof line, status);
-  fputs(line, h);
-  fprintf(h, "Content-Type: application/json\r\nContent-Length: %zu\r\n"
-             "Via: " RSL_FWD_VIA "\r\nX-Request-Id: %s\r\n"
-             "x-resilua-attempts: %d\r\nx-resilua-outcome: %s\r\n",
-          body_len, request_id, attempts, outcome);
+  answer_head h = {0};
+  head_status(&h, status);
+  head_fmt(&h, "Content-Type: application/json\r\nContent-Length: %zu\r\n"
+               "Via: " RSL_FWD_VIA "\r\nX-Request-Id: ", body_len);
+  head_str(&h, request_id);
+  head_fmt(&h, "\r\nx-resilua-attempts: %d\r\nx-resilua-outcome: ", attempts);
+  head_str(&h, outcome);
+  head_str(&h, "\r\n");
   /* The proxy refused or already retried: a client's own retries would
    * multiply ours (the OpenAI and Anthropic SDKs obey this). */
   if (attempts > 1 || strcmp(outcome, "breaker_open") == 0 ||
       strcmp(outcome, "budget") == 0 || strcmp(outcome, "overloaded") == 0)
-    fputs("x-should-retry: false\r\n", h);
-  if (retry_after_s >= 0) fprintf(h, "Retry-After: %.0f\r\n", retry_after_s);
-  write_connection(h, keep_alive, http10);
-  fputs("\r\n", h);
-  int rc = write_stream(c, h, &head, &head_len, !head_only);
+    head_str(&h, "x-should-retry: false\r\n");
+  if (retry_after_s >= 0) head_fmt(&h, "Retry-After: %.0f\r\n", retry_after_s);
+  write_connection(&h, keep_alive, http10);
+  head_str(&h, "\r\n");
+  int rc = send_head(c, &h, !head_only);
   if (rc == RSL_HTTP_OK && !head_only) rc = rsl_http_conn_write(c, body, body_len);
   free(body);
   return rc == RSL_HTTP_OK ? rsl_http_conn_end(c, keep_alive) : rc;
@@ -263,36 +289,40 @@ static int should_not_retry(const rsl_call_result *res) {
 }
 
 /* The upstream's Via, then ours. */
-static void write_via(FILE *f, const rsl_response *res) {
+static void write_via(answer_head *h, const rsl_response *res) {
   const char *via = rsl_response_header(res, "via");
-  if (via) fprintf(f, "Via: %s, " RSL_FWD_VIA "\r\n", via);
-  else fputs("Via: " RSL_FWD_VIA "\r\n", f);
+  head_str(h, "Via: ");
+  if (via) {
+    head_str(h, via);
+    head_str(h, ", ");
+  }
+  head_str(h, RSL_FWD_VIA "\r\n");
+}
+
+/* The upstream's fields, as rsl_fwd_response passes them. */
+static void write_upstream_fields(answer_head *h, const rsl_response *res,
+                                  int keep_length) {
+  if (!h->failed && rsl_fwd_response(res, keep_length, &h->b, HEAD_MAX_BYTES) != 0)
+    h->failed = 1;
 }
 
 /* Sends the upstream's final response, whole. */
 static int answer_response(exchange *ex, rsl_http_conn *c,
                            const rsl_call_result *res, int keep_alive) {
   const rsl_response *up = &res->last;
-  char *head = NULL, line[128];
-  size_t head_len = 0;
-  FILE *f = open_memstream(&head, &head_len);
-  if (!f) {
-    rsl_http_conn_close(c, 0);
-    return RSL_HTTP_GONE;
-  }
-  rsl_http_status_line(line, sizeof line, (int)up->status);
-  fputs(line, f);
+  answer_head h = {0};
+  head_status(&h, (int)up->status);
   /* HEAD: the upstream's Content-Length says what a GET would get. */
-  rsl_fwd_response(up, ex->head_only, f);
+  write_upstream_fields(&h, up, ex->head_only);
   if (has_body(up->status) && !ex->head_only)
-    fprintf(f, "Content-Length: %zu\r\n", up->body_len);
-  write_via(f, up);
-  write_call_headers(f, ex, rsl_outcome_name(res->outcome), res->attempts,
+    head_fmt(&h, "Content-Length: %zu\r\n", up->body_len);
+  write_via(&h, up);
+  write_call_headers(&h, ex, rsl_outcome_name(res->outcome), res->attempts,
                      should_not_retry(res));
-  write_connection(f, keep_alive, ex->http10);
-  fputs("\r\n", f);
+  write_connection(&h, keep_alive, ex->http10);
+  head_str(&h, "\r\n");
   int with_body = has_body(up->status) && !ex->head_only && up->body_len;
-  int rc = write_stream(c, f, &head, &head_len, with_body);
+  int rc = send_head(c, &h, with_body);
   if (rc == RSL_HTTP_OK && with_body)
     rc = rsl_http_conn_write(c, up->body, up->body_len);
   return rc == RSL_HTTP_OK ? rsl_http_conn_end(c, keep_alive) : rc;
@@ -318,21 +348,21 @@ static int on_commit(void *ud, const rsl_response *head) {
   int keep_length = rsl_response_header(head, "content-length") != NULL;
   if (!keep_length && ex->http10) ex->keep_alive = 0; /* ends at close */
   ex->chunked = !keep_length && !ex->http10;
-  char *buf = NULL, line[128];
-  size_t len = 0;
-  FILE *f = open_memstream(&buf, &len);
-  if (!f) return -1;
-  rsl_http_status_line(line, sizeof line, (int)head->status);
-  fputs(line, f);
-  rsl_fwd_response(head, keep_length, f);
-  if (ex->chunked) fputs("Transfer-Encoding: chunked\r\n", f);
-  write_via(f, head);
-  write_call_headers(f, ex, "ok", ex->attempts + 1, ex->attempts > 0);
-  write_connection(f, ex->keep_alive, ex->http10);
-  fputs("\r\n", f);
+  answer_head h = {0};
+  head_status(&h, (int)head->status);
+  write_upstream_fields(&h, head, keep_length);
+  if (ex->chunked) head_str(&h, "Transfer-Encoding: chunked\r\n");
+  write_via(&h, head);
+  write_call_headers(&h, ex, "ok", ex->attempts + 1, ex->attempts > 0);
+  write_connection(&h, ex->keep_alive, ex->http10);
+  head_str(&h, "\r\n");
+  if (h.failed) { /* as when the memstream could not be opened */
+    rsl_buf_free(&h.b);
+    return -1;
+  }
   ex->committed = 1;
   ex->in_cb = 1;
-  int rc = write_stream(ex->conn, f, &buf, &len, 1); /* sent with the body */
+  int rc = send_head(ex->conn, &h, 1); /* sent with the body */
   ex->in_cb = 0;
   return rc == RSL_HTTP_OK ? 0 : -1;
 }
@@ -616,8 +646,8 @@ static int answer_admin(rsl_proxy *p, rsl_http_conn *c,
   int keep_alive = req->keep_alive && !p->draining;
   int status = 200;
   const char *type = "text/plain; charset=utf-8";
-  char *body = NULL, *head = NULL;
-  size_t body_len = 0, head_len = 0;
+  char *body = NULL;
+  size_t body_len = 0;
   FILE *b = open_memstream(&body, &body_len);
   if (!b) return rsl_http_conn_reject(c, 503);
   if (rsl_http_name_is(what, what_len, "/health")) {
@@ -637,18 +667,12 @@ static int answer_admin(rsl_proxy *p, rsl_http_conn *c,
     free(body);
     return rsl_http_conn_reject(c, 503);
   }
-  FILE *h = open_memstream(&head, &head_len);
-  if (!h) {
-    free(body);
-    return rsl_http_conn_reject(c, 503);
-  }
-  char line[128];
-  rsl_http_status_line(line, sizeof line, status);
-  fprintf(h, "%sContent-Type: %s\r\nContent-Length: %zu\r\n", line, type,
-          body_len);
-  write_connection(h, keep_alive, req->http_minor == 0);
-  fputs("\r\n", h);
-  int rc = write_stream(c, h, &head, &head_len, !req->head_only);
+  answer_head h = {0};
+  head_status(&h, status);
+  head_fmt(&h, "Content-Type: %s\r\nContent-Length: %zu\r\n", type, body_len);
+  write_connection(&h, keep_alive, req->http_minor == 0);
+  head_str(&h, "\r\n");
+  int rc = send_head(c, &h, !req->head_only);
   if (rc == RSL_HTTP_OK && !req->head_only)
     rc = rsl_http_conn_write(c, body, body_len);
   free(body);
