@@ -4,9 +4,6 @@
 #include "headers.h"
 
 #include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -38,18 +35,32 @@ int rsl_fwd_hop_by_hop(const char *name, size_t len, const char *connection,
   return connection && in_token_list(name, len, connection, connection_len);
 }
 
-__attribute__((format(printf, 2, 3)))
-static int add_line(rsl_fwd_lines *l, const char *fmt, ...) {
+/* A piece of a line: n bytes at s. */
+typedef struct line_piece {
+  const char *s;
+  size_t n;
+} line_piece;
+
+#define PIECE(literal) ((line_piece){literal, sizeof literal - 1})
+#define LINE_TEXT_MAX ((size_t)1 << 30) /* the request's headers bound it */
+
+/* Appends a line made of np pieces (no stdio: this runs for every header
+ * of every request). */
+static int add_line(rsl_fwd_lines *l, const line_piece *p, size_t np) {
   if (l->n == RSL_FWD_MAX_LINES) return -ENOMEM; /* cannot happen: sized */
-  char *s = NULL;
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vasprintf(&s, fmt, ap);
-  va_end(ap);
-  if (n < 0) return -ENOMEM;
-  l->line[l->n++] = s;
+  size_t start = l->text.len;
+  int rc = 0;
+  for (size_t i = 0; rc == 0 && i < np; i++)
+    rc = rsl_buf_add(&l->text, p[i].s, p[i].n, LINE_TEXT_MAX);
+  if (rc == 0) rc = rsl_buf_add(&l->text, "", 1, LINE_TEXT_MAX);
+  if (rc != 0) return -ENOMEM;
+  l->start[l->n++] = start;
   return 0;
 }
+
+#define ADD_LINE(l, ...)                                                   \
+  add_line(l, (const line_piece[]){__VA_ARGS__},                           \
+           sizeof((const line_piece[]){__VA_ARGS__}) / sizeof(line_piece))
 
 /* A positive integer no larger than max, or -1. */
 static double parse_positive(const char *v, size_t len, double max) {
@@ -73,6 +84,8 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
   int has_proto = 0, has_accept = 0, has_type = 0, rc = 0;
   *ov = (rsl_fwd_overrides){0};
   out->n = 0;
+  out->text = (rsl_buf){0};
+  size_t peer_len = strlen(peer), id_len = strlen(request_id);
   for (size_t i = 0; rc == 0 && i < req->nheaders; i++) {
     const rsl_http_header *h = &req->headers[i];
     const char *name = h->name, *value = h->value;
@@ -109,26 +122,33 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
     has_type |= rsl_http_name_is(name, nl, "content-type");
     /* curl sends "Name;" as a field with an empty value ("Name:" would
      * remove one of its own). */
-    rc = vl ? add_line(out, "%.*s: %.*s", (int)nl, name, (int)vl, value)
-            : add_line(out, "%.*s;", (int)nl, name);
+    rc = vl ? ADD_LINE(out, {name, nl}, PIECE(": "), {value, vl})
+            : ADD_LINE(out, {name, nl}, PIECE(";"));
   }
   if (rc == 0)
-    rc = xff ? add_line(out, "X-Forwarded-For: %.*s, %s", (int)xff_len, xff, peer)
-             : add_line(out, "X-Forwarded-For: %s", peer);
-  if (rc == 0 && !has_proto) rc = add_line(out, "X-Forwarded-Proto: http");
+    rc = xff ? ADD_LINE(out, PIECE("X-Forwarded-For: "), {xff, xff_len},
+                        PIECE(", "), {peer, peer_len})
+             : ADD_LINE(out, PIECE("X-Forwarded-For: "), {peer, peer_len});
+  if (rc == 0 && !has_proto) rc = ADD_LINE(out, PIECE("X-Forwarded-Proto: http"));
   if (rc == 0)
-    rc = via ? add_line(out, "Via: %.*s, " RSL_FWD_VIA, (int)via_len, via)
-             : add_line(out, "Via: " RSL_FWD_VIA);
-  if (rc == 0) rc = add_line(out, "X-Request-Id: %s", request_id);
+    rc = via ? ADD_LINE(out, PIECE("Via: "), {via, via_len},
+                        PIECE(", " RSL_FWD_VIA))
+             : ADD_LINE(out, PIECE("Via: " RSL_FWD_VIA));
+  if (rc == 0)
+    rc = ADD_LINE(out, PIECE("X-Request-Id: "), {request_id, id_len});
   /* curl's own defaults, which a proxy must not add: */
-  if (rc == 0 && !has_accept) rc = add_line(out, "Accept:");
-  if (rc == 0 && !has_type) rc = add_line(out, "Content-Type:");
-  if (rc != 0) rsl_fwd_lines_free(out);
-  return rc;
+  if (rc == 0 && !has_accept) rc = ADD_LINE(out, PIECE("Accept:"));
+  if (rc == 0 && !has_type) rc = ADD_LINE(out, PIECE("Content-Type:"));
+  if (rc != 0) {
+    rsl_fwd_lines_free(out);
+    return rc;
+  }
+  for (size_t i = 0; i < out->n; i++) out->line[i] = out->text.data + out->start[i];
+  return 0;
 }
 
 void rsl_fwd_lines_free(rsl_fwd_lines *l) {
-  for (size_t i = 0; i < l->n; i++) free(l->line[i]);
+  rsl_buf_free(&l->text);
   l->n = 0;
 }
 

@@ -20,11 +20,13 @@
 #define RSL_FWD_MAX_LINES (RSL_HTTP_MAX_HEADERS + 12)
 #define RSL_FWD_VIA "1.1 resilua"
 
-/* The request header lines to send upstream: owned by the caller
- * (rsl_fwd_lines_free). */
+/* The request header lines to send upstream: line[i] points into text,
+ * one allocation for them all, owned by the caller (rsl_fwd_lines_free). */
 typedef struct rsl_fwd_lines {
   char *line[RSL_FWD_MAX_LINES];
   size_t n;
+  size_t start[RSL_FWD_MAX_LINES]; /* line[i]'s offset in text */
+  rsl_buf text;                    /* the lines, each ending in NUL */
 } rsl_fwd_lines;
 
 /* What the request asks of the proxy (x-resilua-*); 0 when absent. */
