@@ -9,9 +9,22 @@
 
 #define MAX_OVERRIDE_MS 86400000.0
 
-static const char *const HOP_BY_HOP[] = {
-    "connection", "keep-alive", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-connection", "proxy-authorization", NULL};
+/* rsl_http_name_is for a literal, its length known when compiled: most
+ * names differ in length, and then cost one comparison (this runs for
+ * every header field, both ways, of every request). */
+#define NAME_IS(name, len, literal)   \
+  ((len) == sizeof literal - 1 && strncasecmp(name, literal, len) == 0)
+
+typedef struct hop_name {
+  const char *name;
+  size_t len;
+} hop_name;
+
+#define HOP(literal) {literal, sizeof literal - 1}
+static const hop_name HOP_BY_HOP[] = {
+    HOP("connection"), HOP("keep-alive"), HOP("te"), HOP("trailer"),
+    HOP("transfer-encoding"), HOP("upgrade"), HOP("proxy-connection"),
+    HOP("proxy-authorization"), {NULL, 0}};
 
 /* 1 when `name` is one of the comma-separated tokens of list. */
 static int in_token_list(const char *name, size_t len, const char *list,
@@ -30,8 +43,8 @@ static int in_token_list(const char *name, size_t len, const char *list,
 
 int rsl_fwd_hop_by_hop(const char *name, size_t len, const char *connection,
                        size_t connection_len) {
-  for (int i = 0; HOP_BY_HOP[i]; i++)
-    if (rsl_http_name_is(name, len, HOP_BY_HOP[i])) return 1;
+  for (const hop_name *h = HOP_BY_HOP; h->name; h++)
+    if (h->len == len && strncasecmp(name, h->name, len) == 0) return 1;
   return connection && in_token_list(name, len, connection, connection_len);
 }
 
@@ -92,14 +105,14 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
     size_t nl = h->name_len, vl = h->value_len;
     if (nl >= 10 && strncasecmp(name, "x-resilua-", 10) == 0) {
       double v;
-      if (rsl_http_name_is(name, nl, "x-resilua-deadline-ms")) {
+      if (NAME_IS(name, nl, "x-resilua-deadline-ms")) {
         if ((v = parse_positive(value, vl, MAX_OVERRIDE_MS)) < 0) {
           *why = "x-resilua-deadline-ms: expected a whole number of ms";
           rc = -EINVAL;
           break;
         }
         ov->deadline_ms = v;
-      } else if (rsl_http_name_is(name, nl, "x-resilua-max-attempts")) {
+      } else if (NAME_IS(name, nl, "x-resilua-max-attempts")) {
         if ((v = parse_positive(value, vl, 100)) < 0) {
           *why = "x-resilua-max-attempts: expected a whole number, 1 to 100";
           rc = -EINVAL;
@@ -110,16 +123,16 @@ int rsl_fwd_request(const rsl_http_request *req, const char *peer,
       continue;
     }
     if (rsl_fwd_hop_by_hop(name, nl, conn, conn_len) ||
-        rsl_http_name_is(name, nl, "content-length") ||
-        rsl_http_name_is(name, nl, "expect") || /* answered by the proxy */
-        rsl_http_name_is(name, nl, "x-forwarded-for") ||
-        rsl_http_name_is(name, nl, "via") ||
-        rsl_http_name_is(name, nl, "x-request-id") ||
-        (!keep_host && rsl_http_name_is(name, nl, "host")))
+        NAME_IS(name, nl, "content-length") ||
+        NAME_IS(name, nl, "expect") || /* answered by the proxy */
+        NAME_IS(name, nl, "x-forwarded-for") ||
+        NAME_IS(name, nl, "via") ||
+        NAME_IS(name, nl, "x-request-id") ||
+        (!keep_host && NAME_IS(name, nl, "host")))
       continue;
-    has_proto |= rsl_http_name_is(name, nl, "x-forwarded-proto");
-    has_accept |= rsl_http_name_is(name, nl, "accept");
-    has_type |= rsl_http_name_is(name, nl, "content-type");
+    has_proto |= NAME_IS(name, nl, "x-forwarded-proto");
+    has_accept |= NAME_IS(name, nl, "accept");
+    has_type |= NAME_IS(name, nl, "content-type");
     /* curl sends "Name;" as a field with an empty value ("Name:" would
      * remove one of its own). */
     rc = vl ? ADD_LINE(out, {name, nl}, PIECE(": "), {value, vl})
@@ -161,10 +174,10 @@ int rsl_fwd_response(const rsl_response *res, int keep_length, rsl_buf *out,
     const char *name = res->headers[i].name, *value = res->headers[i].value;
     size_t nl = strlen(name);
     if (rsl_fwd_hop_by_hop(name, nl, conn, conn_len) ||
-        (!keep_length && rsl_http_name_is(name, nl, "content-length")) ||
-        rsl_http_name_is(name, nl, "via") ||
-        rsl_http_name_is(name, nl, "x-request-id") ||
-        rsl_http_name_is(name, nl, "x-should-retry") ||
+        (!keep_length && NAME_IS(name, nl, "content-length")) ||
+        NAME_IS(name, nl, "via") ||
+        NAME_IS(name, nl, "x-request-id") ||
+        NAME_IS(name, nl, "x-should-retry") ||
         (nl >= 10 && strncasecmp(name, "x-resilua-", 10) == 0))
       continue;
     if ((rc = rsl_buf_add(out, name, nl, limit)) == 0 &&
