@@ -420,18 +420,29 @@ size_t rsl_json_minify(const char *s, size_t n, char *out) {
 
 size_t rsl_json_string(const char *s, size_t n, char *out) {
   static const char HEX[] = "0123456789abcdef";
+  const unsigned char *u = (const unsigned char *)s;
   size_t w = 0;
   out[w++] = '"';
   for (size_t i = 0; i < n; i++) {
-    unsigned char c = (unsigned char)s[i];
+    unsigned char c = u[i];
+    if (c >= 0x80) {
+      size_t seq = rsl_utf8_sequence(u + i, n - i);
+      if (seq) {
+        memcpy(out + w, s + i, seq);
+        w += seq;
+        i += seq - 1;
+        continue;
+      }
+      /* Not UTF-8 (binary, Latin-1): JSON text must be, so the byte is
+       * escaped as the code point of the same value, \u00XX (Latin-1
+       * text then reads right, a binary byte keeps its value), as
+       * resilua.json does. */
+    }
     switch (c) {
     case '"':
-      out[w++] = '\\';
-      out[w++] = '"';
-      break;
     case '\\':
       out[w++] = '\\';
-      out[w++] = '\\';
+      out[w++] = (char)c;
       break;
     case '\n':
       out[w++] = '\\';
@@ -446,7 +457,7 @@ size_t rsl_json_string(const char *s, size_t n, char *out) {
       out[w++] = 't';
       break;
     default:
-      if (c < 0x20 || c == 0x7f) {
+      if (c < 0x20 || c >= 0x7f) {
         memcpy(out + w, "\\u00", 4);
         out[w + 4] = HEX[c >> 4];
         out[w + 5] = HEX[c & 15];

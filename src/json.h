@@ -73,9 +73,11 @@ size_t rsl_json_minify(const char *s, size_t n, char *out);
  * surrogates, nothing above U+10FFFF). */
 int rsl_json_utf8_valid(const char *s, size_t n);
 
-/* The JSON string literal (with quotes) for the UTF-8 text s[0, n) into
- * out, which has room for rsl_json_string_max(n) bytes; returns the length
- * written.  The text must be valid UTF-8 (rsl_json_utf8_valid). */
+/* The JSON string literal (with quotes) for s[0, n) into out, which has
+ * room for rsl_json_string_max(n) bytes; returns the length written.  The
+ * one JSON string writer in C (core.json.quote, the event log): a byte
+ * that is not part of well-formed UTF-8 becomes \u00XX, so the result is
+ * always valid UTF-8 JSON. */
 size_t rsl_json_string(const char *s, size_t n, char *out);
 #define rsl_json_string_max(n) ((n)*6 + 2)
 

@@ -3,11 +3,13 @@
  */
 #include "log.h"
 
+#include "json.h" /* rsl_json_string: one JSON string writer */
 #include "redact.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,21 +83,39 @@ static void keep_line(rsl_log *log, const char *line, size_t n) {
   log->len += n;
 }
 
-static void append(rsl_event *e, const char *s, size_t n) {
-  if (e->failed) return;
+/* Room for n more bytes (and the final newline) at the end of e's buffer,
+ * or NULL once the event has failed (out of memory): it is then dropped. */
+static char *reserve(rsl_event *e, size_t n) {
+  if (e->failed) return NULL;
   if (e->len + n + 1 > e->cap) {
     size_t cap = e->cap ? e->cap : 256;
     while (cap < e->len + n + 1) cap *= 2;
     char *buf = realloc(e->buf, cap);
     if (!buf) {
       e->failed = 1;
-      return;
+      return NULL;
     }
     e->buf = buf;
     e->cap = cap;
   }
-  memcpy(e->buf + e->len, s, n);
+  return e->buf + e->len;
+}
+
+static void append(rsl_event *e, const char *s, size_t n) {
+  char *at = reserve(e, n);
+  if (!at) return;
+  memcpy(at, s, n);
   e->len += n;
+}
+
+/* s as a JSON string literal, by json.c's one writer. */
+static void quote(rsl_event *e, const char *s, size_t n) {
+  if (n > (SIZE_MAX - 2) / 6 - 1) {
+    e->failed = 1;
+    return;
+  }
+  char *at = reserve(e, rsl_json_string_max(n));
+  if (at) e->len += rsl_json_string(s, n, at);
 }
 
 size_t rsl_utf8_sequence(const unsigned char *s, size_t n) {
@@ -121,53 +141,9 @@ size_t rsl_utf8_sequence(const unsigned char *s, size_t n) {
   return len;
 }
 
-void rsl_json_quote(rsl_event *e, const char *s, size_t len) {
-  static const char HEX[] = "0123456789abcdef";
-  const unsigned char *u = (const unsigned char *)s;
-  append(e, "\"", 1);
-  size_t run = 0; /* bytes to copy as they are */
-  for (size_t i = 0; i < len; i++) {
-    unsigned char c = u[i];
-    if (c >= 0x80) {
-      size_t seq = rsl_utf8_sequence(u + i, len - i);
-      if (seq) {
-        run += seq;
-        i += seq - 1;
-        continue;
-      }
-      /* Not UTF-8 (binary, Latin-1): JSON text must be, so the byte is
-       * escaped as the code point of the same value, \u00XX (Latin-1
-       * text then reads right, a binary byte keeps its value), as
-       * resilua.json does. */
-      append(e, s + i - run, run);
-      run = 0;
-      char esc[6] = {'\\', 'u', '0', '0', HEX[c >> 4], HEX[c & 15]};
-      append(e, esc, 6);
-      continue;
-    }
-    if (c >= 0x20 && c != '"' && c != '\\') {
-      run++;
-      continue;
-    }
-    append(e, s + i - run, run);
-    run = 0;
-    char esc[6] = {'\\', 'u', '0', '0', HEX[c >> 4], HEX[c & 15]};
-    if (c == '"' || c == '\\') {
-      esc[1] = (char)c;
-      append(e, esc, 2);
-    } else if (c == '\n') {
-      append(e, "\\n", 2);
-    } else {
-      append(e, esc, 6);
-    }
-  }
-  append(e, s + len - run, run);
-  append(e, "\"", 1);
-}
-
 static void key(rsl_event *e, const char *k) {
   append(e, ",", 1);
-  rsl_json_quote(e, k, strlen(k));
+  quote(e, k, strlen(k));
   append(e, ":", 1);
 }
 
@@ -188,7 +164,7 @@ void rsl_event_begin(rsl_event *e, const char *name) {
 
 void rsl_event_str(rsl_event *e, const char *k, const char *value) {
   key(e, k);
-  rsl_json_quote(e, value, strlen(value));
+  quote(e, value, strlen(value));
 }
 
 void rsl_event_url(rsl_event *e, const char *k, const char *url) {

@@ -49,8 +49,4 @@ void rsl_event_emit(rsl_event *e, rsl_log *log);
  * surrogates, nothing past U+10FFFF). */
 size_t rsl_utf8_sequence(const unsigned char *s, size_t n);
 
-/* Appends `s` as a JSON string literal to the event; shared with callers
- * that build JSON elsewhere. */
-void rsl_json_quote(rsl_event *e, const char *s, size_t len);
-
 #endif

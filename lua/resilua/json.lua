@@ -10,24 +10,20 @@
 -- valid UTF-8 JSON.
 local M = {}
 
-local ESCAPES = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f",
-                  ["\n"] = "\\n", ["\r"] = "\\r", ["\t"] = "\\t" }
-
-local function escape_ascii(s)
-  return (s:gsub('[%c"\\]', function(c)
-    return ESCAPES[c] or ("\\u%04x"):format(c:byte())
-  end))
-end
+-- core.json.quote (json.c) is the one JSON string writer; it takes only
+-- valid UTF-8, so a string that is not is written run by run.
+local quote = require("resilua.core").json.quote
 
 --- A string as a JSON string literal.
 function M.string(s)
-  if utf8.len(s) then return '"' .. escape_ascii(s) .. '"' end
+  local q = quote(s)
+  if q then return q end
   -- Walk the valid UTF-8 runs; each stray byte becomes \u00XX.
   local out, i = {}, 1
   while i <= #s do
     local ok_len = utf8.len(s, i)
     local stop = ok_len and #s or select(2, utf8.len(s, i)) - 1
-    if stop >= i then out[#out + 1] = escape_ascii(s:sub(i, stop)) end
+    if stop >= i then out[#out + 1] = quote(s:sub(i, stop)):sub(2, -2) end
     if stop < #s then
       out[#out + 1] = ("\\u%04x"):format(s:byte(stop + 1))
     end
