@@ -221,7 +221,9 @@ rsl_budget *rsl_client_budget(rsl_client *c, const rsl_policy_conf *conf) {
   return &c->budget;
 }
 
-rsl_throttle *rsl_client_throttle(rsl_client *c, const rsl_policy_conf *conf) {
+/* The adaptive throttle, created from conf on first use (again when its
+ * settings change); NULL without one.  Owned by the client. */
+static rsl_throttle *client_throttle(rsl_client *c, const rsl_policy_conf *conf) {
   if (!conf->throttle_enabled) return NULL;
   /* Counts carry over reloads that keep the window: they are the
    * dependency's recent history, whatever the policy's version. */
@@ -482,7 +484,7 @@ static void log_attempt(rsl_call *call, const char *decision,
     rsl_event_str(&e, "breaker", rsl_breaker_state_name(call->breaker->state));
   else rsl_event_null(&e, "breaker");
   event_ids(&e, call);
-  rsl_throttle *throttle = rsl_client_throttle(call->client, call->conf);
+  rsl_throttle *throttle = client_throttle(call->client, call->conf);
   if (throttle)
     rsl_event_num(&e, "throttle", rsl_throttle_p(throttle, now_ms(call)));
   rsl_event_emit(&e, call->env->log);
@@ -697,7 +699,7 @@ static void send_attempt(void *ud) {
       return;
     }
   }
-  rsl_throttle *throttle = rsl_client_throttle(call->client, c);
+  rsl_throttle *throttle = client_throttle(call->client, c);
   if (throttle) {
     double p = rsl_throttle_p(throttle, now_ms(call));
     if (!rsl_throttle_admit(throttle, now_ms(call),
@@ -903,7 +905,7 @@ static void record_health(rsl_call *call, const rsl_response *res, int probe) {
     log_breaker_change(call, ch);
   }
   if (budget) rsl_budget_record(budget, !failure);
-  rsl_throttle *throttle = rsl_client_throttle(call->client, call->conf);
+  rsl_throttle *throttle = client_throttle(call->client, call->conf);
   if (throttle && !failure) rsl_throttle_accept(throttle, now_ms(call));
 }
 
@@ -1101,7 +1103,7 @@ static void hedge_fire(void *ud) {
   /* Not while the dependency is judged sick: an open or half-open breaker,
    * or a throttle that refuses some. */
   if (call->breaker && call->breaker->state != RSL_BREAKER_CLOSED) return;
-  rsl_throttle *throttle = rsl_client_throttle(call->client, c);
+  rsl_throttle *throttle = client_throttle(call->client, c);
   if (throttle && rsl_throttle_p(throttle, now_ms(call)) > 0) return;
   rsl_budget *budget = rsl_client_budget(call->client, c);
   double paid = 0;

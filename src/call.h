@@ -102,10 +102,6 @@ typedef struct rsl_call_stream {
   void (*on_attempt)(void *ud, long status, rsl_error_class error);
 } rsl_call_stream;
 
-/* The adaptive throttle, created from conf on first use (again when its
- * settings change); NULL without one. */
-rsl_throttle *rsl_client_throttle(rsl_client *c, const rsl_policy_conf *conf);
-
 /* Borrowed: the call copies what it keeps. */
 typedef struct rsl_call_request {
   const char *method;

@@ -1023,10 +1023,6 @@ int rsl_policy_breaker_changed(rsl_policy *p, const char *key,
   return rc;
 }
 
-size_t rsl_policy_memory(const rsl_policy *p) {
-  return p->sb ? rsl_sandbox_memory(p->sb) : 0;
-}
-
 /* Sorts names for policy_names. */
 static int name_cmp(const void *a, const void *b) {
   return strcmp(*(char *const *)a, *(char *const *)b);

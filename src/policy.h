@@ -133,8 +133,6 @@ void rsl_policy_job_free(rsl_policy_job *j);
 /* core.policy_names(dir) -> sorted list of the *.lua regular files in dir
  * (empty when it cannot be read). */
 int rsl_policy_names_lua(struct lua_State *L);
-/* Bytes held by the policy's own state (0 for a script's policy). */
-size_t rsl_policy_memory(const rsl_policy *p);
 /* Pushes res's headers as a table {lower-case name = value} (a.headers;
  * also a call result's headers). */
 void rsl_policy_push_headers(struct lua_State *L, const rsl_response *res);
