@@ -794,7 +794,7 @@ function M.main(args)
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
                      policies = M.policies,
                      batch = M.batch, load = M.load, proxy = M.proxy,
-                     plan = function(a) return require("resilua.plan").main(a) end })[cmd]
+                     plan = function(a) return require("resilua.plan").main(a, parse) end })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end

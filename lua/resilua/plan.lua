@@ -61,38 +61,36 @@ local function parse_slo(s)
   return { p = p, ms = unit == "s" and v * 1000 or v }
 end
 
-local function parse_args(args)
-  local o = { calls = 10000, top = 10, seed = 1, duration = 20, rate = 50 }
-  local i = 2
-  local function value(name)
-    i = i + 1
-    if args[i] == nil then error(name .. ": expects a value", 0) end
-    return args[i]
-  end
-  local function number(name, lo, hi, integer)
-    local v = tonumber(value(name))
+-- parse is resilua.cli's getopt (as for resilua proxy); raises the usage
+-- message.
+local function parse_args(args, parse)
+  local opts, pos = parse(args, 2, {
+    ["--help"] = "flag", ["--slo"] = "value", ["--success"] = "value", ["--profile"] = "value",
+    ["--calls"] = "value", ["--top"] = "value", ["--seed"] = "value", ["--write"] = "value",
+    ["--verify"] = "flag", ["--duration"] = "value", ["--rate"] = "value",
+  }, { ["-h"] = "--help" })
+  if not opts then error(pos .. " (see resilua plan --help)", 0) end
+  if #pos > 0 then error(("unknown option '%s' (see resilua plan --help)"):format(pos[1]), 0) end
+  local function number(name, lo, hi, integer, default)
+    local given = opts[name]
+    if given == nil then return default end
+    local v = tonumber(given)
     if not v or v < lo or v > hi or (integer and v ~= math.floor(v)) then
-      error(("%s: expected a number in [%g, %g], got %s"):format(name, lo, hi, args[i]), 0)
+      error(("%s: expected a number in [%g, %g], got %s"):format(name, lo, hi, given), 0)
     end
     return integer and math.tointeger(v) or v
   end
-  while i <= #args do
-    local a = args[i]
-    if a == "-h" or a == "--help" then o.help = true
-    elseif a == "--slo" then o.slo = assert(parse_slo(value(a)))
-    elseif a == "--success" then o.success = number(a, 0, 1)
-    elseif a == "--profile" then o.profile = value(a)
-    elseif a == "--calls" then o.calls = number(a, 1, MAX_CALLS, true)
-    elseif a == "--top" then o.top = number(a, 1, 1000, true)
-    elseif a == "--seed" then o.seed = number(a, 0, 2 ^ 53, true)
-    elseif a == "--write" then o.write = value(a)
-    elseif a == "--verify" then o.verify = true
-    elseif a == "--duration" then o.duration = number(a, 1, 3600)
-    elseif a == "--rate" then o.rate = number(a, 1, 10000)
-    else error(("unknown option '%s' (see resilua plan --help)"):format(a), 0) end
-    i = i + 1
-  end
-  return o
+  return {
+    help = opts["--help"], verify = opts["--verify"],
+    slo = opts["--slo"] and assert(parse_slo(opts["--slo"])),
+    profile = opts["--profile"], write = opts["--write"],
+    success = number("--success", 0, 1),
+    calls = number("--calls", 1, MAX_CALLS, true, 10000),
+    top = number("--top", 1, 1000, true, 10),
+    seed = number("--seed", 0, 2 ^ 53, true, 1),
+    duration = number("--duration", 1, 3600, false, 20),
+    rate = number("--rate", 1, 10000, false, 50),
+  }
 end
 
 --- The profile ------------------------------------------------------------
@@ -316,8 +314,8 @@ local function verify(prof, ranked, o)
   return measured
 end
 
-function M.main(args)
-  local okp, o = pcall(parse_args, args)
+function M.main(args, parse)
+  local okp, o = pcall(parse_args, args, parse)
   if not okp then
     io.stderr:write("resilua plan: ", tostring(o), "\n")
     return EXIT_USAGE
