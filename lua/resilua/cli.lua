@@ -5,6 +5,7 @@
 -- 3 failed (not retriable); 4 gave up (attempts, deadline or budget);
 -- 5 breaker open.
 local core = require "resilua.core"
+local parse = require "resilua.getopt"
 
 local M = {}
 
@@ -232,46 +233,6 @@ signal stopped it, 2 usage or configuration error.
 local function fail(cmd, msg)
   io.stderr:write(("resilua%s: %s\n"):format(cmd and (" " .. cmd) or "", msg))
   return EXIT.usage
-end
-
---- A tiny getopt: spec maps a flag to "value", "list" or "flag".
--- Returns opts, positionals or nil, message.
-local function parse(args, first, spec, aliases)
-  local opts, pos = {}, {}
-  local i = first
-  while i <= #args do
-    local a = args[i]
-    if a == "--" then
-      for j = i + 1, #args do pos[#pos + 1] = args[j] end
-      break
-    elseif a:sub(1, 1) == "-" and a ~= "-" then
-      local name, inline = a:match("^(%-%-[^=]+)=(.*)$")
-      name = aliases[name or a] or name or a
-      local kind = spec[name]
-      if not kind then return nil, ("unknown option '%s'"):format(a) end
-      local value
-      if kind ~= "flag" then
-        value = inline
-        if not value then
-          i = i + 1
-          value = args[i]
-          if value == nil then return nil, ("option '%s' needs a value"):format(a) end
-        end
-      elseif inline then
-        return nil, ("option '%s' takes no value"):format(name)
-      end
-      if kind == "list" then
-        opts[name] = opts[name] or {}
-        table.insert(opts[name], value)
-      else
-        opts[name] = value or true
-      end
-    else
-      pos[#pos + 1] = a
-    end
-    i = i + 1
-  end
-  return opts, pos
 end
 
 local function read_data(arg)
@@ -779,7 +740,7 @@ function M.serve(args)
   return serve.run{ listen = opts["--listen"], script = pos[1] }
 end
 
-function M.proxy(args) return require("resilua.proxy").main(args, parse) end
+function M.proxy(args) return require("resilua.proxy").main(args) end
 
 function M.main(args)
   local cmd = args[1]
@@ -794,7 +755,7 @@ function M.main(args)
   local handler = ({ call = M.call, run = M.run, serve = M.serve, check = M.check,
                      policies = M.policies,
                      batch = M.batch, load = M.load, proxy = M.proxy,
-                     plan = function(a) return require("resilua.plan").main(a, parse) end })[cmd]
+                     plan = function(a) return require("resilua.plan").main(a) end })[cmd]
   if not handler then return fail(nil, ("unknown command '%s' (see resilua --help)"):format(cmd)) end
   return handler(args)
 end

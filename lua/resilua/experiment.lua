@@ -28,6 +28,7 @@
 -- percentiles of the calls that ended, breaker state, budget refusals.
 local core = require "resilua.core"
 local cjson = require "cjson"
+local parse = require "resilua.getopt"
 local load = require "resilua.load"
 local resilua = require "resilua"
 local policy = require "resilua.policy"
@@ -537,34 +538,23 @@ end
 --- Command line ------------------------------------------------------------
 
 local function parse_args(args)
-  local o = {}
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    local function value()
-      i = i + 1
-      if args[i] == nil then error(a .. ": expects a value", 0) end
-      return args[i]
+  local opts, pos = parse(args, 1, {
+    ["--help"] = "flag", ["--quiet"] = "flag", ["--sequential"] = "flag", ["--out"] = "value",
+    ["--seed"] = "value", ["--duration"] = "value", ["--only"] = "list",
+  }, { ["-h"] = "--help" })
+  if not opts then error(pos .. " (see --help)", 0) end
+  if #pos > 0 then error(("unknown option '%s' (see --help)"):format(pos[1]), 0) end
+  local o = { help = opts["--help"], quiet = opts["--quiet"], sequential = opts["--sequential"],
+              out = opts["--out"], only = opts["--only"] }
+  if opts["--seed"] then
+    o.seed = math.tointeger(tonumber(opts["--seed"]))
+    if not o.seed then error("--seed: expected an integer, got " .. opts["--seed"], 0) end
+  end
+  if opts["--duration"] then
+    o.duration = tonumber(opts["--duration"])
+    if not o.duration or o.duration <= 0 then
+      error("--duration: expected seconds > 0, got " .. opts["--duration"], 0)
     end
-    if a == "-h" or a == "--help" then o.help = true
-    elseif a == "--quiet" then o.quiet = true
-    elseif a == "--sequential" then o.sequential = true
-    elseif a == "--out" then o.out = value()
-    elseif a == "--seed" then
-      o.seed = math.tointeger(tonumber(value()))
-      if not o.seed then error("--seed: expected an integer, got " .. args[i], 0) end
-    elseif a == "--duration" then
-      o.duration = tonumber(value())
-      if not o.duration or o.duration <= 0 then
-        error("--duration: expected seconds > 0, got " .. args[i], 0)
-      end
-    elseif a == "--only" then
-      o.only = o.only or {}
-      o.only[#o.only + 1] = value()
-    else
-      error(("unknown option '%s' (see --help)"):format(a), 0)
-    end
-    i = i + 1
   end
   return o
 end

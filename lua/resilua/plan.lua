@@ -13,6 +13,7 @@
 -- resilua.experiment (for --verify), cjson.
 local core = require "resilua.core"
 local cjson = require("cjson").new()
+local parse = require "resilua.getopt"
 local policy = require "resilua.policy"
 local upstream = require "resilua.upstream"
 
@@ -61,9 +62,8 @@ local function parse_slo(s)
   return { p = p, ms = unit == "s" and v * 1000 or v }
 end
 
--- parse is resilua.cli's getopt (as for resilua proxy); raises the usage
--- message.
-local function parse_args(args, parse)
+-- Raises the usage message.
+local function parse_args(args)
   local opts, pos = parse(args, 2, {
     ["--help"] = "flag", ["--slo"] = "value", ["--success"] = "value", ["--profile"] = "value",
     ["--calls"] = "value", ["--top"] = "value", ["--seed"] = "value", ["--write"] = "value",
@@ -314,8 +314,8 @@ local function verify(prof, ranked, o)
   return measured
 end
 
-function M.main(args, parse)
-  local okp, o = pcall(parse_args, args, parse)
+function M.main(args)
+  local okp, o = pcall(parse_args, args)
   if not okp then
     io.stderr:write("resilua plan: ", tostring(o), "\n")
     return EXIT_USAGE

@@ -4,6 +4,7 @@
 -- version, logged with file:line); SIGTERM drains within --grace.
 -- The HTTP side is C: src/proxy/ (requests, calls, answers, metrics).
 local core = require "resilua.core"
+local parse = require "resilua.getopt"
 local policy = require "resilua.policy"
 
 local M = {}
@@ -203,8 +204,8 @@ local function parse_grace(v)
   return n
 end
 
---- The command.  parse is resilua.cli's getopt.  Returns the exit code.
-function M.main(args, parse)
+--- The command.  Returns the exit code.
+function M.main(args)
   local opts, pos = parse(args, 2, {
     ["--listen"] = "value", ["--upstream"] = "value", ["--policy"] = "value",
     ["--policy-path"] = "list", ["--config"] = "value", ["--keep-host"] = "flag",
