@@ -20,6 +20,7 @@ local core = require "resilua.core"
 local cjson = require("cjson").new()
 
 local json, files = core.json, core.files
+local base64 = require("resilua.json").base64
 
 local M = {}
 
@@ -294,21 +295,6 @@ local function write_file(flag, path, write)
 end
 
 -- --- results ----------------------------------------------------------------
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-local function base64(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
-    local chars = 2 + (b and 1 or 0) + (c and 1 or 0)
-    for k = 1, 4 do
-      local idx = (n >> (18 - 6 * (k - 1))) & 63
-      out[#out + 1] = k <= chars and B64:sub(idx + 1, idx + 1) or "="
-    end
-  end
-  return table.concat(out)
-end
 
 -- The response as stored: the upstream's JSON as it is (whitespace outside
 -- strings dropped only when it spans lines), else a JSON string.  A body

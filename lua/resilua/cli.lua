@@ -354,41 +354,24 @@ local function request_setup(cmd, opts, default_policy)
   return body, require("resilua").client{ policy = p }
 end
 
---- call --json: the result as one object.  A body that is not UTF-8
--- goes as body_base64, so its bytes survive.
-local function base64(s)
-  local abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
-    local quad = {}
-    for j = 1, 4 do
-      local k = (n >> (6 * (4 - j))) & 63
-      quad[j] = abc:sub(k + 1, k + 1)
-    end
-    if not b then quad[3] = "=" end
-    if not c then quad[4] = "=" end
-    out[#out + 1] = table.concat(quad)
-  end
-  return table.concat(out)
-end
-
 local CALL_JSON_ORDER = { [""] = { "outcome", "status", "error", "grpc_status", "grpc_message",
                                    "attempts", "elapsed_ms",
                                    "call_id", "message", "policy", "headers", "body",
                                    "body_base64" } }
 
+--- call --json: the result as one object.  A body that is not UTF-8
+-- goes as body_base64, so its bytes survive.
 local function call_json(final, outcome, p)
+  local json = require "resilua.json"
   local o = { outcome = outcome, status = final.status, error = final.error,
               grpc_status = final.grpc_status, grpc_message = final.grpc_message,
               attempts = final.attempts, elapsed_ms = final.elapsed_ms,
               call_id = final.call_id, message = final.message,
               policy = p.name, headers = final.headers }
   if final.body then
-    if utf8.len(final.body) then o.body = final.body else o.body_base64 = base64(final.body) end
+    if utf8.len(final.body) then o.body = final.body else o.body_base64 = json.base64(final.body) end
   end
-  return require("resilua.json").encode(o, CALL_JSON_ORDER) .. "\n"
+  return json.encode(o, CALL_JSON_ORDER) .. "\n"
 end
 
 --- call -i: the status and the headers (lower-case names, sorted), a

@@ -32,6 +32,23 @@ function M.string(s)
   return '"' .. table.concat(out) .. '"'
 end
 
+local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+--- Bytes as base64 (RFC 4648, padded): how a body that is not UTF-8
+-- keeps its bytes in JSON (`call --json`, batch results).
+function M.base64(s)
+  local out = {}
+  for i = 1, #s, 3 do
+    local a, b, c = s:byte(i, i + 2)
+    local n = (a << 16) | ((b or 0) << 8) | (c or 0)
+    local chars = 2 + (b and 1 or 0) + (c and 1 or 0)
+    for k = 1, 4 do
+      local idx = (n >> (18 - 6 * (k - 1))) & 63
+      out[#out + 1] = k <= chars and B64:sub(idx + 1, idx + 1) or "="
+    end
+  end
+  return table.concat(out)
+end
+
 --- A number as JSON: integers as they are, others rounded.
 function M.number(n)
   if n ~= n or n == math.huge or n == -math.huge then return "null" end
