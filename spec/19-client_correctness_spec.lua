@@ -16,14 +16,7 @@ teardown(function() resilua.log("-") end)
 -- Starts spec/raw_server.py with routes (path -> {raw=, close_nth=}).
 local function raw_server(routes)
   local path = helpers.write_file(helpers.tmpname(".json"), cjson.encode(routes))
-  local p = helpers.spawn({ "python3", "spec/raw_server.py", path })
-  local port = p:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-  if not port then
-    p:stop("KILL")
-    error("raw_server.py did not start: " .. p:stderr(), 2)
-  end
-  p.url = "http://127.0.0.1:" .. port
-  return p
+  return helpers.spawn_listening({ "python3", "spec/raw_server.py", path }, "raw_server.py")
 end
 
 local function http_get(url)

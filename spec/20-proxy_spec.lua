@@ -95,11 +95,7 @@ local FAST = [[return { max_attempts = 3, backoff = { base_ms = 1, max_ms = 5, j
 
 local function start_python(src)
   local script = H.write_file(H.tmpname(".py"), src)
-  local p = H.spawn({ "python3", script })
-  local port = p:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-  assert(port, "python upstream did not start: " .. p:stderr())
-  p.url = "http://127.0.0.1:" .. port
-  return p
+  return H.spawn_listening({ "python3", script }, "python upstream")
 end
 
 -- Starts `resilua proxy` with args; returns the process with .url, .host
@@ -108,14 +104,7 @@ local function start_proxy(args)
   local log = H.tmpname(".jsonl")
   local argv = { H.bin, "proxy", "--log", log }
   for _, a in ipairs(args) do argv[#argv + 1] = a end
-  local p = H.spawn(argv)
-  local port = p:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-  if not port then
-    p:stop("KILL")
-    error("resilua proxy did not start: " .. p:stderr(), 2)
-  end
-  p.port = tonumber(port)
-  p.url = "http://127.0.0.1:" .. port
+  local p = H.spawn_listening(argv, "resilua proxy")
   p.log = log
   return p
 end

@@ -61,12 +61,7 @@ local function start_proxy(upstream, policy)
   local cfg = H.write_file(H.tmpname(".lua"), ([[return { listen = "127.0.0.1:0",
     limits = { idle_timeout_ms = 300 }, routes = { { upstream = %q, policy = %q } } }]])
     :format(upstream, policy))
-  local p = H.spawn({ H.bin, "proxy", "--quiet", "--config", cfg })
-  local port = p:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-  assert(port, "resilua proxy did not start: " .. p:stderr())
-  p.port = tonumber(port)
-  p.url = "http://127.0.0.1:" .. port
-  return p
+  return H.spawn_listening({ H.bin, "proxy", "--quiet", "--config", cfg }, "resilua proxy")
 end
 
 local function alive(px)

@@ -24,10 +24,8 @@ local server, url
 
 setup(function()
   resilua.log(log)
-  server = helpers.spawn({ python(), "spec/peers/grpc_server.py" })
-  local port = server:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-  assert(port, "grpc server did not start: " .. server:stderr())
-  url = "http://127.0.0.1:" .. port
+  server = helpers.spawn_listening({ python(), "spec/peers/grpc_server.py" }, "grpc server")
+  url = server.url
 end)
 
 teardown(function()

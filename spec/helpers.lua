@@ -220,21 +220,27 @@ end
 
 --- A `resilua serve` upstream -------------------------------------------------
 
---- Starts `resilua serve` on 127.0.0.1, an ephemeral port, with the handler
--- script `src` (nil: the model stub).  Returns the process (stop it with
--- :stop()), with .url ("http://127.0.0.1:PORT") and .port; raises if it
--- does not start.
-function M.start_server(src)
-  local script = src and M.write_file(M.tmpname(".lua"), src)
-  local p = M.spawn({ M.bin, "serve", "--listen", "127.0.0.1:0", script })
+--- Starts cmd (as M.spawn) and waits for its "listening on 127.0.0.1:PORT"
+-- line.  Returns the process (stop it with :stop()), with .port and .url
+-- ("http://127.0.0.1:PORT"); kills it and raises "<what> did not start"
+-- at the caller's caller if the line does not come.
+function M.spawn_listening(cmd, what)
+  local p = M.spawn(cmd)
   local port = p:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
   if not port then
     p:stop("KILL")
-    error("resilua serve did not start: " .. p:stderr(), 2)
+    error(what .. " did not start: " .. p:stderr(), 3)
   end
   p.port = tonumber(port)
   p.url = "http://127.0.0.1:" .. port
   return p
+end
+
+--- Starts `resilua serve` on 127.0.0.1, an ephemeral port, with the handler
+-- script `src` (nil: the model stub); as M.spawn_listening.
+function M.start_server(src)
+  local script = src and M.write_file(M.tmpname(".lua"), src)
+  return M.spawn_listening({ M.bin, "serve", "--listen", "127.0.0.1:0", script }, "resilua serve")
 end
 
 return M
