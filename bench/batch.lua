@@ -13,7 +13,9 @@ local ITEMS, CONC, LOAD_SECONDS = 20000, 64, 3
 local SCALE_ITEMS = math.tointeger(tonumber(os.getenv("BENCH_BATCH_ITEMS") or "")) or 1000000
 local here = (arg and arg[0] or "bench/batch.lua"):match("^(.*)/[^/]*$") or "."
 local bin = core.self_path() or "build/bin/resilua"
-local tmp = io.popen("mktemp -d /tmp/resilua-bench.XXXXXX"):read("l")
+local proc = dofile(here .. "/proc.lua")
+local session = proc.session("resilua-bench", 900)
+local tmp = session.dir
 
 local function sh(cmd)
   local p = io.popen(cmd)
@@ -22,23 +24,8 @@ local function sh(cmd)
   return out
 end
 
-local server_pid
-local function cleanup()
-  if server_pid then os.execute("kill " .. server_pid .. " 2>/dev/null") end
-  os.execute("rm -rf " .. tmp)
-end
-
 local ok, err = pcall(function()
-  server_pid = sh(("timeout 900 %s serve --listen 127.0.0.1:0 >%s/serve.out 2>&1 & echo $!")
-    :format(bin, tmp)):match("%d+")
-  local addr
-  for _ = 1, 200 do
-    local f = io.open(tmp .. "/serve.out")
-    addr = f and f:read("a"):match("listening on (%S+)")
-    if f then f:close() end
-    if addr then break end
-    os.execute("sleep 0.05")
-  end
+  local addr = proc.listening(session:spawn("serve", { bin, "serve", "--listen", "127.0.0.1:0" }))
   assert(addr, "the upstream did not start")
   local url = "http://" .. addr .. "/predict"
 
@@ -106,7 +93,7 @@ local ok, err = pcall(function()
   print(("  rerun, all done (string ids)         %9.0f items/s   %.1f s       peak RSS %s"):format(
     SCALE_ITEMS / rerun_s, rerun_s, mib(rpeak)))
 end)
-cleanup()
+session:close()
 if not ok then
   io.stderr:write("bench/batch.lua: ", tostring(err), "\n")
   return 1
