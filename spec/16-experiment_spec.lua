@@ -109,9 +109,12 @@ describe("resilua.experiment", function()
       load = { rate = 200, poisson = true },
       policies = { { name = "none", policy = "no-retry" } },
     }]]
-    local _, a = experiment(src, { "--seed", "11" })
-    local _, b = experiment(src, { "--seed", "11" })
-    local _, c = experiment(src, { "--seed", "12" })
+    local function run(seed)
+      local r, rep = experiment(src, { "--seed", seed })
+      assert(rep, ("seed %s: exit %s, no report.json\n%s"):format(seed, r.code, r.stderr))
+      return rep
+    end
+    local a, b, c = run("11"), run("11"), run("12")
     local pa, pb, pc = a.policies[1], b.policies[1], c.policies[1]
     assert.are.equal(11, a.seed)
     assert.same(within(pa.windows.offered, 1.5), within(pb.windows.offered, 1.5))
