@@ -5,6 +5,7 @@
 #include "luacall.h"
 
 #include <lauxlib.h>
+#include <stdio.h>
 #include <time.h>
 
 #define HOOK_EVERY_INSTRUCTIONS 1000
@@ -18,6 +19,8 @@ typedef struct call_limit {
   double time_ms;     /* CPU time allowed; 0: none */
   double deadline_ms; /* on rsl_luacall_cpu_ms(), set at the first check */
   int limited;        /* 0: an unlimited call (scripts) */
+  char *seen;         /* the code's position at the last check, or NULL */
+  size_t seen_size;
 } call_limit;
 
 static char limit_key;
@@ -52,6 +55,21 @@ static int limit_error(lua_State *L, const char *what) {
   return lua_error(L);
 }
 
+/* Notes where the running Lua code is, for a caller that cannot look
+ * itself (an allocator: see rsl_luacall_tracked).  Called at safe points
+ * only: the hook and the bounded C functions. */
+static void note_seen(lua_State *L, call_limit *lim) {
+  if (!lim->seen) return;
+  lua_Debug ar;
+  for (int level = 0; lua_getstack(L, level, &ar); level++) {
+    if (lua_getinfo(L, "Sl", &ar) && ar.currentline > 0) {
+      snprintf(lim->seen, lim->seen_size, "%s:%d", ar.short_src,
+               ar.currentline);
+      return;
+    }
+  }
+}
+
 /* The clock is read at the first check, not at the call's start: most
  * calls end before their first hook and never pay for it.  Until then at
  * most HOOK_EVERY_INSTRUCTIONS instructions (or one bounded C call) ran. */
@@ -74,6 +92,7 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
   }
   if (!lim->limited) return;
   lim->left -= lua_gethookcount(L) == 1 ? 1 : HOOK_EVERY_INSTRUCTIONS;
+  note_seen(L, lim);
   const char *why = over(lim);
   if (why) limit_error(L, why);
 }
@@ -81,6 +100,7 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
 void rsl_luacall_check(lua_State *L) {
   call_limit *lim = current_limit(L);
   if (!lim || !lim->limited) return;
+  note_seen(L, lim);
   const char *why = over(lim);
   if (why) limit_error(L, why);
 }
@@ -116,13 +136,18 @@ static int traceback(lua_State *L) {
   return 1;
 }
 
-int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
-                      double time_ms) {
+int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
+                        long instr_limit, double time_ms, char *seen,
+                        size_t seen_size) {
   int base = lua_gettop(L) - nargs; /* the function's slot */
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
 
-  call_limit lim = {.left = instr_limit, .limited = instr_limit > 0};
+  call_limit lim = {.left = instr_limit,
+                    .limited = instr_limit > 0,
+                    .seen = seen_size ? seen : NULL,
+                    .seen_size = seen_size};
+  if (lim.seen) lim.seen[0] = '\0';
   if (time_ms > 0) {
     lim.time_ms = time_ms;
     lim.limited = 1;
@@ -148,6 +173,11 @@ int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
     lua_pushliteral(L, "(error object is not a string)");
   }
   return status;
+}
+
+int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
+                      double time_ms) {
+  return rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms, NULL, 0);
 }
 
 int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit) {

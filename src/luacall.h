@@ -10,6 +10,7 @@
 #define RSL_LUACALL_H
 
 #include <lua.h>
+#include <stddef.h>
 
 /* Instructions a policy decision may run (a few milliseconds of Lua). */
 #define RSL_POLICY_INSTRUCTION_LIMIT 1000000L
@@ -30,6 +31,15 @@ int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit);
  * the calling thread's CPU clock so that a loaded machine does not trip it. */
 int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
                       double time_ms);
+
+/* rsl_luacall_timed that keeps in seen (seen_size bytes, "" at first) the
+ * running code's file:line at each limit check: at most some thousand
+ * instructions, or one bounded C call, before any later point.  For code
+ * that must not inspect the stack itself (an allocator may run while Lua
+ * 5.4.6+ holds the stack as offsets). */
+int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
+                        long instr_limit, double time_ms, char *seen,
+                        size_t seen_size);
 
 /* Raises the limit error when the running limited call is out of time or
  * instructions; a no-op outside one.  For C functions that may run long

@@ -46,23 +46,19 @@ struct rsl_sandbox {
   double deadline_ms; /* set at its first big allocation */
   int over_cap, over_time; /* an allocation was refused, and why */
   char where[160];          /* the code's position at the first refusal */
+  char seen[160];           /* at the last limit check (luacall.h) */
 };
 
 static char sandbox_key; /* registry: the rsl_sandbox, for the wrappers */
 
 /* --- memory -------------------------------------------------------------- */
 
-/* Where the running Lua code is: the first frame with a line. */
-static void note_position(rsl_sandbox *sb) {
-  if (!sb->L || sb->where[0]) return;
-  lua_Debug ar;
-  for (int level = 0; lua_getstack(sb->L, level, &ar); level++) {
-    if (lua_getinfo(sb->L, "Sl", &ar) && ar.currentline > 0) {
-      snprintf(sb->where, sizeof sb->where, "%s:%d", ar.short_src,
-               ar.currentline);
-      return;
-    }
-  }
+/* The position of the first refusal: the allocator must not look at the
+ * stack (Lua 5.4.6+ calls it to grow the stack while the frames hold
+ * offsets, not pointers), so it copies the one the limit checks last
+ * noted (rsl_luacall_tracked). */
+static void note_refusal(rsl_sandbox *sb) {
+  if (!sb->where[0]) memcpy(sb->where, sb->seen, sizeof sb->where);
 }
 
 /* Counts every byte; refuses growth over the cap, and big growth after the
@@ -79,7 +75,7 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
     size_t grow = nsize - osize;
     if (grow > sb->cap - sb->used || sb->used > sb->cap) {
       sb->over_cap = 1;
-      note_position(sb);
+      note_refusal(sb);
       return NULL;
     }
     if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0) {
@@ -87,7 +83,7 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
       if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
       if (now > sb->deadline_ms) {
         sb->over_time = 1;
-        note_position(sb);
+        note_refusal(sb);
         return NULL;
       }
     }
@@ -602,9 +598,19 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   *err = NULL;
   sb->over_cap = sb->over_time = 0;
   sb->where[0] = '\0';
+  /* Until the first limit check notes a line: the function's first. */
+  lua_Debug ar;
+  sb->seen[0] = '\0';
+  if (lua_isfunction(L, -1 - nargs)) {
+    lua_pushvalue(L, -1 - nargs);
+    lua_getinfo(L, ">S", &ar); /* pops the copy */
+    snprintf(sb->seen, sizeof sb->seen, "%s:%d", ar.short_src,
+             ar.linedefined > 0 ? ar.linedefined : 1);
+  }
   sb->time_ms = time_ms;
   sb->deadline_ms = 0;
-  int status = rsl_luacall_timed(L, nargs, nresults, instr_limit, time_ms);
+  int status = rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms,
+                                   sb->seen, sizeof sb->seen);
   sb->time_ms = sb->deadline_ms = 0;
   if (status == LUA_OK) return 0;
   const char *msg = lua_tostring(L, -1);
