@@ -105,6 +105,11 @@ void rsl_luacall_check(lua_State *L) {
   if (why) limit_error(L, why);
 }
 
+void rsl_luacall_note(lua_State *L) {
+  call_limit *lim = current_limit(L);
+  if (lim) note_seen(L, lim);
+}
+
 void rsl_luacall_forbid(lua_State *L) {
   lua_sethook(L, count_hook, LUA_MASKCOUNT, 1);
 }
@@ -147,7 +152,6 @@ int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
                     .limited = instr_limit > 0,
                     .seen = seen_size ? seen : NULL,
                     .seen_size = seen_size};
-  if (lim.seen) lim.seen[0] = '\0';
   if (time_ms > 0) {
     lim.time_ms = time_ms;
     lim.limited = 1;

@@ -32,7 +32,8 @@ int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit);
 int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
                       double time_ms);
 
-/* rsl_luacall_timed that keeps in seen (seen_size bytes, "" at first) the
+/* rsl_luacall_timed that keeps in seen (seen_size bytes, as given until
+ * the first check) the
  * running code's file:line at each limit check: at most some thousand
  * instructions, or one bounded C call, before any later point.  For code
  * that must not inspect the stack itself (an allocator may run while Lua
@@ -45,6 +46,10 @@ int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
  * instructions; a no-op outside one.  For C functions that may run long
  * without executing Lua instructions. */
 void rsl_luacall_check(lua_State *L);
+
+/* Notes the running code's position for rsl_luacall_tracked, without a
+ * limit check: for C functions that may allocate much. */
+void rsl_luacall_note(lua_State *L);
 
 /* The calling thread's CPU clock, in ms. */
 double rsl_luacall_cpu_ms(void);

@@ -199,6 +199,7 @@ static rsl_sandbox *sandbox_of(lua_State *L) {
 
 /* Calls the original library function (upvalue 1) with our arguments. */
 static int call_original(lua_State *L) {
+  rsl_luacall_note(L); /* where a refusal inside would be (see seen) */
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_insert(L, 1);
   lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
@@ -601,7 +602,7 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   /* Until the first limit check notes a line: the function's first. */
   lua_Debug ar;
   sb->seen[0] = '\0';
-  if (lua_isfunction(L, -1 - nargs)) {
+  if (lua_isfunction(L, -1 - nargs) && !lua_iscfunction(L, -1 - nargs)) {
     lua_pushvalue(L, -1 - nargs);
     lua_getinfo(L, ">S", &ar); /* pops the copy */
     snprintf(sb->seen, sizeof sb->seen, "%s:%d", ar.short_src,
@@ -609,11 +610,17 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   }
   sb->time_ms = time_ms;
   sb->deadline_ms = 0;
+  int base = lua_gettop(L) - nargs - 1;
   int status = rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms,
                                    sb->seen, sizeof sb->seen);
   sb->time_ms = sb->deadline_ms = 0;
-  if (status == LUA_OK) return 0;
-  const char *msg = lua_tostring(L, -1);
+  if (status == LUA_OK && !sb->over_time) return 0;
+  /* Out of time, even when the code caught the refusal (a pcall around a
+   * costly gsub): its results are dropped, like those of a call the
+   * instruction limit stopped. */
+  int has_msg = status != LUA_OK;
+  if (!has_msg) lua_settop(L, base);
+  const char *msg = has_msg ? lua_tostring(L, -1) : "";
   char buf[400];
   if (sb->over_cap || sb->over_time || status == LUA_ERRMEM) {
     /* A refused allocation says only "not enough memory": say which
@@ -641,7 +648,7 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   } else {
     *err = strndup(msg, len);
   }
-  lua_pop(L, 1);
+  if (has_msg) lua_pop(L, 1);
   /* A memory refusal leaves the failed call's garbage: collect it now, so
    * the next call starts under the cap.  Not after other errors: a full
    * collection of a big state costs the loop ~100 ms (3M tables), and a
