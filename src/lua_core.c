@@ -437,12 +437,15 @@ static int finish_load(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, b->cb_ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, b->self_ref); /* keeps b alive */
   lua_insert(L, 1);
-  int n = rsl_policy_job_push_result(L, b->job, &b->rt->prng);
-  rsl_policy_job_free(b->job);
-  b->job = NULL;
+  /* The references go first: a push that raises (out of memory) must not
+   * leave them until the state closes.  The stack keeps both alive, and
+   * the box's __gc frees the job if the push fails. */
   luaL_unref(L, LUA_REGISTRYINDEX, b->self_ref);
   luaL_unref(L, LUA_REGISTRYINDEX, b->cb_ref);
   b->self_ref = b->cb_ref = LUA_NOREF;
+  int n = rsl_policy_job_push_result(L, b->job, &b->rt->prng);
+  rsl_policy_job_free(b->job);
+  b->job = NULL;
   lua_call(L, n, 0);
   return 0;
 }
@@ -920,12 +923,22 @@ static int core_redact(lua_State *L) {
   return 0;
 }
 
-/* core.redact_url(url) -> url with its secrets masked (redact.h). */
+static int push_c_string(lua_State *L) {
+  lua_pushstring(L, lua_touserdata(L, 1));
+  return 1;
+}
+
+/* core.redact_url(url) -> url with its secrets masked (redact.h).  The
+ * string is pushed in a protected call: a push that raises (out of memory)
+ * must not lose `masked`. */
 static int core_redact_url(lua_State *L) {
   char *masked = rsl_redact_url(luaL_checkstring(L, 1));
   if (!masked) return luaL_error(L, "out of memory");
-  lua_pushstring(L, masked);
+  lua_pushcfunction(L, push_c_string);
+  lua_pushlightuserdata(L, masked);
+  int status = lua_pcall(L, 1, 1, 0);
   free(masked);
+  if (status != LUA_OK) return lua_error(L);
   return 1;
 }
 
