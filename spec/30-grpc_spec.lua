@@ -500,3 +500,32 @@ print(" ".join("%d/%d" % t for t in seen))
     assert.equal(200, ok)
   end)
 end)
+
+-- RST_STREAM(REFUSED_STREAM): libcurl 7.88 would resend the request on a
+-- fresh connection by itself; the transport stops that resend (it calls
+-- CURLOPT_PREREQFUNCTION again), so every request that reached the server
+-- is a logged attempt (docs/grpc.md, "Transparent retries").
+describe("a refused stream", function()
+  it("is a logged attempt: the attempts logged are the requests the server read", function()
+    local peer = helpers.spawn({ "python3", "spec/peers/h2_refuse.py" })
+    local port = peer:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
+    assert(port, "h2_refuse.py did not start: " .. peer:stderr())
+    local r = helpers.run({ helpers.bin, "call", "-v", "--http2", "-X", "POST", "-d", "x",
+                            "http://127.0.0.1:" .. port .. "/x" })
+    local requests = select(2, peer:stdout():gsub("request %d+\n", ""))
+    peer:stop()
+    assert.equal(0, r.code, r.stderr)
+    local attempts, call = {}, nil
+    for line in r.stderr:gmatch("[^\n]+") do
+      local ev = cjson.decode(line)
+      if ev.event == "attempt" then attempts[#attempts + 1] = ev end
+      if ev.event == "call" then call = ev end
+    end
+    assert.equal(2, requests)
+    assert.equal(requests, #attempts, r.stderr)
+    assert.equal("reset", attempts[1].error)
+    assert.equal(200, attempts[2].status)
+    assert.equal("ok", call.outcome)
+    assert.equal(2, call.attempts)
+  end)
+end)
