@@ -34,6 +34,10 @@ struct rsl_h2c {
   rsl_io io;
   nghttp2_session *session;
   stream *streams;
+  /* Idle timeout, as HTTP/1.1's (RSL_SERVER_IDLE_TIMEOUT_MS): GOAWAY, then
+   * the close, after that long without input and no stream open. */
+  rsl_timer idle;
+  uint64_t last_input_ns;
   /* What nghttp2 produced that the socket did not take yet. */
   char *out;
   size_t out_len, out_sent;
@@ -560,6 +564,7 @@ static int on_stream_close(nghttp2_session *session, int32_t id,
 /* --- the connection ------------------------------------------------------- */
 
 void rsl_h2c_close(rsl_h2c *c) {
+  rsl_timer_stop(rsl_server_loop(c->srv), &c->idle);
   rsl_io_set(rsl_server_loop(c->srv), &c->io, 0);
   close(c->io.fd);
   while (c->streams) stream_free(c->streams);
@@ -690,6 +695,25 @@ static int feed(rsl_h2c *c, const char *data, size_t n) {
   return 0;
 }
 
+/* The idle timeout is due: a connection with a stream open or bytes to
+ * send is not idle; an idle one says GOAWAY (no error), and flush closes
+ * it once that is sent. */
+static void on_idle(void *ud) {
+  rsl_h2c *c = ud;
+  rsl_loop *loop = rsl_server_loop(c->srv);
+  uint64_t idle_ns = (uint64_t)RSL_SERVER_IDLE_TIMEOUT_MS * NS_PER_MS;
+  uint64_t now = rsl_loop_now_ns(loop), due = c->last_input_ns + idle_ns;
+  if (c->streams || c->out_sent < c->out_len || now < due) {
+    rsl_timer_start(loop, &c->idle, now >= due ? idle_ns : due - now);
+    return;
+  }
+  if (nghttp2_session_terminate_session(c->session, NGHTTP2_NO_ERROR) != 0) {
+    rsl_h2c_close(c);
+    return;
+  }
+  flush(c);
+}
+
 static void on_io(void *ud, int fd, unsigned events) {
   rsl_h2c *c = ud;
   if (events & (RSL_IO_READ | RSL_IO_ERROR)) {
@@ -701,6 +725,7 @@ static void on_io(void *ud, int fd, unsigned events) {
       rsl_h2c_close(c);
       return;
     }
+    if (n > 0) c->last_input_ns = rsl_loop_now_ns(rsl_server_loop(c->srv));
     if (n > 0 && feed(c, chunk, (size_t)n) < 0) return;
   }
   flush(c);
@@ -730,6 +755,13 @@ int rsl_h2c_start(rsl_server *s, int fd, const char *read, size_t n,
   if (c->next) c->next->prev = c;
   *list = c;
   rsl_io_init(&c->io, fd, on_io, c);
+  rsl_timer_init(&c->idle, on_idle, c);
+  c->last_input_ns = rsl_loop_now_ns(rsl_server_loop(s));
+  if (rsl_timer_start(rsl_server_loop(s), &c->idle,
+                      (uint64_t)RSL_SERVER_IDLE_TIMEOUT_MS * NS_PER_MS) < 0) {
+    rsl_h2c_close(c);
+    return 0; /* fd closed with it */
+  }
   if (feed(c, read, n) < 0) return 0; /* closed already */
   flush(c);
   return 0;
