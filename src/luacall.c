@@ -21,6 +21,7 @@ typedef struct call_limit {
   int limited;        /* 0: an unlimited call (scripts) */
   char *seen;         /* the code's position at the last check, or NULL */
   size_t seen_size;
+  int first_seen;     /* the hook's next firing is the first instruction */
 } call_limit;
 
 static char limit_key;
@@ -91,6 +92,13 @@ static void count_hook(lua_State *L, lua_Debug *ar) {
     return;
   }
   if (!lim->limited) return;
+  if (lim->first_seen) { /* only notes where the call's Lua code starts */
+    lim->first_seen = 0;
+    lim->left -= 1;
+    note_seen(L, lim);
+    lua_sethook(L, count_hook, LUA_MASKCOUNT, HOOK_EVERY_INSTRUCTIONS);
+    return;
+  }
   lim->left -= lua_gethookcount(L) == 1 ? 1 : HOOK_EVERY_INSTRUCTIONS;
   note_seen(L, lim);
   const char *why = over(lim);
@@ -162,8 +170,12 @@ int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
   call_limit *outer = current_limit(L);
   lua_pushlightuserdata(L, &lim);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &limit_key);
+  /* A tracked call's hook fires at its first instruction too: a refusal
+   * before the first regular check still has a line. */
+  lim.first_seen = lim.limited && lim.seen;
   if (lim.limited)
-    lua_sethook(L, count_hook, LUA_MASKCOUNT, HOOK_EVERY_INSTRUCTIONS);
+    lua_sethook(L, count_hook, LUA_MASKCOUNT,
+                lim.first_seen ? 1 : HOOK_EVERY_INSTRUCTIONS);
 
   int status = lua_pcall(L, nargs, nresults, base);
 
