@@ -507,11 +507,9 @@ end)
 -- is a logged attempt (docs/grpc.md, "Transparent retries").
 describe("a refused stream", function()
   it("is a logged attempt: the attempts logged are the requests the server read", function()
-    local peer = helpers.spawn({ "python3", "spec/peers/h2_refuse.py" })
-    local port = peer:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30)
-    assert(port, "h2_refuse.py did not start: " .. peer:stderr())
+    local peer = helpers.spawn_listening({ "python3", "spec/peers/h2_refuse.py" }, "h2_refuse.py")
     local r = helpers.run({ helpers.bin, "call", "-v", "--http2", "-X", "POST", "-d", "x",
-                            "http://127.0.0.1:" .. port .. "/x" })
+                            peer.url .. "/x" })
     local requests = select(2, peer:stdout():gsub("request %d+\n", ""))
     peer:stop()
     assert.equal(0, r.code, r.stderr)
