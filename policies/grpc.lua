@@ -28,7 +28,6 @@
 -- transport (docs/grpc.md).  Not modelled: hedging, and A6's reset of the
 -- backoff exponent after a pushback (decide sees only the attempt number).
 -- gRPC has no per-try timeout and no breaker, so neither does this policy.
-local backoff = require "resilua.backoff"
 local grpc = require "resilua.grpc"
 
 -- gRPC's defaults are for you to set; these are the values of A6's examples.
@@ -39,6 +38,8 @@ local RETRY_POLICY = {
   backoffMultiplier = 2,
   retryableStatusCodes = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" },
 }
+-- The built-in backoff doubles: another multiplier needs its own delay in decide.
+assert(RETRY_POLICY.backoffMultiplier == 2, "backoffMultiplier: the built-in backoff doubles")
 local RETRY_THROTTLING = { maxTokens = 10, tokenRatio = 0.1 }
 local DEADLINE_MS = 10000
 
@@ -103,11 +104,10 @@ local function decide(a)
     return { retry = true, delay_ms = math.min(ms, MAX_DELAY_MS),
              reason = ("server pushback %d ms"):format(ms) }
   end
-  local cap = math.min(RETRY_POLICY.initialBackoff_ms
-                       * RETRY_POLICY.backoffMultiplier ^ (a.attempt - 1),
-                       RETRY_POLICY.maxBackoff_ms)
-  return { retry = true, delay_ms = backoff.full(cap, 1, cap),   -- random(0, cap)
-           reason = ("%s (%s) is retryable, backoff up to %.0f ms"):format(what, code, cap) }
+  -- No opinion: retry_on (the same retryable codes) and backoff (full
+  -- jitter, doubling from initialBackoff to maxBackoff: A6's random(0,
+  -- min(initialBackoff * 2^(n-1), maxBackoff))) decide.
+  return nil
 end
 
 return {
