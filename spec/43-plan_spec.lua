@@ -1,6 +1,7 @@
 -- `resilua plan`: an SLO and an upstream profile in, ranked retry plans
 -- out, each simulated on the real call state machine (virtual clock);
--- --write, --verify, and the profile from `resilua load --json`.
+-- --write, --verify, and the profile from `resilua load --json` or an
+-- event log.
 local helpers = require "helpers"
 
 local dir = helpers.tmpdir()
@@ -61,6 +62,46 @@ describe("resilua plan", function()
     assert.are.equal(3, #rows)
     -- 10 % of 503s and retries to spare: the best plan retries them away.
     assert.is_true(rows[1].success > 99, r.stdout)
+  end)
+
+  it("reads the profile from the event log of a real `resilua load` run", function()
+    -- Every 5th request is a 503, the others a 200 after 20 ms.
+    local server = helpers.start_server([[
+      local n = 0
+      return function()
+        n = n + 1
+        if n % 5 == 0 then return { status = 503 } end
+        return { status = 200, body = "ok", delay_ms = 20 }
+      end]])
+    local log = dir .. "/events.log"
+    local load = helpers.run({ helpers.bin, "load", "--rate", "50", "--duration", "1",
+                               "--policy", "no-retry", "--log", log, server.url .. "/" })
+    server:stop()
+    assert.are.equal(0, load.code, load.stderr)
+    -- What a real log can hold too: a torn line, junk, a line over 64 KiB.
+    local f = assert(io.open(log, "ab"))
+    f:write('{"event":"attempt","status":200,"lat\n', "not json\n", ("x"):rep(70000), "\n")
+    f:close()
+    local r = plan({ "--slo", "p95<800ms", "--profile", log, "--calls", "1000", "--top", "3" })
+    assert.are.equal(0, r.code, r.stderr)
+    -- 50 attempts, no retries: 10 answered 503, exactly what the upstream did.
+    local median = r.stdout:match("^profile: lognormal median ([%d.]+) ms")
+    assert.is_true(tonumber(median) >= 19, r.stdout)
+    assert.matches("fitted to 50 attempt events from " .. log:gsub("%p", "%%%0")
+                   .. " %(%d+ lines, 3 malformed skipped%); faults: 503 20%.00 %%\n", r.stdout)
+    local rows = ranked(r.stdout)
+    assert.are.equal(3, #rows)
+    assert.is_true(rows[1].met and rows[1].success > 99, r.stdout) -- retries take the 503s away
+  end)
+
+  it("refuses an event log without a usable attempt event, naming the file", function()
+    local log = helpers.write_file(dir .. "/no-attempts.log",
+      '{"ts":"2026-01-01T00:00:00.000Z","event":"policy","name":"default","ok":true}\n'
+      .. '{"event":"attempt","status":200}\n' .. "junk\n")
+    local r = plan({ "--slo", "p95<800ms", "--profile", log })
+    assert.are.equal(2, r.code)
+    assert.matches("%-%-profile: " .. log:gsub("%p", "%%%0")
+                   .. ": no usable attempt event in 3 lines %(2 malformed%)", r.stderr)
   end)
 
   it("verifies the top two against resilua.upstream built from the profile", function()

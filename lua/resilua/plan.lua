@@ -22,6 +22,9 @@ local M = {}
 local EXIT_OK, EXIT_USAGE, EXIT_SLO = 0, 2, 6
 local MAX_CALLS = 10000 -- core.play's limit
 local MAX_PROFILE_BYTES = 16 * 1024 * 1024
+local MAX_LOG_LINES = 1000000 -- an event log is read up to here (documented in --help)
+local MAX_LOG_LINE_BYTES = 64 * 1024 -- a longer line is skipped as malformed
+local MIN_LATENCY_MS = 0.01 -- a lognormal needs p50 > 0; a local log can say 0
 local FAULT_LATENCY_MS = 1 -- a fault is answered at once (as resilua.upstream does)
 
 M.USAGE = [[
@@ -38,7 +41,10 @@ against calls drawn from an upstream profile, and prints them ranked.
                           faults = { { p = 0.06, status = 503 }, { p = 0.02, action = "hang" } } }
                       (dists and faults as resilua.upstream), or the JSON
                       of `resilua load --json` (a lognormal fitted to its
-                      p50 and p95, its statuses and errors as faults)
+                      p50 and p95, its statuses and errors as faults),
+                      or an event log (`--log FILE` of call, load, batch
+                      or proxy): the same fit over its attempt events
+                      (first 1,000,000 lines; malformed lines skipped)
   --calls N           simulated calls per plan (default 10000)
   --top K             plans printed (default 10)
   --seed N            draws (default 1)
@@ -122,29 +128,126 @@ local function from_load(j)
            faults = faults }
 end
 
+-- The lines of f (starting with the bytes in head), each at most
+-- MAX_LOG_LINE_BYTES: a longer one comes as false, without being held.
+local function log_lines(f, head)
+  local buf, pos, skipping = head, 1, false
+  return function()
+    while true do
+      local nl = buf:find("\n", pos, true)
+      if nl then
+        local line = buf:sub(pos, nl - 1)
+        pos = nl + 1
+        if skipping then skipping = false; return false end
+        return line
+      end
+      local rest = buf:sub(pos)
+      if #rest > MAX_LOG_LINE_BYTES then skipping, rest = true, "" end
+      local chunk = f:read(65536)
+      if not chunk then
+        buf, pos = "", 1
+        if skipping then skipping = false; return false end
+        return rest ~= "" and rest or nil
+      end
+      buf, pos = rest .. chunk, 1
+    end
+  end
+end
+
+local function quantile(sorted, q)
+  return math.max(sorted[math.max(1, math.ceil(q * #sorted))], MIN_LATENCY_MS)
+end
+
+-- An event log (contract 3) -> the summary from_load reads: every attempt
+-- event's status or error class, and its latency (that of the answered
+-- ones under 400 for the service time, when there are any).
+local function from_event_log(f, head, path)
+  local statuses, errors, ok_ms, all_ms = {}, {}, {}, {}
+  local attempts, lines, malformed, capped = 0, 0, 0, false
+  for line in log_lines(f, head) do
+    if lines == MAX_LOG_LINES then capped = true; break end
+    lines = lines + 1
+    local okd, ev = false, nil
+    if line then okd, ev = pcall(cjson.decode, line) end
+    if not line or not okd or type(ev) ~= "table" then
+      if not line or line:find("%S") then malformed = malformed + 1 end
+    elseif ev.event == "attempt" then
+      local ms = tonumber(ev.latency_ms)
+      local status = math.tointeger(tonumber(ev.status))
+      local class = type(ev.error) == "string" and ev.error or nil
+      if not ms or ms ~= ms or ms < 0 or ms == math.huge or not (status or class) then
+        malformed = malformed + 1
+      else
+        attempts = attempts + 1
+        all_ms[#all_ms + 1] = ms
+        if status then
+          statuses[status] = (statuses[status] or 0) + 1
+          if status < 400 then ok_ms[#ok_ms + 1] = ms end
+        else
+          errors[class] = (errors[class] or 0) + 1
+        end
+      end
+    end
+  end
+  if attempts == 0 then
+    return nil, ("%s: no usable attempt event in %d lines (%d malformed)"):format(path, lines, malformed)
+  end
+  table.sort(ok_ms)
+  table.sort(all_ms)
+  local summary = { calls = attempts, statuses = statuses, errors = errors,
+                    latency_ms = { p50 = quantile(all_ms, 0.5), p95 = quantile(all_ms, 0.95) } }
+  if #ok_ms > 0 then
+    summary.latency_ok_ms = { p50 = quantile(ok_ms, 0.5), p95 = quantile(ok_ms, 0.95) }
+  end
+  local prof, err = from_load(summary)
+  if not prof then return nil, path .. ": " .. err end
+  prof.source = ("%d attempt events from %s (%d lines, %d malformed skipped%s)"):format(attempts,
+    path, lines, malformed, capped and "; stopped at the line cap" or "")
+  return prof
+end
+
+-- An event log when its first non-empty line is an object with "event".
+local function is_event_log(head)
+  local first = head:match("^%s*([^\r\n]+)")
+  local ok, j = pcall(cjson.decode, first or "")
+  return ok and type(j) == "table" and j.event ~= nil
+end
+
+-- A Lua table file or `resilua load --json`.
+local function from_source(src, path)
+  if src:match("^%s*{") then
+    local ok, j = pcall(cjson.decode, src)
+    if not ok or type(j) ~= "table" then return nil, path .. ": not JSON" end
+    local prof, err = from_load(j)
+    if not prof then return nil, path .. ": " .. err end
+    return prof
+  end
+  -- A Lua profile is data: no globals, under the instruction limit.
+  local chunk, cerr = load(src, "@" .. path, "t", {})
+  if not chunk then return nil, cerr end
+  local ok, t = core.pcall(1000000, chunk)
+  if not ok or type(t) ~= "table" then
+    return nil, path .. ": " .. (ok and "expected a table" or tostring(t))
+  end
+  return { service_ms = t.service_ms, faults = t.faults or {} }
+end
+
 local function load_profile(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, "--profile: " .. tostring(err) end
-  local src = f:read(MAX_PROFILE_BYTES + 1)
-  f:close()
-  if not src then return nil, "--profile: " .. path .. ": cannot read (a directory?)" end
-  if #src > MAX_PROFILE_BYTES then return nil, "--profile: " .. path .. ": over 16 MiB" end
+  local head = f:read(MAX_LOG_LINE_BYTES)
   local prof
-  if src:match("^%s*{") then
-    local ok, j = pcall(cjson.decode, src)
-    if not ok or type(j) ~= "table" then return nil, "--profile: " .. path .. ": not JSON" end
-    prof, err = from_load(j)
-    if not prof then return nil, "--profile: " .. path .. ": " .. err end
+  if not head then
+    err = path .. ": cannot read (a directory? empty?)"
+  elseif is_event_log(head) then
+    prof, err = from_event_log(f, head, path)
   else
-    -- A Lua profile is data: no globals, under the instruction limit.
-    local chunk, cerr = load(src, "@" .. path, "t", {})
-    if not chunk then return nil, "--profile: " .. cerr end
-    local ok, t = core.pcall(1000000, chunk)
-    if not ok or type(t) ~= "table" then
-      return nil, "--profile: " .. path .. ": " .. (ok and "expected a table" or tostring(t))
-    end
-    prof = { service_ms = t.service_ms, faults = t.faults or {} }
+    local src = head .. (f:read(MAX_PROFILE_BYTES + 1 - #head) or "")
+    if #src > MAX_PROFILE_BYTES then err = path .. ": over 16 MiB"
+    else prof, err = from_source(src, path) end
   end
+  f:close()
+  if not prof then return nil, "--profile: " .. err end
   -- resilua.upstream checks both (and says what is wrong).
   local ok, uerr = pcall(upstream.new, { service_ms = prof.service_ms, faults = prof.faults })
   if not ok then return nil, "--profile: " .. tostring(uerr) end
@@ -258,6 +361,20 @@ end
 
 --- Output -----------------------------------------------------------------------
 
+-- What the plans were searched against: the fit, and the faults in %.
+local function describe_profile(prof)
+  local d = prof.service_ms
+  local faults = {}
+  for _, f in ipairs(prof.faults) do
+    faults[#faults + 1] = ("%s %.2f %%"):format(f.status or f.action, 100 * f.p)
+  end
+  return ("profile: %s%s; faults: %s\n"):format(
+    d.dist == "lognormal" and ("lognormal median %.2f ms sigma %.3f"):format(d.median, d.sigma)
+      or tostring(d.dist),
+    prof.source and ("; fitted to " .. prof.source) or "",
+    #faults > 0 and table.concat(faults, ", ") or "none")
+end
+
 local function write_policy(path, p, f, slo)
   local src = ([[-- Written by `resilua plan` for p%d < %g ms: predicted success %.2f %%,
 -- p95 %.0f ms, p99 %.0f ms, %.2f attempts a call (no breaker or budget were
@@ -333,6 +450,7 @@ function M.main(args)
     io.stderr:write("resilua plan: ", perr, "\n")
     return EXIT_USAGE
   end
+  io.stdout:write(describe_profile(prof))
   local calls = draw_calls(prof, o.calls, 4, o.seed)
   local ranked = {}
   for _, p in ipairs(candidates(prof, o.slo)) do
