@@ -94,6 +94,18 @@ describe("resilua plan", function()
     assert.is_true(rows[1].met and rows[1].success > 99, r.stdout) -- retries take the 503s away
   end)
 
+  it("keeps every per-try timeout at or above its quantile when the service time is tight", function()
+    -- A fitted profile this narrow puts p75..p99 within a millisecond; a
+    -- timeout rounded down would cut a third of the calls.
+    local tight = helpers.write_file(dir .. "/tight.lua", [[
+      return { service_ms = { dist = "lognormal", median = 20.84, sigma = 0.013 },
+               faults = { { p = 0.2, status = 503 } } }]])
+    local r = plan({ "--slo", "p95<800ms", "--profile", tight, "--calls", "1000", "--top", "3" })
+    assert.are.equal(0, r.code, r.stderr)
+    local rows = ranked(r.stdout)
+    assert.is_true(rows[1].met and rows[1].success > 99, r.stdout)
+  end)
+
   it("refuses an event log without a usable attempt event, naming the file", function()
     local log = helpers.write_file(dir .. "/no-attempts.log",
       '{"ts":"2026-01-01T00:00:00.000Z","event":"policy","name":"default","ok":true}\n'
