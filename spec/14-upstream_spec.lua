@@ -165,7 +165,7 @@ describe("upstream.new", function()
     { { service_ms = { dist = "uniform", min = 5, max = 1 } }, "service_ms: max (1) must be >= min (5)" },
     { { service_ms = { dist = "fixed", ms = 5, sd = 1 } }, "service_ms: unknown field 'sd' for dist 'fixed'" },
     { { service_ms = -1 }, "service_ms: expected a number >= 0, got -1" },
-    { { wokers = 4 }, "upstream.new: unknown field 'wokers'" },
+    { { wokers = 4 }, "upstream.new: unknown field 'wokers' (did you mean 'workers'?)" },
     { { workers = 0 }, "workers: expected an integer >= 1, got 0" },
     { { queue = 1.5 }, "queue: expected an integer, got 1.5" },
     { { seed = "x" }, "seed: expected an integer, got x" },

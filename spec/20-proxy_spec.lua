@@ -518,9 +518,11 @@ print(json.dumps(out))
       end, 20))
       assert.equal("1", H.curl(q(px.url .. "/down")).headers["x-resilua-attempts"])
       -- a broken edit keeps the old config and says where
-      H.write_file(cfg_path .. ".tmp", "return { routes = { { upstream = 'http://x' , oops = 1 } }\n")
+      H.write_file(cfg_path .. ".tmp", "return { routes = { { upstream = 'http://x',\n  kep_host = true } } }\n")
       os.rename(cfg_path .. ".tmp", cfg_path)
-      assert.truthy(H.wait_until(function() return px:stderr():find("proxy%.lua:%d+:") end, 20))
+      assert.truthy(H.wait_until(function()
+        return px:stderr():find("proxy%.lua:2: [^\n]*unknown field 'kep_host' %(did you mean 'keep_host'%?%)")
+      end, 20), px:stderr())
       assert.equal(200, H.curl(q(px.url .. "/other")).status)
       local m = H.curl(q(px.url .. "/_resilua/metrics")).body
       assert.truthy(m:find('resilua_policy_reloads_total{route="down"} 1', 1, true))

@@ -456,7 +456,7 @@ static const luaL_Reg SANDBOX_CORE[] = {
 
 /* The embedded modules a policy may use: pure Lua, no I/O. */
 static const char *const POLICY_MODULES[] = {
-    "resilua.policy", "resilua.backoff", "resilua.grpc", NULL};
+    "resilua.policy", "resilua.backoff", "resilua.grpc", "resilua.names", NULL};
 
 /* The state's own `require` (for resilua.policy's code, not the policy's,
  * which gets its own from policy.lua): loaded modules, else the embedded

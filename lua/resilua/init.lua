@@ -9,6 +9,7 @@
 -- until it is done; inside one it yields, so thousands run on one thread.
 local core = require "resilua.core"
 local policy = require "resilua.policy"
+local names = require "resilua.names"
 
 local M = { version = core.version, policy = policy }
 
@@ -56,16 +57,8 @@ M.CALL_FIELDS = { method = true, url = true, headers = true, body = true, max_ac
 
 -- Raises, at the caller's caller, on the first field of t not in fields.
 local function check_fields(t, fields, prefix)
-  local bad = {}
-  for k in pairs(t) do
-    if not fields[k] then bad[#bad + 1] = k end
-  end
-  if #bad == 0 then return end
-  table.sort(bad, function(a, b) return tostring(a) < tostring(b) end)
-  local k = bad[1]
-  local msg = type(k) == "string" and ("unknown field '%s'%s"):format(k, policy.suggest(k, fields))
-              or ("unknown field [%s] (fields have names)"):format(tostring(k))
-  error(prefix .. msg, 3)
+  local bad, msg = names.unknown_field(t, fields)
+  if bad ~= nil then error(prefix .. msg, 3) end
 end
 
 local function slot_of(spec, opts)

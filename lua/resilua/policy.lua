@@ -4,6 +4,7 @@
 -- normalized table to the C core.
 local core = require "resilua.core"
 local grpc = require "resilua.grpc"
+local names = require "resilua.names"
 
 local M = {}
 
@@ -90,30 +91,6 @@ local RULES = {
 local THROTTLE_DEFAULTS = { kind = "adaptive", k = 2, window_ms = 2000 }
 local HEDGE_DEFAULTS = { after_ms = "p95", max = 2 }
 
---- Edit distance, for "did you mean".
-local function distance(a, b)
-  local prev = {}
-  for j = 0, #b do prev[j] = j end
-  for i = 1, #a do
-    local cur = { [0] = i }
-    for j = 1, #b do
-      local cost = a:byte(i) == b:byte(j) and 0 or 1
-      cur[j] = math.min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
-    end
-    prev = cur
-  end
-  return prev[#b]
-end
-
-local function suggest(word, fields)
-  local best, best_d = nil, 3
-  for name in pairs(fields) do
-    local d = distance(word, name)
-    if d < best_d then best, best_d = name, d end
-  end
-  return best and (" (did you mean '" .. best .. "'?)") or ""
-end
-
 --- The line where `key =` first appears in the source, for error positions.
 local function line_of(src, key)
   local n = 1
@@ -125,9 +102,6 @@ local function line_of(src, key)
 end
 
 M.line_of = line_of
-
---- " (did you mean 'x'?)" for the name in `fields` (a set) closest to word, or "".
-M.suggest = suggest
 
 local OPEN_STEPS = 32  -- RSL_BREAKER_OPEN_STEPS: durations the core keeps
 
@@ -167,7 +141,7 @@ local function check_value(rule, v, what)
   elseif kind == "grpc_code" then
     if not grpc.code(v) then
       if type(v) == "string" then
-        return ("%s: unknown gRPC status code '%s'%s"):format(what, v, suggest(v:upper(), grpc.codes))
+        return ("%s: unknown gRPC status code '%s'%s"):format(what, v, names.suggest(v:upper(), grpc.codes))
       end
       return ("%s must be a gRPC status code (a name, or 0 to 16), got %s"):format(what, tostring(v))
     end
@@ -205,7 +179,7 @@ local function check_fields(t, rules, prefix, errs)
     local what = prefix .. tostring(k)
     local err
     if not rule then
-      err = ("unknown field '%s'%s"):format(what, type(k) == "string" and suggest(k, rules) or "")
+      err = ("unknown field '%s'%s"):format(what, type(k) == "string" and names.suggest(k, rules) or "")
     elseif rule[1] == "section" then
       if v == false and rule.optional then
         err = nil
@@ -706,7 +680,7 @@ local function locate(name, policy_path)
   for i, d in ipairs(policy_path) do looked[i] = M.normalize_path(d) end
   local hint = ""
   if not name:find("/") and not name:match("%.lua$") then
-    hint = suggest(name, M.available(policy_path))
+    hint = names.suggest(name, M.available(policy_path))
   end
   return nil, ("policy '%s' not found%s (looked in %s)"):format(
     name, hint, name:find("/") and M.normalize_path(name) or table.concat(looked, ", "))

@@ -6,6 +6,7 @@
 local core = require "resilua.core"
 local parse = require "resilua.getopt"
 local policy = require "resilua.policy"
+local names = require "resilua.names"
 
 local M = {}
 
@@ -102,12 +103,9 @@ local function at(path, src, key, msg)
 end
 
 local function check_fields(t, known, path, src, what)
-  for k in pairs(t) do
-    if not known[k] then
-      return nil, at(path, src, tostring(k), ("%s: unknown field '%s'"):format(what, tostring(k)))
-    end
-  end
-  return true
+  local bad, msg = names.unknown_field(t, known)
+  if bad == nil then return true end
+  return nil, at(path, src, tostring(bad), what .. ": " .. msg)
 end
 
 --- Runs the config file (text only; no io, os.execute or require) and

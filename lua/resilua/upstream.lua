@@ -49,6 +49,8 @@
 --   (one for faults, one for service times), each drawn once per arrival,
 --   so the same seed and the same request sequence give the same answers.
 -- Uses: resilua.core (now_ms) for the clock, unless `clock` is given.
+local names = require "resilua.names"
+
 local M = {}
 
 local DEFAULT_SEED = 1
@@ -123,12 +125,9 @@ end
 
 -- `what` is nil for the options table itself.
 local function check_fields(t, known, what)
-  for k in pairs(t) do
-    if type(k) ~= "string" or not known[k] then
-      return nil, ("%sunknown field '%s'"):format(what and what .. ": " or "", tostring(k))
-    end
-  end
-  return t
+  local bad, msg = names.unknown_field(t, known)
+  if bad == nil then return t end
+  return nil, (what and what .. ": " or "") .. msg
 end
 
 local function check_table(v, what)
