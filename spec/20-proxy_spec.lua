@@ -407,6 +407,23 @@ print(json.dumps(out))
       assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
     end)
 
+    it("ends a stream that outlives stream_timeout_ms, though no gap passed idle_timeout_ms", function()
+      local script = H.write_file(H.tmpname(".lua"), ([[
+        local resilua = require "resilua"
+        local p = require("resilua.policy").define({ stream_timeout_ms = 300, idle_timeout_ms = 60000,
+          per_try_timeout_ms = 100, breaker = false, budget = false }, "t", "t.lua", "")
+        local got = {}
+        local res, err = resilua.client{ policy = p }:call{ url = %q,
+          on_chunk = function(c) got[#got + 1] = c end }
+        print(res, err.outcome, err.attempts, table.concat(got))
+      ]]):format(py.url .. "/sse?release=/nonexistent"))
+      local r = H.run({ H.bin, "run", script })
+      assert.equal(0, r.code, r.stderr)
+      -- Without the cap, the upstream's rest would come after its 30 s wait,
+      -- inside the idle timeout, and the call would succeed.
+      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
+    end)
+
     it("streams a 100 MB body with flat memory", function()
       local function hwm_kb()
         local s = H.read_file(("/proc/%d/status"):format(px.pid)) or ""
@@ -540,6 +557,33 @@ print(json.dumps(out))
         assert.truthy(r.body:find("^GET /_resilua/health"), r.body)
         assert.equal(0, px:stop())
       end
+    end)
+
+    it("re-reads the config on SIGHUP, for a change its folder's watch cannot see", function()
+      -- The config is a symlink into another folder (as a mounted ConfigMap
+      -- is): editing the target makes no event where the link lives, so
+      -- only SIGHUP can bring the new route in.
+      local real_dir, link_dir = H.tmpdir(), H.tmpdir()
+      local function routes(extra)
+        return ([[return { listen = "127.0.0.1:0", routes = {
+          { name = "a", prefix = "/a", upstream = %q, policy = %q }, %s } }]]):format(up.url, fast, extra)
+      end
+      local target = H.write_file(real_dir .. "/proxy.lua", routes(""))
+      local link = link_dir .. "/proxy.lua"
+      assert.equal(0, H.run({ "ln", "-s", target, link }).code)
+      local px = start_proxy{ "--config", link }
+      assert.equal(200, H.curl(q(px.url .. "/a")).status)
+      assert.equal(404, H.curl(q(px.url .. "/b")).status)
+      H.write_file(target, routes(('{ name = "b", prefix = "/b", upstream = %q, policy = %q }'):format(up.url, fast)))
+      px:signal("HUP")
+      assert.truthy(H.wait_until(function() return H.curl(q(px.url .. "/b")).status == 200 end, 20))
+      local reloaded = false
+      for line in H.read_file(px.log):gmatch("[^\n]+") do
+        local e = cjson.decode(line)
+        reloaded = reloaded or (e.event == "config" and e.ok == true and e.routes == 2)
+      end
+      assert.is_true(reloaded)
+      assert.equal(0, px:stop())
     end)
 
     it("reloads a policy file on SIGHUP and on save", function()
