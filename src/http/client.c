@@ -727,7 +727,8 @@ static void resume_now(rsl_h1_attempt *a) {
   a->held = (rsl_buf){0};
   a->paused = 0;
   http_parser_pause(&a->parser, 0);
-  parse(a, held.data + piece, held.len - piece);
+  if (held.len > piece) /* (0 bytes would tell http-parser of an EOF) */
+    parse(a, held.data + piece, held.len - piece);
   rsl_buf_free(&held);
   if (!a->failed && !a->complete && !a->paused && a->conn &&
       rsl_io_set(a->cl->loop, &a->conn->io, RSL_IO_READ) < 0)
