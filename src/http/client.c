@@ -94,6 +94,7 @@ struct rsl_h1_attempt {
   rsl_buf field; /* the header being read: name, then value */
   size_t name_len;
   int in_value;
+  int trailers; /* the head is read: fields now are a chunked trailer's */
   size_t header_bytes, max_body_bytes, received;
   int got_byte, complete, leftover;
   /* Paused by the hook: held has the piece it refused (held_piece bytes)
@@ -426,6 +427,7 @@ static int on_status(http_parser *p, const char *at, size_t len) {
 
 static int on_header_field(http_parser *p, const char *at, size_t len) {
   rsl_h1_attempt *a = p->data;
+  if (a->trailers) return header_cap(a, len + 4); /* not passed on */
   if (a->in_value && commit_header(a) < 0) return -1;
   if (header_cap(a, len + 4) < 0) return -1;
   if (rsl_buf_add(&a->field, at, len, HEAD_LIMIT) < 0) {
@@ -437,6 +439,7 @@ static int on_header_field(http_parser *p, const char *at, size_t len) {
 
 static int on_header_value(http_parser *p, const char *at, size_t len) {
   rsl_h1_attempt *a = p->data;
+  if (a->trailers) return header_cap(a, len);
   if (header_cap(a, len) < 0) return -1;
   if (!a->in_value) {
     a->in_value = 1;
@@ -454,6 +457,7 @@ static int on_headers_complete(http_parser *p) {
   if (a->in_value && commit_header(a) < 0) return -1;
   if (p->status_code / 100 == 1) return 0; /* interim: see message_complete */
   a->res.status = p->status_code;
+  a->trailers = 1;
   return a->head_only ? 1 : 0; /* 1: no body (HEAD) */
 }
 
@@ -661,6 +665,7 @@ static void attempt_release(rsl_h1_attempt *a) {
     memset(a, 0, sizeof *a);
     a->head = head; /* their room is kept */
     a->field = field;
+    a->field.len = 0;
     cl->spare[cl->spare_count++] = a;
   }
   pump(cl);

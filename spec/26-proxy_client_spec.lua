@@ -1,0 +1,189 @@
+-- The proxy's own HTTP/1.1 client (src/http/client.c), which carries its
+-- attempts to http:// upstreams given by a numeric address: the upstream
+-- sees the request libcurl sent (the same route through "localhost",
+-- which stays on libcurl, is the reference), connections are pooled and
+-- reused only when the answer allows it, interim and bodiless answers are
+-- read right, and a pooled connection that dies under a request is one
+-- attempt, a reset, never sent again.
+local H = require "spec.helpers"
+
+local q = H.quote
+
+-- A raw upstream.  Every answer names the connection it came on (X-Conn,
+-- numbered in accept order); GET /_count answers the requests counted
+-- so far (not itself); /echo answers with the request's bytes (head
+-- and body); the other paths send the bytes fixed below; /die closes the
+-- connection, unanswered, when it is not the connection's first request.
+local UPSTREAM = [[
+import socket, sys, threading
+lock = threading.Lock()
+state = {"conns": 0, "requests": 0}
+def fixed(path, conn):
+    h = b"X-Conn: %d\r\n" % conn
+    return {
+      "/continue": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n" + h + b"Content-Length: 2\r\n\r\nok",
+      "/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + h + b"Content-Length: 7\r\n\r\nclosing",
+      "/http10": b"HTTP/1.0 200 OK\r\n" + h + b"Content-Length: 4\r\n\r\nold!",
+      "/until-eof": b"HTTP/1.1 200 OK\r\n" + h + b"\r\nuntil-close",
+      "/no-content": b"HTTP/1.1 204 No Content\r\n" + h + b"\r\n",
+      "/chunked": b"HTTP/1.1 200 OK\r\n" + h + b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
+    }.get(path, b"HTTP/1.1 200 OK\r\n" + h + b"Content-Length: 5\r\n\r\nhello")
+def serve(c, conn):
+    buf, nth = b"", 0
+    while True:
+        while b"\r\n\r\n" not in buf:
+            d = c.recv(65536)
+            if not d: c.close(); return
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        n = 0
+        for l in head.split(b"\r\n")[1:]:
+            k, _, v = l.partition(b":")
+            if k.strip().lower() == b"content-length": n = int(v)
+        while len(rest) < n:
+            d = c.recv(65536)
+            if not d: c.close(); return
+            rest += d
+        body, buf = rest[:n], rest[n:]
+        method, path = head.split(b" ")[0], head.split(b" ")[1].split(b"?")[0].decode()
+        if path == "/_count":
+            out = str(state["requests"]).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(out), out)); continue
+        nth += 1
+        with lock: state["requests"] += 1
+        if path == "/die" and nth > 1:
+            c.shutdown(socket.SHUT_RDWR); c.close(); return
+        if path.startswith("/echo"):
+            out = head + b"\r\n\r\n" + body
+            c.sendall(b"HTTP/1.1 200 OK\r\nX-Conn: %d\r\nContent-Length: %d\r\n\r\n%s" % (conn, len(out), out)); continue
+        r = fixed(path, conn)
+        if method == b"HEAD": r = b"HTTP/1.1 200 OK\r\nX-Conn: %d\r\nContent-Length: 5\r\n\r\n" % conn
+        c.sendall(r)
+        if path in ("/close", "/until-eof"): c.close(); return
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(64)
+print("listening on 127.0.0.1:%d" % s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    with lock:
+        state["conns"] += 1; conn = state["conns"]
+    threading.Thread(target=serve, args=(c, conn), daemon=True).start()
+]]
+
+local POLICY = [[return { max_attempts = 1, per_try_timeout_ms = 5000,
+  breaker = false, budget = false }]]
+
+local function start_proxy(upstream, policy)
+  local log = H.tmpname(".jsonl")
+  local p = H.spawn_listening({ H.bin, "proxy", "--log", log, "--listen", "127.0.0.1:0",
+                                "--upstream", upstream, "--policy", policy }, "resilua proxy")
+  p.log = log
+  return p
+end
+
+describe("the proxy's HTTP/1.1 client", function()
+  local up, px, policy
+  setup(function()
+    local script = H.write_file(H.tmpname(".py"), UPSTREAM)
+    up = H.spawn_listening({ "python3", script }, "raw upstream")
+    policy = H.write_file(H.tmpname(".lua"), POLICY)
+    px = start_proxy(up.url, policy)
+  end)
+  teardown(function()
+    px:stop()
+    up:stop()
+  end)
+
+  local function get(path, args)
+    return H.curl(("%s %s"):format(args or "", q(px.url .. path)))
+  end
+
+  it("sends the upstream the request libcurl sent, byte for byte", function()
+    local curl_px = start_proxy("http://localhost:" .. up.port, policy)
+    local args = table.concat({
+      "-H 'User-Agent: t'", "-H 'X-Request-Id: rid-1'", "-H 'Idempotency-Key: k-1'",
+      "-H 'X-Empty;'", "-H 'Content-Type: text/plain'", "-H 'X-Tab: a\tb'",
+      "-H 'X-Resilua-Max-Attempts: 1'", "-H 'Connection: keep-alive, X-Hop'", "-H 'X-Hop: h'",
+    }, " ")
+    local cases = {
+      { "GET", "/echo/a/b?x=1&y=%20", "" },
+      { "POST", "/echo/p", "--data-binary 'hello body'" },
+      { "POST", "/echo/empty", "--data-binary ''" },
+      { "DELETE", "/echo/d", "" },
+      { "PUT", "/echo/u?q", "--data-binary 'x' -H 'Expect: 100-continue'" },
+      { "GET", "/echo/h", "-H 'Host: example.test' -H 'Accept: text/html'" },
+    }
+    for _, c in ipairs(cases) do
+      local extra = ("-X %s %s %s"):format(c[1], args, c[3])
+      local native = H.curl(("%s %s"):format(extra, q(px.url .. c[2])))
+      local reference = H.curl(("%s %s"):format(extra, q(curl_px.url .. c[2])))
+      assert.equal(200, native.status, c[2])
+      assert.equal(200, reference.status, c[2])
+      assert.truthy(native.body:find("^" .. c[1] .. " /"), native.body)
+      local want = reference.body:gsub("Host: localhost:", "Host: 127.0.0.1:")
+      assert.equal(want, native.body, c[1] .. " " .. c[2])
+    end
+    curl_px:stop()
+  end)
+
+  it("keeps a connection for the next request only when the answer allows it", function()
+    local function conn(path, args) return tonumber(get(path, args).headers["x-conn"]) end
+    local first = conn("/a")
+    assert.equal(first, conn("/b"))
+    assert.equal(first, conn("/c", "-X POST --data-binary x"))
+    -- HEAD and 204 have no body, whatever their head says: the connection stays in step
+    local head = get("/h", "-I")
+    assert.equal(200, head.status)
+    assert.equal(first, tonumber(head.headers["x-conn"]))
+    assert.equal(204, get("/no-content").status)
+    assert.equal(first, conn("/d"))
+    -- interim answers are skipped; the final one comes through
+    local cont = get("/continue")
+    assert.equal(200, cont.status)
+    assert.equal("ok", cont.body)
+    assert.is_nil(cont.headers["link"])
+    assert.equal(first, conn("/e"))
+    -- a chunked body, its framing removed by the client's side as usual
+    local ch = get("/chunked")
+    assert.equal("abcde", ch.body)
+    assert.equal(first, conn("/f"))
+    -- Connection: close, HTTP/1.0, a body delimited by the close: not reused
+    local closing = get("/close")
+    assert.equal("closing", closing.body)
+    local after_close = conn("/g")
+    assert.is_true(after_close > first)
+    assert.equal("old!", get("/http10").body)
+    local after_http10 = conn("/i")
+    assert.is_true(after_http10 > after_close)
+    assert.equal("until-close", get("/until-eof").body)
+    assert.is_true(conn("/j") > after_http10)
+  end)
+
+  it("a pooled connection that dies under a POST is one attempt, a reset, not resent", function()
+    local retrying = H.write_file(H.tmpname(".lua"), [[return { max_attempts = 3,
+      per_try_timeout_ms = 5000, backoff = { base_ms = 1, max_ms = 1 },
+      retry_on = { errors = { "reset" } }, breaker = false, budget = false }]])
+    local rpx = start_proxy(up.url, retrying)
+    local before = tonumber(H.curl(q(up.url .. "/_count")).body)
+    assert.equal(200, H.curl(("-X POST --data-binary x %s"):format(q(rpx.url .. "/die"))).status)
+    -- the pooled connection dies; the policy, not the client, sends again
+    local r = H.curl(("-X POST --data-binary x %s"):format(q(rpx.url .. "/die")))
+    assert.equal(200, r.status)
+    assert.equal("2", r.headers["x-resilua-attempts"])
+    local seen = tonumber(H.curl(q(up.url .. "/_count")).body) - before
+    rpx:stop()
+    local attempts = H.of_kind(H.events(rpx.log), "attempt")
+    assert.equal(3, #attempts)
+    assert.equal(#attempts, seen)
+    assert.equal("reset", attempts[2].error)
+    assert.equal("retry", attempts[2].decision)
+  end)
+
+  it("classifies a refused connection as connect", function()
+    local refused = start_proxy("http://127.0.0.1:1", policy)
+    local r = H.curl(q(refused.url .. "/x"))
+    refused:stop()
+    assert.equal(502, r.status)
+    assert.equal("connect", H.of_kind(H.events(refused.log), "attempt")[1].error)
+  end)
+end)
