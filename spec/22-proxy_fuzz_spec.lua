@@ -135,6 +135,30 @@ describe("resilua proxy under hostile input", function()
     assert.equal("failed", nos.headers["x-resilua-outcome"])
     -- cut after the commit point: an error for the client, not a short success
     assert.are_not.equal(0, H.curl(q(px.url .. "/short-body")).code)
+    assert.are_not.equal(0, H.curl(q(px.url .. "/chunk-cut")).code)
+    -- what the HTTP/1.1 client refuses (RFC 9112: a bad status line, both
+    -- Content-Length and chunked, duplicate lengths, a bare CR, a bad chunk
+    -- size, a protocol switch, a head over the cap): 502, nothing passed on
+    for _, name in ipairs({ "bad-status-code", "cl-and-chunked", "two-equal-lengths",
+                            "split-bare-cr", "negative-chunk", "switching-protocols",
+                            "many-headers" }) do
+      local r = H.curl(q(px.url .. "/" .. name))
+      assert.equal(502, r.status, name)
+      assert.is_nil(r.headers["set-cookie"], name)
+    end
+    -- a folded line is joined with blanks, a blank before the colon removed
+    local fold = H.curl(q(px.url .. "/obs-fold"))
+    assert.is_nil(fold.headers["set-cookie"])
+    assert.truthy(fold.headers["x-a"]:find("^a +Set%-Cookie: evil=1$"), fold.headers["x-a"])
+    assert.equal("b", H.curl(q(px.url .. "/space-before-colon")).headers["x-a"])
+    -- 304 has no body whatever its length says; interim answers are skipped
+    local nm = H.curl(q(px.url .. "/304-with-length"))
+    assert.equal(304, nm.status)
+    assert.equal("", nm.body)
+    local cont = H.curl(q(px.url .. "/continue-then-200"))
+    assert.equal(200, cont.status)
+    assert.equal("ok", cont.body)
+    assert.equal("ab\0", H.curl(q(px.url .. "/nul-body")).body)
     assert.equal(0, px:stop())
     raw:stop("KILL")
   end)

@@ -94,6 +94,9 @@ struct rsl_h1_attempt {
   rsl_buf field; /* the header being read: name, then value */
   size_t name_len;
   int in_value;
+  /* Where the last value piece ended, and the bytes being parsed: a piece
+   * that starts elsewhere follows an obs-fold (see on_header_value). */
+  const char *value_end, *parsing;
   int trailers; /* the head is read: fields now are a chunked trailer's */
   size_t header_bytes, max_body_bytes, received;
   int got_byte, complete, leftover;
@@ -386,7 +389,11 @@ static int commit_header(rsl_h1_attempt *a) {
   rsl_response *res = &a->res;
   const char *name = a->field.data, *v = a->field.data + a->name_len;
   const char *end = a->field.data + a->field.len;
+  size_t name_len = a->name_len;
   a->in_value = 0;
+  /* "Name : v": a proxy removes the blank (RFC 9112 section 5.1) */
+  while (name_len && (name[name_len - 1] == ' ' || name[name_len - 1] == '\t'))
+    name_len--;
   while (v < end && (*v == ' ' || *v == '\t')) v++;
   while (end > v && (end[-1] == ' ' || end[-1] == '\t')) end--;
   if (res->header_count == a->headers_cap) {
@@ -396,7 +403,7 @@ static int commit_header(rsl_h1_attempt *a) {
     res->headers = grown;
     a->headers_cap = cap;
   }
-  char *n = strndup(name, a->name_len), *value = strndup(v, (size_t)(end - v));
+  char *n = strndup(name, name_len), *value = strndup(v, (size_t)(end - v));
   if (!n || !value) {
     free(n);
     free(value);
@@ -444,7 +451,13 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
   if (!a->in_value) {
     a->in_value = 1;
     a->name_len = a->field.len;
+  } else if (at != a->value_end && at != a->parsing &&
+             rsl_buf_add(&a->field, " ", 1, HEAD_LIMIT) < 0) {
+    /* a folded line (RFC 9112 section 5.2): a proxy joins it with SP */
+    fail(a, RSL_ERR_PROTOCOL, 1, "out of memory");
+    return -1;
   }
+  a->value_end = at + len;
   if (rsl_buf_add(&a->field, at, len, HEAD_LIMIT) < 0) {
     fail(a, RSL_ERR_PROTOCOL, 1, "out of memory");
     return -1;
@@ -546,6 +559,7 @@ static const http_parser_settings SETTINGS = {
 /* Parses n bytes of the answer.  When the hook pauses, the rest waits in
  * a->held (the piece it refused first), and reading stops. */
 static void parse(rsl_h1_attempt *a, const char *data, size_t n) {
+  a->parsing = data;
   size_t done = http_parser_execute(&a->parser, &SETTINGS, data, n);
   if (a->failed) return;
   if (a->paused) {
