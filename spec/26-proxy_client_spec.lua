@@ -179,6 +179,49 @@ describe("the proxy's HTTP/1.1 client", function()
     assert.equal("retry", attempts[2].decision)
   end)
 
+  it("out of file descriptors: a local failure, which moves no breaker", function()
+    -- an upstream that answers each request after 1 s, so each holds two
+    -- fds (and closes it: a pooled connection it closed would be a reset)
+    local hold = H.write_file(H.tmpname(".py"), [[
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", 0)); s.listen(512)
+print("listening on 127.0.0.1:%d" % s.getsockname()[1], flush=True)
+def h(c):
+    c.recv(65536); time.sleep(1)
+    c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"); c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=h, args=(c,), daemon=True).start()
+]])
+    local slow = H.spawn_listening({ "python3", hold }, "holding upstream")
+    local breaking = H.write_file(H.tmpname(".lua"), [[return { max_attempts = 1,
+      per_try_timeout_ms = 10000, breaker = { failures = 1, open_ms = 60000 }, budget = false }]])
+    local refused, answered, breakers = 0, 0, 0
+    -- Two limits: whether the last free descriptor goes to an accept (which
+    -- then waits) or to an upstream socket depends on the parity of the
+    -- descriptors the process starts with.
+    for _, limit in ipairs({ 40, 41 }) do
+      local log = H.tmpname(".jsonl")
+      local fdpx = H.spawn_listening({ "bash", "-c", ("ulimit -n %d && exec %s proxy --log %s " ..
+        "--listen 127.0.0.1:0 --upstream %s --policy %s"):format(limit, q(H.bin), q(log),
+        q(slow.url), q(breaking)) }, "resilua proxy")
+      local out = H.tmpdir()
+      H.run(("for i in $(seq 24); do curl -s -m 20 -o %s/$i %s & sleep 0.02; done; wait")
+        :format(q(out), q(fdpx.url .. "/x")))
+      fdpx:stop()
+      for i = 1, 24 do
+        local body = H.read_file(out .. "/" .. i) or ""
+        if body:find("out of file descriptors", 1, true) then refused = refused + 1 end
+        if body == "ok" then answered = answered + 1 end
+      end
+      breakers = breakers + #H.of_kind(H.events(log), "breaker")
+    end
+    slow:stop()
+    assert.is_true(refused > 0, "no request ran out of descriptors")
+    assert.is_true(answered > 0)
+    assert.equal(0, breakers) -- our shortage says nothing of the upstream
+  end)
+
   it("classifies a refused connection as connect", function()
     local refused = start_proxy("http://127.0.0.1:1", policy)
     local r = H.curl(q(refused.url .. "/x"))
