@@ -180,7 +180,7 @@ describe("the proxy's HTTP/1.1 client", function()
   end)
 
   it("out of file descriptors: a local failure, which moves no breaker", function()
-    -- an upstream that answers each request after 1 s, so each holds two
+    -- an upstream that answers each request after 3 s, so each holds two
     -- fds (and closes it: a pooled connection it closed would be a reset)
     local hold = H.write_file(H.tmpname(".py"), [[
 import socket, threading, time
@@ -188,7 +188,7 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", 0)); s.listen(512)
 print("listening on 127.0.0.1:%d" % s.getsockname()[1], flush=True)
 def h(c):
-    c.recv(65536); time.sleep(1)
+    c.recv(65536); time.sleep(3)
     c.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"); c.close()
 while True:
     c, _ = s.accept(); threading.Thread(target=h, args=(c,), daemon=True).start()
@@ -206,10 +206,10 @@ while True:
         "--listen 127.0.0.1:0 --upstream %s --policy %s"):format(limit, q(H.bin), q(log),
         q(slow.url), q(breaking)) }, "resilua proxy")
       local out = H.tmpdir()
-      H.run(("for i in $(seq 24); do curl -s -m 20 -o %s/$i %s & sleep 0.02; done; wait")
+      H.run(("for i in $(seq 40); do curl -s -m 30 -o %s/$i %s & done; wait")
         :format(q(out), q(fdpx.url .. "/x")))
       fdpx:stop()
-      for i = 1, 24 do
+      for i = 1, 40 do
         local body = H.read_file(out .. "/" .. i) or ""
         if body:find("out of file descriptors", 1, true) then refused = refused + 1 end
         if body == "ok" then answered = answered + 1 end
