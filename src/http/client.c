@@ -133,6 +133,7 @@ int rsl_h1_owns(const void *attempt) {
 /* --- failures ------------------------------------------------------------ */
 
 /* Records why a failed (the first reason wins). */
+__attribute__((format(printf, 4, 5)))
 static void fail(rsl_h1_attempt *a, rsl_error_class error, int local,
                  const char *fmt, ...) {
   if (a->failed) return;
@@ -210,7 +211,6 @@ static void pool_put(h1_conn *c) {
   c->a = NULL;
   if (o->idle_count >= MAX_IDLE_PER_ORIGIN || c->cl->closing ||
       rsl_io_set(c->cl->loop, &c->io, RSL_IO_READ) < 0) {
-    c->a = NULL;
     rsl_io_set(c->cl->loop, &c->io, 0);
     close(c->io.fd);
     free(c);
