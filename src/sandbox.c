@@ -25,15 +25,18 @@
 #include "luacall.h"
 
 /* Allocations at least this big check the call's deadline: copying large
- * strings (string.format, table.concat, `..`) is where C time hides. */
+ * strings (string.format, table.concat, `..`) is where C time hides.  So
+ * do library calls given a string at least this long. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
+/* A string's block: its bytes, its header and terminator. */
+#define STRING_BLOCK_MAX_BYTES (RSL_SANDBOX_MAX_STRING_BYTES + 64)
 /* A policy's error message: bytes kept (a load lists every problem). */
 #define MESSAGE_MAX_BYTES (16 * 1024)
 /* The table functions: elements handled by one call. */
 #define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 16)
 /* Patterns whose worst case passes 10^this steps on their subject are
- * refused (about 0.1 s of backtracking). */
-#define PATTERN_MAX_LOG10_STEPS 7.5
+ * refused (about 5 ms of backtracking). */
+#define PATTERN_MAX_LOG10_STEPS 7.0
 /* Patterns that may take over 10^this steps check the deadline first. */
 #define PATTERN_TIMED_LOG10_STEPS 5.0
 
@@ -44,7 +47,10 @@ struct rsl_sandbox {
   rsl_prng own_prng; /* while loading, maybe on a helper thread */
   double time_ms;     /* of the running call; 0 outside one */
   double deadline_ms; /* set at its first big allocation */
-  int over_cap, over_time; /* an allocation was refused, and why */
+  int over_cap, over_block, over_time; /* an allocation was refused: why */
+  size_t block_bytes;       /* the block over the size limit */
+  int refusals;             /* in the running call */
+  int stop;                 /* the call must end (luacall's stop flag) */
   char where[160];          /* the code's position at the first refusal */
   char seen[160];           /* at the last limit check (luacall.h) */
 };
@@ -61,10 +67,44 @@ static void note_refusal(rsl_sandbox *sb) {
   if (!sb->where[0]) memcpy(sb->where, sb->seen, sizeof sb->where);
 }
 
-/* Counts every byte; refuses growth over the cap, and big growth after the
- * deadline.  Shrinking never fails (Lua relies on it). */
+/* Ends the running call at its next instruction (on the state's main
+ * thread; a coroutine at its next limit check), so that a pcall cannot
+ * catch a refusal and try again: each refusal costs a full collection
+ * (Lua's emergency GC), in C, unbounded by the hook. */
+static void stop_call(rsl_sandbox *sb) {
+  sb->stop = 1;
+  if (sb->time_ms > 0)
+    lua_sethook(sb->L, lua_gethook(sb->L), LUA_MASKCOUNT, 1);
+}
+
+/* A refusal of growth: Lua answers it with a full collection, then asks
+ * again.  A call's second refusal ends it (a collection that frees a
+ * little each time must not be run again and again), and so does any
+ * refusal once the call is out of time (the clock is read
+ * here too: a collection is C work the hook does not see).  The message
+ * names the first refusal's limit. */
+static void *refuse(rsl_sandbox *sb, int *why) {
+  *why = 1;
+  note_refusal(sb);
+  int again = sb->refusals++ > 0;
+  int late = 0;
+  if (sb->time_ms > 0) {
+    double now = rsl_luacall_cpu_ms();
+    if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
+    late = now > sb->deadline_ms;
+  }
+  if (again || late) stop_call(sb);
+  return NULL;
+}
+
+/* Counts every byte; refuses growth over the cap, a block over the size
+ * limits (the C work on one block, a copy or a scan, is bounded by its
+ * size), and big growth after the deadline.  Shrinking never fails (Lua
+ * relies on it).  A new block's osize is its Lua type. */
 static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   rsl_sandbox *sb = ud;
+  size_t block_max = !ptr && osize == LUA_TSTRING ? STRING_BLOCK_MAX_BYTES
+                                                  : RSL_SANDBOX_MAX_BLOCK_BYTES;
   if (!ptr) osize = 0;
   if (nsize == 0) {
     free(ptr);
@@ -73,24 +113,29 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   }
   if (nsize > osize) {
     size_t grow = nsize - osize;
-    if (grow > sb->cap - sb->used || sb->used > sb->cap) {
-      sb->over_cap = 1;
-      note_refusal(sb);
-      return NULL;
+    if (grow > sb->cap - sb->used || sb->used > sb->cap)
+      return refuse(sb, &sb->over_cap);
+    if (nsize > block_max) {
+      sb->block_bytes = nsize;
+      return refuse(sb, &sb->over_block);
     }
     if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0) {
+      /* stopped: small blocks still come (the error's own message), and
+       * the next instruction raises */
+      if (sb->stop) return NULL;
       double now = rsl_luacall_cpu_ms();
       if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
-      if (now > sb->deadline_ms) {
-        sb->over_time = 1;
-        note_refusal(sb);
-        return NULL;
-      }
+      if (now > sb->deadline_ms) return refuse(sb, &sb->over_time);
     }
   }
   void *p = realloc(ptr, nsize);
   if (!p) return nsize > osize ? NULL : ptr;
   sb->used = sb->used - osize + nsize;
+  if (sb->refusals && !sb->stop && (sb->over_cap || sb->over_block)) {
+    /* after a refusal: the collection made room, the call goes on */
+    sb->over_cap = sb->over_block = 0;
+    sb->where[0] = '\0';
+  }
   return p;
 }
 
@@ -206,6 +251,41 @@ static int call_original(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* A library function (upvalue 1) that works through its string
+ * arguments in C without allocating (utf8.len, string.byte, a plain find)
+ * or byte by byte (string.upper): given a long one, it checks the clock
+ * first, so that a loop of such calls stops within one of them. */
+static int long_string_arg(lua_State *L) {
+  for (int i = lua_gettop(L); i >= 1; i--)
+    if (lua_type(L, i) == LUA_TSTRING && lua_rawlen(L, i) >= TIMED_ALLOC_BYTES)
+      return 1;
+  return 0;
+}
+
+static int sb_timed(lua_State *L) {
+  if (long_string_arg(L)) rsl_luacall_check(L);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* The library functions that scan or copy a string argument in C: each
+ * is wrapped in sb_timed (rep and the pattern functions have their own). */
+static const char *const STRING_TIMED[] = {
+    "byte", "format", "lower", "upper", "reverse", "sub", "unpack", NULL};
+static const char *const UTF8_TIMED[] = {"len", "offset", "codepoint",
+                                         "codes", NULL};
+
+/* Wraps each named function of the table at the top of the stack. */
+static void wrap_timed(lua_State *L, const char *const *names) {
+  for (; *names; names++) {
+    lua_getfield(L, -1, *names);
+    lua_pushcclosure(L, sb_timed, 1);
+    lua_setfield(L, -2, *names);
+  }
+}
+
 /* string.rep, ours: the result's size is checked against the cap before
  * any work, an empty result returns at once (the original loops n times
  * even then), and the copy doubles what is already written, so the time is
@@ -223,6 +303,10 @@ static int sb_rep(lua_State *L) {
   if (total > (double)sandbox_of(L)->cap)
     return luaL_error(L, "string.rep: a result of %d MB is over the "
                       "policy's memory limit", (int)fmin(total / 1048576, 1e9));
+  if (total > RSL_SANDBOX_MAX_STRING_BYTES)
+    return luaL_error(L, "string.rep: size limit exceeded (a result of "
+                      "%d KB; a policy's strings hold at most %d MB)",
+                      (int)(total / 1024), RSL_SANDBOX_MAX_STRING_BYTES >> 20);
   rsl_luacall_check(L);
   size_t unit = len + seplen, size = (size_t)n * unit; /* sep after each */
   luaL_Buffer b;
@@ -304,7 +388,10 @@ static int sb_pattern(lua_State *L) {
   luaL_checklstring(L, 1, &n);
   const char *p = luaL_checklstring(L, 2, &plen);
   int is_find = lua_toboolean(L, lua_upvalueindex(3));
-  if (is_find && lua_toboolean(L, 4)) return call_original(L); /* plain */
+  if (is_find && lua_toboolean(L, 4)) { /* plain: a scan */
+    if (n >= TIMED_ALLOC_BYTES) rsl_luacall_check(L);
+    return call_original(L);
+  }
   double steps = pattern_log_steps(p, plen, n,
                                    lua_toboolean(L, lua_upvalueindex(2)));
   if (steps > PATTERN_MAX_LOG10_STEPS)
@@ -531,6 +618,13 @@ static int setup(lua_State *L) {
   wrap_pattern(L, "match", 1, 0);
   wrap_pattern(L, "gmatch", 0, 0);
   wrap_pattern(L, "gsub", 1, 0);
+  wrap_timed(L, STRING_TIMED);
+  lua_getfield(L, 1, LUA_UTF8LIBNAME);
+  wrap_timed(L, UTF8_TIMED);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "tonumber");
+  lua_pushcclosure(L, sb_timed, 1); /* strtod over a long string */
+  lua_setfield(L, 1, "tonumber");
   lua_getfield(L, 1, LUA_TABLIBNAME);
   for (const luaL_Reg *f = TABLE_BOUNDED; f->name; f++) {
     lua_getfield(L, -1, f->name);
@@ -597,7 +691,8 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
                      long instr_limit, double time_ms, char **err) {
   lua_State *L = sb->L;
   *err = NULL;
-  sb->over_cap = sb->over_time = 0;
+  sb->over_cap = sb->over_block = sb->over_time = sb->stop = 0;
+  sb->refusals = 0;
   sb->where[0] = '\0';
   /* Until the first limit check notes a line: the function's first. */
   lua_Debug ar;
@@ -612,22 +707,31 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   sb->deadline_ms = 0;
   int base = lua_gettop(L) - nargs - 1;
   int status = rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms,
-                                   sb->seen, sizeof sb->seen);
+                                   sb->seen, sizeof sb->seen, &sb->stop);
   sb->time_ms = sb->deadline_ms = 0;
-  if (status == LUA_OK && !sb->over_time) return 0;
-  /* Out of time, even when the code caught the refusal (a pcall around a
-   * costly gsub): its results are dropped, like those of a call the
-   * instruction limit stopped. */
+  if (status == LUA_OK && !sb->over_time && !sb->stop) return 0;
+  /* Out of time or memory for good, even when the code caught the refusal
+   * (a pcall around a costly gsub): its results are dropped, like those of
+   * a call the instruction limit stopped. */
   int has_msg = status != LUA_OK;
   if (!has_msg) lua_settop(L, base);
   const char *msg = has_msg ? lua_tostring(L, -1) : "";
   char buf[400];
-  if (sb->over_cap || sb->over_time || status == LUA_ERRMEM) {
+  if (sb->over_cap || sb->over_block || sb->over_time ||
+      status == LUA_ERRMEM) {
     /* A refused allocation says only "not enough memory": say which
      * limit, and where. */
     if (sb->over_time)
       snprintf(buf, sizeof buf, "%s: time limit exceeded (%.0f ms)",
                sb->where[0] ? sb->where : "?", time_ms);
+    else if (sb->over_block && !sb->over_cap)
+      snprintf(buf, sizeof buf,
+               "%s: size limit exceeded (a block of %.1f MB: a policy's "
+               "strings hold at most %d MB, its tables and stack %d MB)",
+               sb->where[0] ? sb->where : "?",
+               (double)sb->block_bytes / 1048576,
+               RSL_SANDBOX_MAX_STRING_BYTES >> 20,
+               RSL_SANDBOX_MAX_BLOCK_BYTES >> 20);
     else
       snprintf(buf, sizeof buf,
                "%s: memory limit exceeded (%zu MB; raise it with memory_mb)",
@@ -649,11 +753,8 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
     *err = strndup(msg, len);
   }
   if (has_msg) lua_pop(L, 1);
-  /* A memory refusal leaves the failed call's garbage: collect it now, so
-   * the next call starts under the cap.  Not after other errors: a full
-   * collection of a big state costs the loop ~100 ms (3M tables), and a
-   * policy could fail every decision on purpose. */
-  if (sb->over_cap || (status == LUA_ERRMEM && !sb->over_time))
-    lua_gc(L, LUA_GCCOLLECT);
+  /* No collection here: the refusal already ran one (Lua's emergency GC),
+   * and the next call's first refusal runs another, which frees this
+   * call's garbage.  Each is O(the state), one per failed call at most. */
   return -1;
 }

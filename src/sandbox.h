@@ -20,6 +20,11 @@
 
 #define RSL_SANDBOX_DEFAULT_MEMORY_MB 64
 #define RSL_SANDBOX_MAX_MEMORY_MB 4096
+/* One string's bytes, and any other block (a table's parts, the stack):
+ * a C operation on one block (a copy, a scan, a comparison) takes time in
+ * proportion to its size, and no limit check runs inside it. */
+#define RSL_SANDBOX_MAX_STRING_BYTES (1 << 20)
+#define RSL_SANDBOX_MAX_BLOCK_BYTES (4 << 20)
 /* Policy files and the modules they require: a policy is not a data set. */
 #define RSL_SANDBOX_MAX_FILE_BYTES (1 << 20)
 
