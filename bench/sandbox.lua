@@ -7,11 +7,14 @@
 --      per loaded policy, over POLICIES loads of the default policy;
 --   2. the hostile corpus (spec/hostile): for each case, the wall and CPU
 --      time from the start of the load (or of the decision) to its policy
---      error; the slowest of each kind;
+--      error (a failed load's state freed); the slowest of each kind and
+--      the distribution of the CPU times;
 --   3. calls during reloads: a closed loop (LOAD_CONC coroutines, every
 --      call decided) against `resilua serve`, without reloads and during
 --      SLOW_RELOADS saves of a policy that loops at load until the load
---      limit stops it; p50, p99 and max call latency of both windows.
+--      limit stops it; p50, p99 and max call latency of both windows, and
+--      the loop's own stalls: a ticker asks to wake every TICK_MS and
+--      records how late it wakes (what any call in flight waits too).
 local resilua = require "resilua"
 local core = require "resilua.core"
 local policy = require "resilua.policy"
@@ -22,6 +25,7 @@ local LOAD_CONC = 16
 local SLOW_RELOADS = 10
 local WINDOW_S = 3
 local SAFETY_S = 120
+local TICK_MS = 1
 
 local bin = core.self_path() or "build/bin/resilua"
 local here = (arg and arg[0] or "bench/sandbox.lua"):match("^(.*)/[^/]*$") or "."
@@ -57,13 +61,18 @@ local function part_memory()
   loaded = nil -- luacheck: ignore
 end
 
+local function percentile(sorted, p)
+  if #sorted == 0 then return 0 end
+  return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
 local function part_hostile()
   local names = {}
   local ls = assert(io.popen("ls " .. proc.q(corpus)))
   for f in ls:lines() do if f:match("%.lua$") then names[#names + 1] = f end end
   ls:close()
   section(("2. the hostile corpus (%d cases in spec/hostile): start to policy error"):format(#names))
-  local worst = {}
+  local worst, cpus = {}, {}
   for _, f in ipairs(names) do
     local when = proc.read_file(corpus .. "/" .. f):match("^%-%- when: (%a+)")
     local path = corpus .. "/" .. f
@@ -82,18 +91,17 @@ local function part_hostile()
       if cpu > w.cpu then w.cpu, w.cpu_case = cpu, f end
       if wall > w.wall then w.wall, w.wall_case = wall, f end
       worst[when] = w
+      cpus[#cpus + 1] = cpu
     end
   end
+  table.sort(cpus)
   for _, when in ipairs({ "load", "decide" }) do
     local w = worst[when]
     row(("slowest %s case, CPU"):format(when), fmt(w.cpu, 1) .. " ms", w.cpu_case)
     row(("slowest %s case, wall"):format(when), fmt(w.wall, 1) .. " ms", w.wall_case)
   end
-end
-
-local function percentile(sorted, p)
-  if #sorted == 0 then return 0 end
-  return sorted[math.max(1, math.ceil(#sorted * p))]
+  row("CPU per case: p50 / p90 / max", ("%s / %s / %s ms"):format(fmt(percentile(cpus, 0.5), 1),
+    fmt(percentile(cpus, 0.9), 1), fmt(cpus[#cpus], 1)), ("n=%d"):format(#cpus))
 end
 
 local function part_reload()
@@ -131,7 +139,14 @@ end]])
     reload_ms[#reload_ms + 1] = core.now_ms() - (started[#reload_ms + 1] or core.now_ms())
   end
   local function window(saves)
-    local lat, stop, n = {}, false, 0
+    local lat, lag, stop, n = {}, {}, false, 0
+    resilua.go(function()
+      while not stop do
+        local t = core.now_ms()
+        resilua.sleep(TICK_MS / 1000)
+        lag[#lag + 1] = core.now_ms() - t - TICK_MS
+      end
+    end)
     for _ = 1, LOAD_CONC do
       resilua.go(function()
         while not stop do
@@ -152,10 +167,11 @@ end]])
     stop = true
     assert(resilua.wait())
     table.sort(lat)
-    return lat
+    table.sort(lag)
+    return lat, lag
   end
-  local quiet = window(0)
-  local busy = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
+  local quiet, quiet_lag = window(0)
+  local busy, busy_lag = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
   policy.reload, policy.reloaded = reload, function() end
   proc.stop(server)
   table.sort(reload_ms)
@@ -169,6 +185,13 @@ end]])
   row("a reload, start to swap (helper thread): max", fmt(reload_ms[#reload_ms] or 0, 1) .. " ms",
       ("n=%d"):format(#reload_ms))
   row("  of which on the main thread (start): max", fmt(main_ms[#main_ms] or 0, 2) .. " ms")
+  row("ratio of call p99, slow reloads / none", fmt(percentile(busy, 0.99) / percentile(quiet, 0.99), 2) .. " x")
+  row(("loop stall (a %d ms tick's lateness), no reloads: p99 / max"):format(TICK_MS),
+      ("%s / %s ms"):format(fmt(percentile(quiet_lag, 0.99), 2), fmt(quiet_lag[#quiet_lag], 1)),
+      ("n=%d"):format(#quiet_lag))
+  row("loop stall, slow reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(busy_lag, 0.99), 2), fmt(busy_lag[#busy_lag], 1)),
+      ("n=%d"):format(#busy_lag))
 end
 
 local function main()
