@@ -5,6 +5,8 @@
 --   in bench/run.lua, part 1)
 --   1. memory: bytes of a policy's own state, and of the script's state
 --      per loaded policy, over POLICIES loads of the default policy;
+--   1b. dropping a version whose state holds DROP_TABLES small tables: the
+--      calling thread's CPU (big states are closed on a helper thread);
 --   2. the hostile corpus (spec/hostile): for each case, the wall and CPU
 --      time from the start of the load (or of the decision) to its policy
 --      error (a failed load's state freed); the slowest of each kind and
@@ -14,7 +16,10 @@
 --      SLOW_RELOADS saves of a policy that loops at load until the load
 --      limit stops it; p50, p99 and max call latency of both windows, and
 --      the loop's own stalls: a ticker asks to wake every TICK_MS and
---      records how late it wakes (what any call in flight waits too).
+--      records how late it wakes (what any call in flight waits too) and
+--      the loop thread's CPU time between two wakes (its longest stretch
+--      of work without coming back to its timers, apart from the
+--      machine's other load).
 local resilua = require "resilua"
 local core = require "resilua.core"
 local policy = require "resilua.policy"
@@ -26,6 +31,7 @@ local SLOW_RELOADS = 10
 local WINDOW_S = 3
 local SAFETY_S = 120
 local TICK_MS = 1
+local DROP_TABLES = 400000
 
 local bin = core.self_path() or "build/bin/resilua"
 local here = (arg and arg[0] or "bench/sandbox.lua"):match("^(.*)/[^/]*$") or "."
@@ -59,6 +65,29 @@ local function part_memory()
   row("the script's state, per policy (its table copy)", fmt(host / POLICIES / 1024) .. " KiB")
   row("load + validate, wall", fmt(load_ms, 2) .. " ms/policy")
   loaded = nil -- luacheck: ignore
+end
+
+-- The calling thread's CPU to drop a policy whose state holds many small
+-- tables (its decide keeps them): the last ref of an old version drops on
+-- the loop's thread, and a big state is closed on the closer thread.
+local function part_drop()
+  local path = session:tmp("big.lua")
+  proc.write_file(path, [[local keep = {}
+return { memory_mb = 64, decide = function(a)
+  local t = {}
+  for i = 1, 1000 do t[i] = { i } end
+  keep[#keep + 1] = t
+  return false
+end }]])
+  local p = assert(policy.load(path))
+  for _ = 1, DROP_TABLES // 1000 do testing.decide(p, { attempt = 1, status = 503 }) end
+  collectgarbage("collect")
+  local c = core.thread_cpu_ms()
+  p = nil -- luacheck: ignore
+  collectgarbage("collect")
+  section("1b. dropping a policy's version")
+  row(("a state of %d small tables: the loop's CPU"):format(DROP_TABLES),
+      fmt(core.thread_cpu_ms() - c, 2) .. " ms")
 end
 
 local function percentile(sorted, p)
@@ -139,12 +168,13 @@ end]])
     reload_ms[#reload_ms + 1] = core.now_ms() - (started[#reload_ms + 1] or core.now_ms())
   end
   local function window(saves)
-    local lat, lag, stop, n = {}, {}, false, 0
+    local lat, lag, work, stop, n = {}, {}, {}, false, 0
     resilua.go(function()
       while not stop do
-        local t = core.now_ms()
+        local t, c = core.now_ms(), core.thread_cpu_ms()
         resilua.sleep(TICK_MS / 1000)
         lag[#lag + 1] = core.now_ms() - t - TICK_MS
+        work[#work + 1] = core.thread_cpu_ms() - c
       end
     end)
     for _ = 1, LOAD_CONC do
@@ -168,10 +198,11 @@ end]])
     assert(resilua.wait())
     table.sort(lat)
     table.sort(lag)
-    return lat, lag
+    table.sort(work)
+    return lat, lag, work
   end
-  local quiet, quiet_lag = window(0)
-  local busy, busy_lag = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
+  local quiet, quiet_lag, quiet_work = window(0)
+  local busy, busy_lag, busy_work = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
   policy.reload, policy.reloaded = reload, function() end
   proc.stop(server)
   table.sort(reload_ms)
@@ -192,6 +223,12 @@ end]])
   row("loop stall, slow reloads: p99 / max",
       ("%s / %s ms"):format(fmt(percentile(busy_lag, 0.99), 2), fmt(busy_lag[#busy_lag], 1)),
       ("n=%d"):format(#busy_lag))
+  row("loop CPU between two ticks, no reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(quiet_work, 0.99), 2), fmt(quiet_work[#quiet_work], 2)))
+  row("loop CPU between two ticks, slow reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(busy_work, 0.99), 2), fmt(busy_work[#busy_work], 2)))
+  row("ratio of max loop CPU per tick, slow reloads / none",
+      fmt(busy_work[#busy_work] / quiet_work[#quiet_work], 2) .. " x")
 end
 
 local function main()
@@ -199,7 +236,7 @@ local function main()
   local load = (proc.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
   io.stdout:write(("resilua bench — the policy sandbox (%s run %s/sandbox.lua), load average %s\n")
                   :format(bin, here, load))
-  return proc.run_parts({ part_memory, part_hostile, part_reload })
+  return proc.run_parts({ part_memory, part_drop, part_hostile, part_reload })
 end
 
 return session:run_main(main)

@@ -41,6 +41,10 @@ void rsl_sandbox_set_prng(rsl_sandbox *sb, rsl_prng *prng);
 /* Frees the state; its finalizers run under the forbidding hook, so a
  * looping __gc stops at its first instruction. */
 void rsl_sandbox_free(rsl_sandbox *sb);
+/* Frees it too, on a helper thread when its state is big (a close is
+ * O(its objects)): for the loop's thread.  A state still queued at exit
+ * is reachable (not a leak); a forked child starts its own thread. */
+void rsl_sandbox_free_aside(rsl_sandbox *sb);
 
 lua_State *rsl_sandbox_state(const rsl_sandbox *sb);
 size_t rsl_sandbox_memory(const rsl_sandbox *sb);
