@@ -29,6 +29,8 @@
  * strings (string.format, table.concat, `..`) is where C time hides.  So
  * do library calls given a string at least this long. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
+/* Memory a stopped call may still take over the cap (see sandbox_alloc). */
+#define STOPPED_SLACK_BYTES (16 << 20)
 /* A string's block: its bytes, its header and terminator. */
 #define STRING_BLOCK_MAX_BYTES (RSL_SANDBOX_MAX_STRING_BYTES + 64)
 /* A policy's error message: bytes kept (a load lists every problem). */
@@ -115,16 +117,17 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   }
   if (nsize > osize) {
     size_t grow = nsize - osize;
-    if (grow > sb->cap - sb->used || sb->used > sb->cap)
+    /* Stopped, the call's last instructions (the error's own message; a
+     * coroutine's, up to its next hook) get their memory from a slack
+     * over the cap: a refusal now would only run another collection. */
+    size_t cap = sb->stop ? sb->cap + STOPPED_SLACK_BYTES : sb->cap;
+    if (grow > cap - sb->used || sb->used > cap)
       return refuse(sb, &sb->over_cap);
     if (nsize > block_max) {
       sb->block_bytes = nsize;
       return refuse(sb, &sb->over_block);
     }
-    if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0) {
-      /* stopped: small blocks still come (the error's own message), and
-       * the next instruction raises */
-      if (sb->stop) return NULL;
+    if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0 && !sb->stop) {
       double now = rsl_luacall_cpu_ms();
       if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
       if (now > sb->deadline_ms) return refuse(sb, &sb->over_time);
