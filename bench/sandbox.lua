@@ -31,6 +31,7 @@ local SLOW_RELOADS = 10
 local WINDOW_S = 3
 local SAFETY_S = 120
 local TICK_MS = 1
+local STALL_MS = 5
 local DROP_TABLES = 400000
 
 local bin = core.self_path() or "build/bin/resilua"
@@ -227,8 +228,14 @@ end]])
       ("%s / %s ms"):format(fmt(percentile(quiet_work, 0.99), 2), fmt(quiet_work[#quiet_work], 2)))
   row("loop CPU between two ticks, slow reloads: p99 / max",
       ("%s / %s ms"):format(fmt(percentile(busy_work, 0.99), 2), fmt(busy_work[#busy_work], 2)))
-  row("ratio of max loop CPU per tick, slow reloads / none",
-      fmt(busy_work[#busy_work] / quiet_work[#quiet_work], 2) .. " x")
+  local function over(sorted, ms)
+    local n = 0
+    for _, v in ipairs(sorted) do if v > ms then n = n + 1 end end
+    return n
+  end
+  row(("ticks with over %d ms of loop CPU, no reloads / slow reloads"):format(STALL_MS),
+      ("%d / %d"):format(over(quiet_work, STALL_MS), over(busy_work, STALL_MS)),
+      ("%d saves"):format(SLOW_RELOADS * 2))
 end
 
 local function main()
