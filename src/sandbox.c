@@ -77,16 +77,15 @@ static void note_refusal(rsl_sandbox *sb) {
  * (Lua's emergency GC), in C, unbounded by the hook. */
 static void stop_call(rsl_sandbox *sb) {
   sb->stop = 1;
-  if (sb->time_ms > 0)
-    lua_sethook(sb->L, lua_gethook(sb->L), LUA_MASKCOUNT, 1);
+  lua_sethook(sb->L, lua_gethook(sb->L), LUA_MASKCOUNT, 1);
 }
 
 /* A refusal of growth: Lua answers it with a full collection, then asks
  * again.  A call's second refusal ends it (a collection that frees a
  * little each time must not be run again and again), and so does any
- * refusal once the call is out of time (the clock is read
- * here too: a collection is C work the hook does not see).  The message
- * names the first refusal's limit. */
+ * refusal once the call is out of time (the clock is read here too: a
+ * collection is C work the hook does not see).  The message names the
+ * first refusal's limit. */
 static void *refuse(rsl_sandbox *sb, int *why) {
   *why = 1;
   note_refusal(sb);
@@ -97,7 +96,7 @@ static void *refuse(rsl_sandbox *sb, int *why) {
     if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
     late = now > sb->deadline_ms;
   }
-  if (again || late) stop_call(sb);
+  if ((again || late) && sb->time_ms > 0) stop_call(sb);
   return NULL;
 }
 
@@ -779,8 +778,10 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   int base = lua_gettop(L) - nargs - 1;
   int status = rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms,
                                    sb->seen, sizeof sb->seen, &sb->stop);
+  int stopped = sb->stop;
   sb->time_ms = sb->deadline_ms = 0;
-  if (status == LUA_OK && !sb->over_time && !sb->stop) return 0;
+  sb->stop = 0;
+  if (status == LUA_OK && !sb->over_time && !stopped) return 0;
   /* Out of time or memory for good, even when the code caught the refusal
    * (a pcall around a costly gsub): its results are dropped, like those of
    * a call the instruction limit stopped. */

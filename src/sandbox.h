@@ -2,11 +2,13 @@
  * sandbox — a policy version's own Lua state.  Nothing in it is shared with
  * the host or with another policy: its own string metatable, its own copies
  * of resilua.policy and resilua.backoff, its own allocator with a memory
- * cap.  It holds only the safe libraries; the C functions that can run long
- * without executing a Lua instruction are bounded (string.rep by size, the
- * pattern functions by a worst-case estimate, all of them by the call's
- * CPU-time limit), and every instruction runs under rsl_luacall_timed's
- * limits: outside a call a hook stops any code (a finalizer) at once.
+ * cap and size limits on one string or block.  It holds only the safe
+ * libraries; the C functions that can run long without executing a Lua
+ * instruction are bounded (string.rep by size, the pattern functions by a
+ * worst-case estimate, those given a long string by a clock check first,
+ * all of them by the size of one block), and every instruction runs under
+ * rsl_luacall_timed's limits: outside a call a hook stops any code (a
+ * finalizer) at once.  Big states are closed on a helper thread.
  * Uses: luacall, jitter (a.backoff through the runtime's PRNG), embedded
  * (the Lua modules).  Used by policy.c only.
  */
