@@ -228,6 +228,14 @@ describe("sandbox: live reload of each hostile case under load", function()
   end)
 end)
 
+-- For scripts: the process's thread count.
+local THREADS = [[local function threads()
+        for l in io.lines("/proc/self/status") do
+          local n = l:match("^Threads:%s*(%d+)")
+          if n then return tonumber(n) end
+        end
+      end]]
+
 describe("sandbox: odd files and hooks", function()
   it("a policy file replaced by a directory: a policy event, the old version kept", function()
     local dir = helpers.tmpdir()
@@ -266,12 +274,7 @@ describe("sandbox: odd files and hooks", function()
     local script = helpers.write_file(dir .. "/drop.lua", ([[
       local policy = require "resilua.policy"
       local testing = require "resilua.testing"
-      local function threads()
-        for l in io.lines("/proc/self/status") do
-          local n = l:match("^Threads:%%s*(%%d+)")
-          if n then return tonumber(n) end
-        end
-      end
+      %s
       local before = threads()
       for _ = 1, 3 do -- the thread is started once, then reused
         local p = assert(policy.load(%q))
@@ -283,7 +286,7 @@ describe("sandbox: odd files and hooks", function()
       local small = assert(policy.load("default"))
       small = nil -- luacheck: ignore
       collectgarbage("collect")
-      print(before, threads())]]):format(big))
+      print(before, threads())]]):format(THREADS, big))
     local r = helpers.run({ helpers.bin, "run", script })
     assert.equal(0, r.code, r.stderr)
     assert.equal("1\t2\n", r.stdout)
@@ -303,12 +306,7 @@ describe("sandbox: odd files and hooks", function()
         local f = assert(io.open(live .. ".tmp", "wb")) f:write(src) f:close()
         assert(os.rename(live .. ".tmp", live))
       end
-      local function threads()
-        for l in io.lines("/proc/self/status") do
-          local n = l:match("^Threads:%%s*(%%d+)")
-          if n then return tonumber(n) end
-        end
-      end
+      %s
       local slot = assert(policy.slot(live))
       local results = {}
       policy.reloaded = function(_, ok, err) results[#results + 1] = ok end
@@ -327,7 +325,7 @@ describe("sandbox: odd files and hooks", function()
         resilua.sleep(0.005)
       end
       resilua.sleep(0.2) -- any load still running would end by now
-      print(peak, slot.current.table.max_attempts, results[#results])]]):format(live))
+      print(peak, slot.current.table.max_attempts, results[#results])]]):format(live, THREADS))
     local r = helpers.run({ helpers.bin, "run", script })
     assert.equal(0, r.code, r.stderr)
     local peak, attempts, last = r.stdout:match("^(%d+)\t(%d+)\t(%a+)\n$")
