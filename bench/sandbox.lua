@@ -5,13 +5,21 @@
 --   in bench/run.lua, part 1)
 --   1. memory: bytes of a policy's own state, and of the script's state
 --      per loaded policy, over POLICIES loads of the default policy;
+--   1b. dropping a version whose state holds DROP_TABLES small tables: the
+--      calling thread's CPU (big states are closed on a helper thread);
 --   2. the hostile corpus (spec/hostile): for each case, the wall and CPU
 --      time from the start of the load (or of the decision) to its policy
---      error; the slowest of each kind;
+--      error (a failed load's state freed); the slowest of each kind and
+--      the distribution of the CPU times;
 --   3. calls during reloads: a closed loop (LOAD_CONC coroutines, every
 --      call decided) against `resilua serve`, without reloads and during
 --      SLOW_RELOADS saves of a policy that loops at load until the load
---      limit stops it; p50, p99 and max call latency of both windows.
+--      limit stops it; p50, p99 and max call latency of both windows, and
+--      the loop's own stalls: a ticker asks to wake every TICK_MS and
+--      records how late it wakes (what any call in flight waits too) and
+--      the loop thread's CPU time between two wakes (its longest stretch
+--      of work without coming back to its timers, apart from the
+--      machine's other load).
 local resilua = require "resilua"
 local core = require "resilua.core"
 local policy = require "resilua.policy"
@@ -22,6 +30,9 @@ local LOAD_CONC = 16
 local SLOW_RELOADS = 10
 local WINDOW_S = 3
 local SAFETY_S = 120
+local TICK_MS = 1
+local STALL_MS = 5
+local DROP_TABLES = 400000
 
 local bin = core.self_path() or "build/bin/resilua"
 local here = (arg and arg[0] or "bench/sandbox.lua"):match("^(.*)/[^/]*$") or "."
@@ -57,13 +68,41 @@ local function part_memory()
   loaded = nil -- luacheck: ignore
 end
 
+-- The calling thread's CPU to drop a policy whose state holds many small
+-- tables (its decide keeps them): the last ref of an old version drops on
+-- the loop's thread, and a big state is closed on the closer thread.
+local function part_drop()
+  local path = session:tmp("big.lua")
+  proc.write_file(path, [[local keep = {}
+return { memory_mb = 64, decide = function(a)
+  local t = {}
+  for i = 1, 1000 do t[i] = { i } end
+  keep[#keep + 1] = t
+  return false
+end }]])
+  local p = assert(policy.load(path))
+  for _ = 1, DROP_TABLES // 1000 do testing.decide(p, { attempt = 1, status = 503 }) end
+  collectgarbage("collect")
+  local c = core.thread_cpu_ms()
+  p = nil -- luacheck: ignore
+  collectgarbage("collect")
+  section("1b. dropping a policy's version")
+  row(("a state of %d small tables: the loop's CPU"):format(DROP_TABLES),
+      fmt(core.thread_cpu_ms() - c, 2) .. " ms")
+end
+
+local function percentile(sorted, p)
+  if #sorted == 0 then return 0 end
+  return sorted[math.max(1, math.ceil(#sorted * p))]
+end
+
 local function part_hostile()
   local names = {}
   local ls = assert(io.popen("ls " .. proc.q(corpus)))
   for f in ls:lines() do if f:match("%.lua$") then names[#names + 1] = f end end
   ls:close()
   section(("2. the hostile corpus (%d cases in spec/hostile): start to policy error"):format(#names))
-  local worst = {}
+  local worst, cpus = {}, {}
   for _, f in ipairs(names) do
     local when = proc.read_file(corpus .. "/" .. f):match("^%-%- when: (%a+)")
     local path = corpus .. "/" .. f
@@ -82,18 +121,17 @@ local function part_hostile()
       if cpu > w.cpu then w.cpu, w.cpu_case = cpu, f end
       if wall > w.wall then w.wall, w.wall_case = wall, f end
       worst[when] = w
+      cpus[#cpus + 1] = cpu
     end
   end
+  table.sort(cpus)
   for _, when in ipairs({ "load", "decide" }) do
     local w = worst[when]
     row(("slowest %s case, CPU"):format(when), fmt(w.cpu, 1) .. " ms", w.cpu_case)
     row(("slowest %s case, wall"):format(when), fmt(w.wall, 1) .. " ms", w.wall_case)
   end
-end
-
-local function percentile(sorted, p)
-  if #sorted == 0 then return 0 end
-  return sorted[math.max(1, math.ceil(#sorted * p))]
+  row("CPU per case: p50 / p90 / max", ("%s / %s / %s ms"):format(fmt(percentile(cpus, 0.5), 1),
+    fmt(percentile(cpus, 0.9), 1), fmt(cpus[#cpus], 1)), ("n=%d"):format(#cpus))
 end
 
 local function part_reload()
@@ -131,7 +169,15 @@ end]])
     reload_ms[#reload_ms + 1] = core.now_ms() - (started[#reload_ms + 1] or core.now_ms())
   end
   local function window(saves)
-    local lat, stop, n = {}, false, 0
+    local lat, lag, work, stop, n = {}, {}, {}, false, 0
+    resilua.go(function()
+      while not stop do
+        local t, c = core.now_ms(), core.thread_cpu_ms()
+        resilua.sleep(TICK_MS / 1000)
+        lag[#lag + 1] = core.now_ms() - t - TICK_MS
+        work[#work + 1] = core.thread_cpu_ms() - c
+      end
+    end)
     for _ = 1, LOAD_CONC do
       resilua.go(function()
         while not stop do
@@ -152,10 +198,12 @@ end]])
     stop = true
     assert(resilua.wait())
     table.sort(lat)
-    return lat
+    table.sort(lag)
+    table.sort(work)
+    return lat, lag, work
   end
-  local quiet = window(0)
-  local busy = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
+  local quiet, quiet_lag, quiet_work = window(0)
+  local busy, busy_lag, busy_work = window(SLOW_RELOADS * 2) -- a slow save, then a good one, each time
   policy.reload, policy.reloaded = reload, function() end
   proc.stop(server)
   table.sort(reload_ms)
@@ -169,6 +217,25 @@ end]])
   row("a reload, start to swap (helper thread): max", fmt(reload_ms[#reload_ms] or 0, 1) .. " ms",
       ("n=%d"):format(#reload_ms))
   row("  of which on the main thread (start): max", fmt(main_ms[#main_ms] or 0, 2) .. " ms")
+  row("ratio of call p99, slow reloads / none", fmt(percentile(busy, 0.99) / percentile(quiet, 0.99), 2) .. " x")
+  row(("loop stall (a %d ms tick's lateness), no reloads: p99 / max"):format(TICK_MS),
+      ("%s / %s ms"):format(fmt(percentile(quiet_lag, 0.99), 2), fmt(quiet_lag[#quiet_lag], 1)),
+      ("n=%d"):format(#quiet_lag))
+  row("loop stall, slow reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(busy_lag, 0.99), 2), fmt(busy_lag[#busy_lag], 1)),
+      ("n=%d"):format(#busy_lag))
+  row("loop CPU between two ticks, no reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(quiet_work, 0.99), 2), fmt(quiet_work[#quiet_work], 2)))
+  row("loop CPU between two ticks, slow reloads: p99 / max",
+      ("%s / %s ms"):format(fmt(percentile(busy_work, 0.99), 2), fmt(busy_work[#busy_work], 2)))
+  local function over(sorted, ms)
+    local n = 0
+    for _, v in ipairs(sorted) do if v > ms then n = n + 1 end end
+    return n
+  end
+  row(("ticks with over %d ms of loop CPU, no reloads / slow reloads"):format(STALL_MS),
+      ("%d / %d"):format(over(quiet_work, STALL_MS), over(busy_work, STALL_MS)),
+      ("%d saves"):format(SLOW_RELOADS * 2))
 end
 
 local function main()
@@ -176,7 +243,7 @@ local function main()
   local load = (proc.read_file("/proc/loadavg") or ""):match("^(%S+ %S+ %S+)") or "?"
   io.stdout:write(("resilua bench — the policy sandbox (%s run %s/sandbox.lua), load average %s\n")
                   :format(bin, here, load))
-  return proc.run_parts({ part_memory, part_hostile, part_reload })
+  return proc.run_parts({ part_memory, part_drop, part_hostile, part_reload })
 end
 
 return session:run_main(main)

@@ -180,6 +180,13 @@ static int core_now_ms(lua_State *L) {
   return 1;
 }
 
+/* core.thread_cpu_ms(): the calling thread's CPU clock (benches: the
+ * loop's own work, apart from the machine's other load). */
+static int core_thread_cpu_ms(lua_State *L) {
+  lua_pushnumber(L, rsl_luacall_cpu_ms());
+  return 1;
+}
+
 static int core_seed(lua_State *L) {
   rsl_prng_seed(&rsl_core_runtime(L)->prng, (uint64_t)luaL_checkinteger(L, 1));
   return 0;
@@ -979,6 +986,7 @@ static const luaL_Reg CORE_FUNCS[] = {
     {"step", core_step},
     {"alive", core_alive},
     {"now_ms", core_now_ms},
+    {"thread_cpu_ms", core_thread_cpu_ms},
     {"seed", core_seed},
     {"log", core_log},
     {"log_event", core_log_event},

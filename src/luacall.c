@@ -22,6 +22,7 @@ typedef struct call_limit {
   char *seen;         /* the code's position at the last check, or NULL */
   size_t seen_size;
   int first_seen;     /* the hook's next firing is the first instruction */
+  const int *stop;    /* set by the caller's allocator: stop now */
 } call_limit;
 
 static char limit_key;
@@ -76,6 +77,7 @@ static void note_seen(lua_State *L, call_limit *lim) {
  * most HOOK_EVERY_INSTRUCTIONS instructions (or one bounded C call) ran. */
 static const char *over(call_limit *lim) {
   if (lim->left <= 0) return "instruction limit exceeded (a runaway loop?)";
+  if (lim->stop && *lim->stop) return "limit exceeded";
   if (lim->time_ms <= 0) return NULL;
   double now = rsl_luacall_cpu_ms();
   if (lim->deadline_ms == 0) lim->deadline_ms = now + lim->time_ms;
@@ -151,7 +153,7 @@ static int traceback(lua_State *L) {
 
 int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
                         long instr_limit, double time_ms, char *seen,
-                        size_t seen_size) {
+                        size_t seen_size, const int *stop) {
   int base = lua_gettop(L) - nargs; /* the function's slot */
   lua_pushcfunction(L, traceback);
   lua_insert(L, base);
@@ -159,7 +161,8 @@ int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
   call_limit lim = {.left = instr_limit,
                     .limited = instr_limit > 0,
                     .seen = seen_size ? seen : NULL,
-                    .seen_size = seen_size};
+                    .seen_size = seen_size,
+                    .stop = stop};
   if (time_ms > 0) {
     lim.time_ms = time_ms;
     lim.limited = 1;
@@ -193,7 +196,8 @@ int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
 
 int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
                       double time_ms) {
-  return rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms, NULL, 0);
+  return rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms, NULL, 0,
+                             NULL);
 }
 
 int rsl_luacall(lua_State *L, int nargs, int nresults, long instr_limit) {

@@ -12,13 +12,16 @@
 #include <lua.h>
 #include <stddef.h>
 
-/* Instructions a policy decision may run (a few milliseconds of Lua). */
-#define RSL_POLICY_INSTRUCTION_LIMIT 1000000L
-/* CPU time a policy decision (or breaker hook) may take, C calls included. */
-#define RSL_POLICY_TIME_LIMIT_MS 20.0
+/* Instructions a policy decision may run (a few milliseconds of Lua: a
+ * real decision runs a few hundred; they trip before the CPU time, ASan
+ * and a busy machine included, so a runaway loop says so). */
+#define RSL_POLICY_INSTRUCTION_LIMIT 500000L
+/* CPU time a policy decision (or breaker hook) may take, C calls included
+ * (a real decision takes microseconds). */
+#define RSL_POLICY_TIME_LIMIT_MS 10.0
 /* Instructions and CPU time loading and validating a policy may take. */
-#define RSL_POLICY_LOAD_INSTRUCTION_LIMIT 5000000L
-#define RSL_POLICY_LOAD_TIME_LIMIT_MS 50.0
+#define RSL_POLICY_LOAD_INSTRUCTION_LIMIT 1000000L
+#define RSL_POLICY_LOAD_TIME_LIMIT_MS 25.0
 /* Instructions an upstream handler may run per request. */
 #define RSL_HANDLER_INSTRUCTION_LIMIT 10000000L
 
@@ -37,10 +40,12 @@ int rsl_luacall_timed(lua_State *L, int nargs, int nresults, long instr_limit,
  * running code's file:line at each limit check: at most some thousand
  * instructions, or one bounded C call, before any later point.  For code
  * that must not inspect the stack itself (an allocator may run while Lua
- * 5.4.6+ holds the stack as offsets). */
+ * 5.4.6+ holds the stack as offsets).  When *stop (if stop is not NULL)
+ * becomes non-zero the call stops at its next limit check, like one out of
+ * time: the allocator's way to end a call it refused memory. */
 int rsl_luacall_tracked(lua_State *L, int nargs, int nresults,
                         long instr_limit, double time_ms, char *seen,
-                        size_t seen_size);
+                        size_t seen_size, const int *stop);
 
 /* Raises the limit error when the running limited call is out of time or
  * instructions; a no-op outside one.  For C functions that may run long

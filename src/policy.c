@@ -61,7 +61,7 @@ static void conf_free(rsl_policy_conf *c) {
 void rsl_policy_unref(rsl_policy *p) {
   if (!p || --p->refs > 0) return;
   if (p->sb) {
-    rsl_sandbox_free(p->sb); /* the refs go with the state */
+    rsl_sandbox_free_aside(p->sb); /* the refs go with the state */
   } else if (p->L) {
     luaL_unref(p->L, LUA_REGISTRYINDEX, p->table_ref);
     luaL_unref(p->L, LUA_REGISTRYINDEX, p->decide_ref);
@@ -559,7 +559,11 @@ static rsl_policy *build_policy(const char *path, const char *const *dirs,
                        RSL_POLICY_LOAD_TIME_LIMIT_MS, err) == 0)
     return p;
 fail:
-  /* Give the memory back now, not when a box is collected. */
+  /* Give the memory back now, not when a box is collected, and here (a
+   * load runs on the loop's thread only at start-up). */
+  if (p->sb) rsl_sandbox_free(p->sb);
+  p->sb = NULL;
+  p->L = NULL;
   rsl_policy_unref(p);
   return NULL;
 }

@@ -15,6 +15,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,15 +26,20 @@
 #include "luacall.h"
 
 /* Allocations at least this big check the call's deadline: copying large
- * strings (string.format, table.concat, `..`) is where C time hides. */
+ * strings (string.format, table.concat, `..`) is where C time hides.  So
+ * do library calls given a string at least this long. */
 #define TIMED_ALLOC_BYTES (64 * 1024)
+/* Memory a stopped call may still take over the cap (see sandbox_alloc). */
+#define STOPPED_SLACK_BYTES (16 << 20)
+/* A string's block: its bytes, its header and terminator. */
+#define STRING_BLOCK_MAX_BYTES (RSL_SANDBOX_MAX_STRING_BYTES + 64)
 /* A policy's error message: bytes kept (a load lists every problem). */
 #define MESSAGE_MAX_BYTES (16 * 1024)
 /* The table functions: elements handled by one call. */
 #define TABLE_MAX_ELEMENTS ((lua_Integer)1 << 16)
 /* Patterns whose worst case passes 10^this steps on their subject are
- * refused (about 0.1 s of backtracking). */
-#define PATTERN_MAX_LOG10_STEPS 7.5
+ * refused (about 5 ms of backtracking). */
+#define PATTERN_MAX_LOG10_STEPS 7.0
 /* Patterns that may take over 10^this steps check the deadline first. */
 #define PATTERN_TIMED_LOG10_STEPS 5.0
 
@@ -44,7 +50,11 @@ struct rsl_sandbox {
   rsl_prng own_prng; /* while loading, maybe on a helper thread */
   double time_ms;     /* of the running call; 0 outside one */
   double deadline_ms; /* set at its first big allocation */
-  int over_cap, over_time; /* an allocation was refused, and why */
+  int over_cap, over_block, over_time; /* an allocation was refused: why */
+  size_t block_bytes;       /* the block over the size limit */
+  int refusals;             /* in the running call */
+  int stop;                 /* the call must end (luacall's stop flag) */
+  rsl_sandbox *next_closing; /* in the closer's queue */
   char where[160];          /* the code's position at the first refusal */
   char seen[160];           /* at the last limit check (luacall.h) */
 };
@@ -61,10 +71,43 @@ static void note_refusal(rsl_sandbox *sb) {
   if (!sb->where[0]) memcpy(sb->where, sb->seen, sizeof sb->where);
 }
 
-/* Counts every byte; refuses growth over the cap, and big growth after the
- * deadline.  Shrinking never fails (Lua relies on it). */
+/* Ends the running call at its next instruction (on the state's main
+ * thread; a coroutine at its next limit check), so that a pcall cannot
+ * catch a refusal and try again: each refusal costs a full collection
+ * (Lua's emergency GC), in C, unbounded by the hook. */
+static void stop_call(rsl_sandbox *sb) {
+  sb->stop = 1;
+  lua_sethook(sb->L, lua_gethook(sb->L), LUA_MASKCOUNT, 1);
+}
+
+/* A refusal of growth: Lua answers it with a full collection, then asks
+ * again.  A call's second refusal ends it (a collection that frees a
+ * little each time must not be run again and again), and so does any
+ * refusal once the call is out of time (the clock is read here too: a
+ * collection is C work the hook does not see).  The message names the
+ * first refusal's limit. */
+static void *refuse(rsl_sandbox *sb, int *why) {
+  *why = 1;
+  note_refusal(sb);
+  int again = sb->refusals++ > 0;
+  int late = 0;
+  if (sb->time_ms > 0) {
+    double now = rsl_luacall_cpu_ms();
+    if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
+    late = now > sb->deadline_ms;
+  }
+  if ((again || late) && sb->time_ms > 0) stop_call(sb);
+  return NULL;
+}
+
+/* Counts every byte; refuses growth over the cap, a block over the size
+ * limits (the C work on one block, a copy or a scan, is bounded by its
+ * size), and big growth after the deadline.  Shrinking never fails (Lua
+ * relies on it).  A new block's osize is its Lua type. */
 static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   rsl_sandbox *sb = ud;
+  size_t block_max = !ptr && osize == LUA_TSTRING ? STRING_BLOCK_MAX_BYTES
+                                                  : RSL_SANDBOX_MAX_BLOCK_BYTES;
   if (!ptr) osize = 0;
   if (nsize == 0) {
     free(ptr);
@@ -73,24 +116,30 @@ static void *sandbox_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
   }
   if (nsize > osize) {
     size_t grow = nsize - osize;
-    if (grow > sb->cap - sb->used || sb->used > sb->cap) {
-      sb->over_cap = 1;
-      note_refusal(sb);
-      return NULL;
+    /* Stopped, the call's last instructions (the error's own message; a
+     * coroutine's, up to its next hook) get their memory from a slack
+     * over the cap: a refusal now would only run another collection. */
+    size_t cap = sb->stop ? sb->cap + STOPPED_SLACK_BYTES : sb->cap;
+    if (grow > cap - sb->used || sb->used > cap)
+      return refuse(sb, &sb->over_cap);
+    if (nsize > block_max) {
+      sb->block_bytes = nsize;
+      return refuse(sb, &sb->over_block);
     }
-    if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0) {
+    if (grow >= TIMED_ALLOC_BYTES && sb->time_ms > 0 && !sb->stop) {
       double now = rsl_luacall_cpu_ms();
       if (sb->deadline_ms == 0) sb->deadline_ms = now + sb->time_ms;
-      if (now > sb->deadline_ms) {
-        sb->over_time = 1;
-        note_refusal(sb);
-        return NULL;
-      }
+      if (now > sb->deadline_ms) return refuse(sb, &sb->over_time);
     }
   }
   void *p = realloc(ptr, nsize);
   if (!p) return nsize > osize ? NULL : ptr;
   sb->used = sb->used - osize + nsize;
+  if (sb->refusals && !sb->stop && (sb->over_cap || sb->over_block)) {
+    /* after a refusal: the collection made room, the call goes on */
+    sb->over_cap = sb->over_block = 0;
+    sb->where[0] = '\0';
+  }
   return p;
 }
 
@@ -206,6 +255,41 @@ static int call_original(lua_State *L) {
   return lua_gettop(L);
 }
 
+/* A library function (upvalue 1) that works through its string
+ * arguments in C without allocating (utf8.len, string.byte, a plain find)
+ * or byte by byte (string.upper): given a long one, it checks the clock
+ * first, so that a loop of such calls stops within one of them. */
+static int long_string_arg(lua_State *L) {
+  for (int i = lua_gettop(L); i >= 1; i--)
+    if (lua_type(L, i) == LUA_TSTRING && lua_rawlen(L, i) >= TIMED_ALLOC_BYTES)
+      return 1;
+  return 0;
+}
+
+static int sb_timed(lua_State *L) {
+  if (long_string_arg(L)) rsl_luacall_check(L);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_insert(L, 1);
+  lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+  return lua_gettop(L);
+}
+
+/* The library functions that scan or copy a string argument in C: each
+ * is wrapped in sb_timed (rep and the pattern functions have their own). */
+static const char *const STRING_TIMED[] = {
+    "byte", "format", "lower", "upper", "reverse", "sub", "unpack", NULL};
+static const char *const UTF8_TIMED[] = {"len", "offset", "codepoint",
+                                         "codes", NULL};
+
+/* Wraps each named function of the table at the top of the stack. */
+static void wrap_timed(lua_State *L, const char *const *names) {
+  for (; *names; names++) {
+    lua_getfield(L, -1, *names);
+    lua_pushcclosure(L, sb_timed, 1);
+    lua_setfield(L, -2, *names);
+  }
+}
+
 /* string.rep, ours: the result's size is checked against the cap before
  * any work, an empty result returns at once (the original loops n times
  * even then), and the copy doubles what is already written, so the time is
@@ -223,6 +307,10 @@ static int sb_rep(lua_State *L) {
   if (total > (double)sandbox_of(L)->cap)
     return luaL_error(L, "string.rep: a result of %d MB is over the "
                       "policy's memory limit", (int)fmin(total / 1048576, 1e9));
+  if (total > RSL_SANDBOX_MAX_STRING_BYTES)
+    return luaL_error(L, "string.rep: size limit exceeded (a result of "
+                      "%d KB; a policy's strings hold at most %d MB)",
+                      (int)(total / 1024), RSL_SANDBOX_MAX_STRING_BYTES >> 20);
   rsl_luacall_check(L);
   size_t unit = len + seplen, size = (size_t)n * unit; /* sep after each */
   luaL_Buffer b;
@@ -304,7 +392,10 @@ static int sb_pattern(lua_State *L) {
   luaL_checklstring(L, 1, &n);
   const char *p = luaL_checklstring(L, 2, &plen);
   int is_find = lua_toboolean(L, lua_upvalueindex(3));
-  if (is_find && lua_toboolean(L, 4)) return call_original(L); /* plain */
+  if (is_find && lua_toboolean(L, 4)) { /* plain: a scan */
+    if (n >= TIMED_ALLOC_BYTES) rsl_luacall_check(L);
+    return call_original(L);
+  }
   double steps = pattern_log_steps(p, plen, n,
                                    lua_toboolean(L, lua_upvalueindex(2)));
   if (steps > PATTERN_MAX_LOG10_STEPS)
@@ -531,6 +622,13 @@ static int setup(lua_State *L) {
   wrap_pattern(L, "match", 1, 0);
   wrap_pattern(L, "gmatch", 0, 0);
   wrap_pattern(L, "gsub", 1, 0);
+  wrap_timed(L, STRING_TIMED);
+  lua_getfield(L, 1, LUA_UTF8LIBNAME);
+  wrap_timed(L, UTF8_TIMED);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "tonumber");
+  lua_pushcclosure(L, sb_timed, 1); /* strtod over a long string */
+  lua_setfield(L, 1, "tonumber");
   lua_getfield(L, 1, LUA_TABLIBNAME);
   for (const luaL_Reg *f = TABLE_BOUNDED; f->name; f++) {
     lua_getfield(L, -1, f->name);
@@ -580,6 +678,72 @@ void rsl_sandbox_free(rsl_sandbox *sb) {
   free(sb);
 }
 
+/* --- closing aside -------------------------------------------------------- */
+
+/* States at least this big are closed on the closer thread: lua_close
+ * frees every object, about 15 ms for a 64 MB state of small tables, and
+ * the last ref of an old version usually drops on the loop's thread. */
+#define CLOSE_ASIDE_BYTES (1 << 20)
+
+static pthread_mutex_t closer_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t closer_wake = PTHREAD_COND_INITIALIZER;
+static rsl_sandbox *closer_queue; /* the states to close, newest first */
+static int closer_running, closer_atfork;
+
+/* One thread for the process's lifetime, started at the first big close:
+ * it closes the queued states one at a time. */
+static void *closer_main(void *arg) {
+  (void)arg;
+  pthread_mutex_lock(&closer_lock);
+  for (;;) {
+    while (!closer_queue) pthread_cond_wait(&closer_wake, &closer_lock);
+    rsl_sandbox *sb = closer_queue;
+    closer_queue = sb->next_closing;
+    pthread_mutex_unlock(&closer_lock);
+    rsl_sandbox_free(sb);
+    pthread_mutex_lock(&closer_lock);
+  }
+  return NULL;
+}
+
+/* A forked child has no closer thread (and the lock as it was at the
+ * fork: held here around it). */
+static void closer_prepare(void) { pthread_mutex_lock(&closer_lock); }
+static void closer_parent(void) { pthread_mutex_unlock(&closer_lock); }
+static void closer_child(void) {
+  closer_running = 0;
+  pthread_mutex_unlock(&closer_lock);
+}
+
+void rsl_sandbox_free_aside(rsl_sandbox *sb) {
+  if (!sb) return;
+  if (sb->used < CLOSE_ASIDE_BYTES) {
+    rsl_sandbox_free(sb);
+    return;
+  }
+  pthread_mutex_lock(&closer_lock);
+  if (!closer_atfork)
+    closer_atfork =
+        pthread_atfork(closer_prepare, closer_parent, closer_child) == 0;
+  if (!closer_running && closer_atfork) {
+    pthread_attr_t attr;
+    pthread_t thread;
+    if (pthread_attr_init(&attr) == 0) {
+      pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+      closer_running = pthread_create(&thread, &attr, closer_main, NULL) == 0;
+      pthread_attr_destroy(&attr);
+    }
+  }
+  if (closer_running) {
+    sb->next_closing = closer_queue;
+    closer_queue = sb;
+    sb = NULL;
+    pthread_cond_signal(&closer_wake);
+  }
+  pthread_mutex_unlock(&closer_lock);
+  rsl_sandbox_free(sb); /* no thread: here */
+}
+
 lua_State *rsl_sandbox_state(const rsl_sandbox *sb) { return sb->L; }
 
 void rsl_sandbox_set_prng(rsl_sandbox *sb, rsl_prng *prng) {
@@ -597,7 +761,8 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
                      long instr_limit, double time_ms, char **err) {
   lua_State *L = sb->L;
   *err = NULL;
-  sb->over_cap = sb->over_time = 0;
+  sb->over_cap = sb->over_block = sb->over_time = sb->stop = 0;
+  sb->refusals = 0;
   sb->where[0] = '\0';
   /* Until the first limit check notes a line: the function's first. */
   lua_Debug ar;
@@ -612,22 +777,33 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
   sb->deadline_ms = 0;
   int base = lua_gettop(L) - nargs - 1;
   int status = rsl_luacall_tracked(L, nargs, nresults, instr_limit, time_ms,
-                                   sb->seen, sizeof sb->seen);
+                                   sb->seen, sizeof sb->seen, &sb->stop);
+  int stopped = sb->stop;
   sb->time_ms = sb->deadline_ms = 0;
-  if (status == LUA_OK && !sb->over_time) return 0;
-  /* Out of time, even when the code caught the refusal (a pcall around a
-   * costly gsub): its results are dropped, like those of a call the
-   * instruction limit stopped. */
+  sb->stop = 0;
+  if (status == LUA_OK && !sb->over_time && !stopped) return 0;
+  /* Out of time or memory for good, even when the code caught the refusal
+   * (a pcall around a costly gsub): its results are dropped, like those of
+   * a call the instruction limit stopped. */
   int has_msg = status != LUA_OK;
   if (!has_msg) lua_settop(L, base);
   const char *msg = has_msg ? lua_tostring(L, -1) : "";
   char buf[400];
-  if (sb->over_cap || sb->over_time || status == LUA_ERRMEM) {
+  if (sb->over_cap || sb->over_block || sb->over_time ||
+      status == LUA_ERRMEM) {
     /* A refused allocation says only "not enough memory": say which
      * limit, and where. */
     if (sb->over_time)
       snprintf(buf, sizeof buf, "%s: time limit exceeded (%.0f ms)",
                sb->where[0] ? sb->where : "?", time_ms);
+    else if (sb->over_block && !sb->over_cap)
+      snprintf(buf, sizeof buf,
+               "%s: size limit exceeded (a block of %.1f MB: a policy's "
+               "strings hold at most %d MB, its tables and stack %d MB)",
+               sb->where[0] ? sb->where : "?",
+               (double)sb->block_bytes / 1048576,
+               RSL_SANDBOX_MAX_STRING_BYTES >> 20,
+               RSL_SANDBOX_MAX_BLOCK_BYTES >> 20);
     else
       snprintf(buf, sizeof buf,
                "%s: memory limit exceeded (%zu MB; raise it with memory_mb)",
@@ -649,11 +825,8 @@ int rsl_sandbox_call(rsl_sandbox *sb, int nargs, int nresults,
     *err = strndup(msg, len);
   }
   if (has_msg) lua_pop(L, 1);
-  /* A memory refusal leaves the failed call's garbage: collect it now, so
-   * the next call starts under the cap.  Not after other errors: a full
-   * collection of a big state costs the loop ~100 ms (3M tables), and a
-   * policy could fail every decision on purpose. */
-  if (sb->over_cap || (status == LUA_ERRMEM && !sb->over_time))
-    lua_gc(L, LUA_GCCOLLECT);
+  /* No collection here: the refusal already ran one (Lua's emergency GC),
+   * and the next call's first refusal runs another, which frees this
+   * call's garbage.  Each is O(the state), one per failed call at most. */
   return -1;
 }

@@ -2,11 +2,13 @@
  * sandbox — a policy version's own Lua state.  Nothing in it is shared with
  * the host or with another policy: its own string metatable, its own copies
  * of resilua.policy and resilua.backoff, its own allocator with a memory
- * cap.  It holds only the safe libraries; the C functions that can run long
- * without executing a Lua instruction are bounded (string.rep by size, the
- * pattern functions by a worst-case estimate, all of them by the call's
- * CPU-time limit), and every instruction runs under rsl_luacall_timed's
- * limits: outside a call a hook stops any code (a finalizer) at once.
+ * cap and size limits on one string or block.  It holds only the safe
+ * libraries; the C functions that can run long without executing a Lua
+ * instruction are bounded (string.rep by size, the pattern functions by a
+ * worst-case estimate, those given a long string by a clock check first,
+ * all of them by the size of one block), and every instruction runs under
+ * rsl_luacall_timed's limits: outside a call a hook stops any code (a
+ * finalizer) at once.  Big states are closed on a helper thread.
  * Uses: luacall, jitter (a.backoff through the runtime's PRNG), embedded
  * (the Lua modules).  Used by policy.c only.
  */
@@ -20,6 +22,11 @@
 
 #define RSL_SANDBOX_DEFAULT_MEMORY_MB 64
 #define RSL_SANDBOX_MAX_MEMORY_MB 4096
+/* One string's bytes, and any other block (a table's parts, the stack):
+ * a C operation on one block (a copy, a scan, a comparison) takes time in
+ * proportion to its size, and no limit check runs inside it. */
+#define RSL_SANDBOX_MAX_STRING_BYTES (1 << 20)
+#define RSL_SANDBOX_MAX_BLOCK_BYTES (4 << 20)
 /* Policy files and the modules they require: a policy is not a data set. */
 #define RSL_SANDBOX_MAX_FILE_BYTES (1 << 20)
 
@@ -36,6 +43,10 @@ void rsl_sandbox_set_prng(rsl_sandbox *sb, rsl_prng *prng);
 /* Frees the state; its finalizers run under the forbidding hook, so a
  * looping __gc stops at its first instruction. */
 void rsl_sandbox_free(rsl_sandbox *sb);
+/* Frees it too, on a helper thread when its state is big (a close is
+ * O(its objects)): for the loop's thread.  A state still queued at exit
+ * is reachable (not a leak); a forked child starts its own thread. */
+void rsl_sandbox_free_aside(rsl_sandbox *sb);
 
 lua_State *rsl_sandbox_state(const rsl_sandbox *sb);
 size_t rsl_sandbox_memory(const rsl_sandbox *sb);
