@@ -55,7 +55,7 @@ describe("breakers", function()
       local b = check{ breaker = { kind = "rate" } }
       assert.same({ kind = "rate", window = "count", window_size = 100, minimum_calls = 100,
                     failure_rate = 0.5, slow_call_rate = 1.0,
-                    open_ms = 250, half_open = 1, key = "host" }, b)
+                    open_ms = 50, half_open = 1, key = "host" }, b)
       assert.equal(60000, check{ breaker = { kind = "rate", window = "time" } }.window_ms)
     end)
 
@@ -277,6 +277,51 @@ describe("breakers", function()
       assert.error_matches(function() client:force_breaker(nil, "open") end, "url must be a string")
       local none = resilua.client{ policy = policy("nobreaker", "return { breaker = false }") }
       assert.is_nil(none:force_breaker(ok, "open"))
+    end)
+  end)
+
+  describe("a try the breaker refused (retry_on.refused)", function()
+    -- The backoff is 20 s, so a call that waited it out blindly would
+    -- take 20 s: each case ends well before (an upper bound only, for a
+    -- loaded machine).
+    local WAIT_BOUND_MS = 10000
+    local function refused_policy(name)
+      return policy(name, [[return {
+        max_attempts = 4, deadline_ms = 60000, budget = false,
+        backoff = { base_ms = 20000, max_ms = 20000, jitter = "none" },
+        retry_on = { status = {}, errors = {}, refused = true },
+        breaker = { failures = 1, open_ms = 300, half_open = 1 } }]])
+    end
+
+    it("goes at once when the probe's verdict closes the breaker", function()
+      local client = resilua.client{ policy = refused_policy("verdict"), name = "verdict" }
+      local _, err = client:call{ url = down } -- opens it
+      assert.equal("failed", err.outcome)
+      resilua.sleep(0.35)                       -- past open_ms: the next try probes
+      local probe, waiter
+      resilua.go(function() probe = { client:call{ url = slow } } end) -- 200 after 250 ms
+      resilua.go(function()
+        resilua.sleep(0.05)                     -- refused: the probe is out
+        waiter = { client:call{ url = ok } }
+      end)
+      assert.is_true(resilua.wait())
+      assert.equal(200, probe[1].status)
+      local res = assert(waiter[1], waiter[2] and waiter[2].message)
+      assert.equal(200, res.status)
+      assert.equal(1, res.attempts)
+      assert.is_true(res.elapsed_ms < WAIT_BOUND_MS, ("waited %.0f ms"):format(res.elapsed_ms))
+      local calls = helpers.of_kind(helpers.events(log), "call")
+      assert.equal(1, calls[#calls].refused) -- the waiter's: one try refused, then sent
+      assert.same({ "closed>open", "open>half_open", "half_open>closed" }, breaker_moves("verdict"))
+    end)
+
+    it("wakes when the next probe is due, and is that probe", function()
+      local client = resilua.client{ policy = refused_policy("due"), name = "due" }
+      client:call{ url = down }
+      local res = assert(client:call{ url = ok }) -- refused at once, sent 300 ms later
+      assert.equal(200, res.status)
+      assert.is_true(res.elapsed_ms < WAIT_BOUND_MS, ("waited %.0f ms"):format(res.elapsed_ms))
+      assert.same({ "closed>open", "open>half_open", "half_open>closed" }, breaker_moves("due"))
     end)
   end)
 

@@ -93,10 +93,11 @@ describe("retry_on.refused", function()
       budget = false }]])
     local r = testing.play(p, { { status = 503 }, { status = 200 } }, { seed = 1 })
     -- 503 opens the breaker; the retry 100 ms later is refused (nothing
-    -- sent); 100 ms after that the breaker is half-open and the probe gets 200.
+    -- sent); it wakes when the probe is due (open_ms 150 after the 503, before
+    -- its next backoff ends) and is that probe, which gets 200.
     assert.are.equal("ok", r.outcome)
     assert.are.equal(2, #r.attempts)
-    assert.are.equal(200, r.attempts[2].t_ms - r.attempts[1].t_ms - r.attempts[1].latency_ms)
+    assert.are.equal(150, r.attempts[2].t_ms - r.attempts[1].t_ms - r.attempts[1].latency_ms)
     local call = helpers.of_kind(testing.play_calls(p, { { { status = 503 }, { status = 200 } } },
                                                     { seed = 1 }).events, "call")[1]
     assert.are.equal(1, call.refused)

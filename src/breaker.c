@@ -128,6 +128,35 @@ int rsl_breaker_admit(rsl_breaker *b, double now_ms, int *probe,
   return 1;
 }
 
+void rsl_breaker_wait(rsl_breaker *b, rsl_breaker_waiter *w) {
+  if (w->linked) return;
+  w->prev = NULL;
+  w->next = b->waiters;
+  if (w->next) w->next->prev = w;
+  b->waiters = w;
+  w->linked = 1;
+}
+
+void rsl_breaker_unwait(rsl_breaker *b, rsl_breaker_waiter *w) {
+  if (!w->linked) return;
+  if (w->prev) w->prev->next = w->next;
+  else b->waiters = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = NULL;
+  w->linked = 0;
+}
+
+rsl_breaker_waiter *rsl_breaker_next_waiter(rsl_breaker *b) {
+  rsl_breaker_waiter *w = b->waiters;
+  if (w) rsl_breaker_unwait(b, w);
+  return w;
+}
+
+int rsl_breaker_probing(const rsl_breaker *b) {
+  return b->state == RSL_BREAKER_HALF_OPEN &&
+         b->probes_in_flight >= b->conf.half_open;
+}
+
 void rsl_breaker_release(rsl_breaker *b, int probe) {
   if (probe && b->state == RSL_BREAKER_HALF_OPEN && b->probes_in_flight > 0)
     b->probes_in_flight--;

@@ -66,6 +66,13 @@ typedef struct rsl_breaker_bucket {
   int calls, failures, slow;
 } rsl_breaker_bucket;
 
+/* A call waiting for the breaker's next verdict (see rsl_breaker_wait):
+ * a node of an intrusive list, embedded in the waiting call. */
+typedef struct rsl_breaker_waiter {
+  struct rsl_breaker_waiter *prev, *next;
+  int linked;
+} rsl_breaker_waiter;
+
 typedef struct rsl_breaker {
   char *key; /* owned */
   rsl_breaker_conf conf;
@@ -80,6 +87,7 @@ typedef struct rsl_breaker {
   int ring_next, ring_len, ring_failures, ring_slow;
   rsl_breaker_bucket buckets[RSL_BREAKER_BUCKETS];
   int probe_results, probe_failures, probe_slow; /* rate, half-open */
+  rsl_breaker_waiter *waiters; /* first of the list; not owned */
 } rsl_breaker;
 
 /* A state change, reported so the caller can log it; from == to: none. */
@@ -102,6 +110,19 @@ void rsl_breaker_record(rsl_breaker *b, int probe, int success,
 double rsl_breaker_probe_in_ms(const rsl_breaker *b, double now_ms);
 /* An admitted attempt ended with no result (cancelled). */
 void rsl_breaker_release(rsl_breaker *b, int probe);
+
+/* Waiting for the verdict: a caller the breaker refused may wait for the
+ * half-open probes' verdict (closed or open again) rather than a blind
+ * backoff.  The breaker only keeps the list; whoever reports a change out
+ * of half-open takes the waiters with rsl_breaker_next_waiter and wakes
+ * them.  A waiter is unlinked before it goes away (unwait is a no-op on
+ * one that is not linked). */
+void rsl_breaker_wait(rsl_breaker *b, rsl_breaker_waiter *w);
+void rsl_breaker_unwait(rsl_breaker *b, rsl_breaker_waiter *w);
+/* Unlinks and returns the first waiter, or NULL. */
+rsl_breaker_waiter *rsl_breaker_next_waiter(rsl_breaker *b);
+/* Is every half-open probe slot taken (a verdict is on its way)? */
+int rsl_breaker_probing(const rsl_breaker *b);
 
 /* Forces the state: "open" holds it open (no probes) until forced again;
  * "closed" closes it with an empty window; "reset" also forgets how many

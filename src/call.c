@@ -14,6 +14,7 @@
 #include "redact.h"
 
 #include <curl/curl.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +53,11 @@ struct rsl_call {
   double prev_delay_ms;
   double quota_paid; /* what the last retry took from a quota budget */
   int refused; /* tries the breaker or the throttle refused (nothing sent) */
+  /* Waiting for the breaker's verdict after a refusal (see await_verdict). */
+  rsl_breaker_waiter verdict;
+  int verdict_wait;   /* VERDICT_*: what the timer is waiting for */
+  int verdict_waited; /* a call waits for one verdict at most */
+  uint64_t backoff_end_ns; /* VERDICT_PROBE_DUE: when the backoff ends */
   /* hedging: more attempts of the same try in flight beside `attempt` */
   struct hedge_slot {
     rsl_call *call;
@@ -72,6 +78,12 @@ struct rsl_call {
   double try_timeout_ms; /* this attempt's: min(per-try, time left) */
   uint64_t try_started_ns, last_byte_ns, committed_ns;
   rsl_timer watchdog;
+};
+
+enum {
+  VERDICT_NONE,      /* not waiting */
+  VERDICT_BACKOFF,   /* the timer is the backoff; a verdict ends it early */
+  VERDICT_PROBE_DUE, /* the timer is the next probe's due time */
 };
 
 static const char *const OUTCOME_NAMES[] = {
@@ -373,6 +385,7 @@ static void call_free(rsl_call *call) {
   if (call->next) call->next->prev = call->prev;
   rsl_timer_stop(env->loop, &call->timer);
   rsl_timer_stop(env->loop, &call->watchdog);
+  if (call->breaker) rsl_breaker_unwait(call->breaker, &call->verdict);
   cancel_hedges(call);
   if (call->attempt) {
     cancel_through(env, call->attempt);
@@ -659,6 +672,61 @@ static void hedge_arm(rsl_call *call);
  * after a failed attempt, while attempts (refused ones count) and the
  * deadline allow: a refusal sends nothing, so it spends no budget token.
  * Otherwise, or once out of tries, the call ends with `outcome`. */
+/* A try the breaker refused waits its backoff, as any retry, but the
+ * breaker's verdict on its half-open probe ends the wait: a verdict of
+ * closed lets the call go at once (the backoff alone kept the first calls
+ * of a recovery waiting after the dependency was back: in
+ * experiments/gauntlet.lua their p95 was above no retry's), one of open
+ * again sends it to be refused and back off.  When the next probe is due
+ * before the backoff ends, the call wakes then (a probe needs a caller),
+ * and waits on for the verdict if another call became the probe.  Once
+ * per call: after a verdict the call backs off blindly, so that in a long
+ * outage the calls waiting for one stay few (those refused since the last
+ * probe) and a recovery is not met by all the refused calls at once.
+ * The call's timer already runs for delay_ms. */
+static void await_verdict(rsl_call *call, double delay_ms) {
+  rsl_breaker *b = call->breaker;
+  call->verdict_wait = VERDICT_BACKOFF;
+  if (!rsl_breaker_probing(b)) {
+    double due_ms = rsl_breaker_probe_in_ms(b, now_ms(call));
+    if (due_ms >= 0 && due_ms < delay_ms) {
+      call->backoff_end_ns = rsl_loop_now_ns(call->env->loop) + (uint64_t)(delay_ms * 1e6);
+      /* Restarting an armed timer cannot fail: stopping it made room. */
+      rsl_timer_start(call->env->loop, &call->timer, (uint64_t)(due_ms * 1e6));
+      call->verdict_wait = VERDICT_PROBE_DUE;
+    }
+  }
+  rsl_breaker_wait(b, &call->verdict);
+}
+
+/* Woken by the timer at the probe's due time: another waiter may have
+ * become the probe; then this one waits on for its verdict, until its
+ * backoff ends.  1 when it waits on. */
+static int wait_on_for_verdict(rsl_call *call) {
+  int due = call->verdict_wait == VERDICT_PROBE_DUE;
+  rsl_breaker_unwait(call->breaker, &call->verdict);
+  call->verdict_wait = VERDICT_NONE;
+  uint64_t now = rsl_loop_now_ns(call->env->loop);
+  if (!due || !rsl_breaker_probing(call->breaker) || call->backoff_end_ns <= now ||
+      rsl_timer_start(call->env->loop, &call->timer, call->backoff_end_ns - now) < 0)
+    return 0;
+  call->verdict_wait = VERDICT_BACKOFF;
+  rsl_breaker_wait(call->breaker, &call->verdict);
+  return 1;
+}
+
+/* The breaker's probes had their verdict: the calls waiting for it go now
+ * (closed: sent; open again: refused, and they back off). */
+static void wake_waiters(rsl_breaker *b) {
+  rsl_breaker_waiter *w;
+  while ((w = rsl_breaker_next_waiter(b))) {
+    rsl_call *call = (rsl_call *)(void *)((char *)w - offsetof(rsl_call, verdict));
+    call->verdict_wait = VERDICT_NONE;
+    call->verdict_waited = 1;
+    rsl_timer_start(call->env->loop, &call->timer, 0); /* armed: cannot fail */
+  }
+}
+
 static void refuse(rsl_call *call, rsl_outcome outcome) {
   const rsl_policy_conf *c = call->conf;
   call->refused++;
@@ -670,6 +738,8 @@ static void refuse(rsl_call *call, rsl_outcome outcome) {
         rsl_timer_start(call->env->loop, &call->timer,
                         (uint64_t)(delay * 1e6)) == 0) {
       call->prev_delay_ms = delay;
+      if (outcome == RSL_OUTCOME_BREAKER_OPEN && !call->verdict_waited)
+        await_verdict(call, delay);
       return;
     }
   }
@@ -686,6 +756,7 @@ static void send_attempt(void *ud) {
     finish(call, RSL_OUTCOME_DEADLINE);
     return;
   }
+  if (call->verdict_wait && wait_on_for_verdict(call)) return;
   if (call->breaker) {
     rsl_breaker_change ch;
     int admitted = rsl_breaker_admit(call->breaker, now_ms(call), &call->probe,
@@ -903,6 +974,8 @@ static void record_health(rsl_call *call, const rsl_response *res, int probe) {
     rsl_breaker_record(call->breaker, probe, !failure, res->latency_ms,
                        now_ms(call), &ch);
     log_breaker_change(call, ch);
+    if (ch.from == RSL_BREAKER_HALF_OPEN && ch.to != ch.from)
+      wake_waiters(call->breaker);
   }
   if (budget) rsl_budget_record(budget, !failure);
   rsl_throttle *throttle = client_throttle(call->client, call->conf);
