@@ -12,10 +12,20 @@ local policy = require "resilua.policy"
 
 local SCALE = "0.5"
 -- What "at least as good" allows for noise: success within half a point
--- (the issue's own tolerance); a p95 within 10 % (+ 10 ms) of no retry's,
--- as the two lanes draw service times for different request sequences.
+-- (the issue's own tolerance).
 local SUCCESS_SLACK = 0.005
-local P95_RATIO, P95_SLACK_MS = 1.10, 10
+-- The recovery's p95 guards the breaker's re-admission: the calls that
+-- start while it is still open wait for its probe's verdict, and that wait
+-- is all the default adds to no retry's latency there.  "At least as good"
+-- is taken within one percentile point: the default's p95 at most no
+-- retry's p96 (interpolated between its p95 and p99), which is one lane's
+-- sampling noise on 1,500 calls and grows with the tail on a loaded
+-- machine.  A breaker learns of the recovery from a probe's answer, so
+-- the calls of the first open_ms / 2 + one service time (about 10) still
+-- wait: the default passed it in 11 of 11 runs (seeds 1-4, both timings,
+-- two under heavy load), a refused try waiting a blind backoff and a probe
+-- every 250 ms (about 30 calls) failed it in 5 of 6.
+local RECOVERY_RANK_POINTS = 1
 
 local dir = helpers.tmpdir()
 
@@ -55,8 +65,9 @@ local function standard(base, cand)
       need(ph.amplification <= 1.1,
            ("%s: amplification %.2f > 1.1"):format(name, ph.amplification))
     elseif name:match("^recovery") then
-      need(ph.p95 <= b.p95 * P95_RATIO + P95_SLACK_MS,
-           ("%s: default p95 %.1f ms > no retry's %.1f ms"):format(name, ph.p95, b.p95))
+      local limit = b.p95 + (b.p99 - b.p95) * RECOVERY_RANK_POINTS / 4
+      need(ph.p95 <= limit, ("%s: default p95 %.1f ms > no retry's p96 %.1f ms (p95 %.1f)")
+                              :format(name, ph.p95, limit, b.p95))
     end
   end
   return failed
