@@ -30,7 +30,7 @@ describe("policy loading", function()
     assert.same({ respect = true, max_ms = 30000 }, t.retry_after)
     assert.same({ header = "Idempotency-Key", methods = { "POST", "PATCH" } }, t.idempotency)
     assert.same({ kind = "rate", window = "time", window_ms = 2000, minimum_calls = 20,
-                  failure_rate = 0.5, slow_call_rate = 1.0, open_ms = 250, half_open = 1,
+                  failure_rate = 0.5, slow_call_rate = 1.0, open_ms = 50, half_open = 1,
                   key = "host" }, t.breaker)
     assert.same({ kind = "ratio", ratio = 0.2, ttl_ms = 10000, min_per_s = 10 }, t.budget)
     assert.is_false(t.throttle)

@@ -280,6 +280,28 @@ describe("breakers", function()
     end)
   end)
 
+  describe("open time", function()
+    -- On the virtual clock (resilua.testing): exact times, no real waiting.
+    local testing = require "resilua.testing"
+    local p = policy("rest", [[return {
+      max_attempts = 1, budget = false, retry_on = { status = {}, errors = {}, refused = false },
+      breaker = { failures = 1, open_ms = 50, half_open = 1 } }]])
+
+    it("is open_ms after a fast failure, and as long as a slow one took", function()
+      local fast = testing.play_calls(p, { { { status = 503, latency_ms = 5 } },
+                                           { { status = 200 } } }, { gap_ms = 100 })
+      assert.equal("ok", fast.calls[2].outcome) -- 100 ms > open_ms: the probe went
+      local slow = testing.play_calls(p, { { { status = 503, latency_ms = 900 } },
+                                           { { status = 200 } }, { { status = 200 } } },
+                                      { gap_ms = 100 })
+      assert.equal("breaker_open", slow.calls[2].outcome) -- 100 ms < the 900 ms it took
+      assert.equal(0, #slow.calls[2].attempts)
+      local late = testing.play_calls(p, { { { status = 503, latency_ms = 900 } },
+                                           { { status = 200 } } }, { gap_ms = 950 })
+      assert.equal("ok", late.calls[2].outcome)
+    end)
+  end)
+
   describe("a try the breaker refused (retry_on.refused)", function()
     -- The backoff is 20 s, so a call that waited it out blindly would
     -- take 20 s: each case ends well before (an upper bound only, for a

@@ -103,7 +103,8 @@ static void move_to(rsl_breaker *b, rsl_breaker_state to, double now_ms,
 static double open_duration(const rsl_breaker *b) {
   int n = b->opens < 1 ? 1 : b->opens;
   if (n > b->conf.open_ms_count) n = b->conf.open_ms_count;
-  return b->conf.open_ms[n - 1];
+  double d = b->conf.open_ms[n - 1];
+  return d > b->rest_ms ? d : b->rest_ms;
 }
 
 double rsl_breaker_probe_in_ms(const rsl_breaker *b, double now_ms) {
@@ -215,6 +216,11 @@ void rsl_breaker_record(rsl_breaker *b, int probe, int success,
   case RSL_BREAKER_OPEN:
     break;
   }
+  /* A dependency that fails slowly (timeouts, a long queue) is
+   * overloaded: probing it sooner than its last answer took would add to
+   * its queue.  One that fails fast (503 at once) costs nothing to probe. */
+  if (change->to == RSL_BREAKER_OPEN && change->from != RSL_BREAKER_OPEN)
+    b->rest_ms = latency_ms;
 }
 
 int rsl_breaker_force(rsl_breaker *b, const char *to, double now_ms,

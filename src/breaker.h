@@ -19,7 +19,9 @@
  *
  * Both kinds: open → half-open once the open duration passed.  The n-th
  * opening in a row (n counts openings since the breaker last closed) stays
- * open open_ms[min(n, open_ms_count) - 1]: a growing break duration.
+ * open open_ms[min(n, open_ms_count) - 1]: a growing break duration, and
+ * at least as long as the answer that opened it took (a dependency that
+ * fails slowly is overloaded: an earlier probe would only join its queue).
  * Windows are cleared on every state change.
  * Uses: nothing.  Time is passed in, so the machine is testable alone.
  */
@@ -80,6 +82,7 @@ typedef struct rsl_breaker {
   int consecutive_failures;
   int probes_in_flight; /* consecutive: at a time; rate: admitted in all */
   double opened_at_ms;
+  double rest_ms; /* the answer that opened it took this long: rest as long */
   int opens;  /* openings since it last closed: picks the open duration */
   int forced; /* held open by rsl_breaker_force until forced otherwise */
   /* rate: the count window (a ring of outcome bits) or the time window */
