@@ -8,10 +8,12 @@
 -- Backoff and Jitter"), Retry-After honoured up to 30 s, an Idempotency-Key
 -- on POST and PATCH;
 -- - a failure-rate breaker per host (resilience4j): it opens when half the
---   attempts of the last 2 s failed (20 at least), probes every 250 ms, and
---   so re-admits within about a quarter of a second of the recovery;
---   a try it refuses waits its backoff and tries again (retry_on.refused),
---   rather than failing while the dependency is already back;
+--   attempts of the last 2 s failed (20 at least), probes every 50 ms (or,
+--   after a slow failure, as long as it took), and so re-admits within
+--   about a tenth of a second of the recovery; a try it refuses waits its
+--   backoff, or less when the probe is due or has its verdict, and tries
+--   again (retry_on.refused) rather than failing while the dependency is
+--   already back;
 -- - a retry ratio budget (Finagle, Linkerd): retries at most 20 % of the
 --   requests of the last 10 s, plus 10 a second.
 -- Adaptive throttling (throttle = { kind = "adaptive" }) is built in but

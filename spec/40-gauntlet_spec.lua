@@ -22,9 +22,9 @@ local SUCCESS_SLACK = 0.005
 -- sampling noise on 1,500 calls and grows with the tail on a loaded
 -- machine.  A breaker learns of the recovery from a probe's answer, so
 -- the calls of the first open_ms / 2 + one service time (about 10) still
--- wait: the default passed it in 11 of 11 runs (seeds 1-4, both timings,
--- two under heavy load), a refused try waiting a blind backoff and a probe
--- every 250 ms (about 30 calls) failed it in 5 of 6.
+-- wait: the default passed it in all of 17 runs (seeds 1-4, both timings,
+-- some under heavy load); refused tries waiting a blind backoff and a
+-- probe every 250 ms (about 30 calls waiting) failed it in 5 of 6.
 local RECOVERY_RANK_POINTS = 1
 
 local dir = helpers.tmpdir()
