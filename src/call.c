@@ -14,8 +14,8 @@
 #include "redact.h"
 
 #include <curl/curl.h>
-#include <stddef.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -667,11 +667,6 @@ static void clear_request_lines(rsl_call *call, const rsl_request *req) {
 
 static void hedge_arm(rsl_call *call);
 
-/* The breaker or the throttle refused this try (result.message says
- * why).  With retry_on.refused the call tries again after the backoff, as
- * after a failed attempt, while attempts (refused ones count) and the
- * deadline allow: a refusal sends nothing, so it spends no budget token.
- * Otherwise, or once out of tries, the call ends with `outcome`. */
 /* A try the breaker refused waits its backoff, as any retry, but the
  * breaker's verdict on its half-open probe ends the wait: a verdict of
  * closed lets the call go at once (the backoff alone kept the first calls
@@ -690,7 +685,8 @@ static void await_verdict(rsl_call *call, double delay_ms) {
   if (!rsl_breaker_probing(b)) {
     double due_ms = rsl_breaker_probe_in_ms(b, now_ms(call));
     if (due_ms >= 0 && due_ms < delay_ms) {
-      call->backoff_end_ns = rsl_loop_now_ns(call->env->loop) + (uint64_t)(delay_ms * 1e6);
+      call->backoff_end_ns =
+          rsl_loop_now_ns(call->env->loop) + (uint64_t)(delay_ms * 1e6);
       /* Restarting an armed timer cannot fail: stopping it made room. */
       rsl_timer_start(call->env->loop, &call->timer, (uint64_t)(due_ms * 1e6));
       call->verdict_wait = VERDICT_PROBE_DUE;
@@ -707,8 +703,10 @@ static int wait_on_for_verdict(rsl_call *call) {
   rsl_breaker_unwait(call->breaker, &call->verdict);
   call->verdict_wait = VERDICT_NONE;
   uint64_t now = rsl_loop_now_ns(call->env->loop);
-  if (!due || !rsl_breaker_probing(call->breaker) || call->backoff_end_ns <= now ||
-      rsl_timer_start(call->env->loop, &call->timer, call->backoff_end_ns - now) < 0)
+  if (!due || !rsl_breaker_probing(call->breaker) ||
+      call->backoff_end_ns <= now ||
+      rsl_timer_start(call->env->loop, &call->timer,
+                      call->backoff_end_ns - now) < 0)
     return 0;
   call->verdict_wait = VERDICT_BACKOFF;
   rsl_breaker_wait(call->breaker, &call->verdict);
@@ -720,13 +718,19 @@ static int wait_on_for_verdict(rsl_call *call) {
 static void wake_waiters(rsl_breaker *b) {
   rsl_breaker_waiter *w;
   while ((w = rsl_breaker_next_waiter(b))) {
-    rsl_call *call = (rsl_call *)(void *)((char *)w - offsetof(rsl_call, verdict));
+    rsl_call *call =
+        (rsl_call *)(void *)((char *)w - offsetof(rsl_call, verdict));
     call->verdict_wait = VERDICT_NONE;
     call->verdict_waited = 1;
     rsl_timer_start(call->env->loop, &call->timer, 0); /* armed: cannot fail */
   }
 }
 
+/* The breaker or the throttle refused this try (result.message says
+ * why).  With retry_on.refused the call tries again after the backoff, as
+ * after a failed attempt, while attempts (refused ones count) and the
+ * deadline allow: a refusal sends nothing, so it spends no budget token.
+ * Otherwise, or once out of tries, the call ends with `outcome`. */
 static void refuse(rsl_call *call, rsl_outcome outcome) {
   const rsl_policy_conf *c = call->conf;
   call->refused++;
