@@ -237,10 +237,12 @@ function M.spawn_listening(cmd, what)
 end
 
 --- Starts `resilua serve` on 127.0.0.1, an ephemeral port, with the handler
--- script `src` (nil: the model stub); as M.spawn_listening.
-function M.start_server(src)
-  local script = src and M.write_file(M.tmpname(".lua"), src)
-  return M.spawn_listening({ M.bin, "serve", "--listen", "127.0.0.1:0", script }, "resilua serve")
+-- script `src` (nil: the model stub) and the extra flags `flags` (a list,
+-- optional); as M.spawn_listening.
+function M.start_server(src, flags)
+  local argv = { M.bin, "serve", "--listen", "127.0.0.1:0", table.unpack(flags or {}) }
+  if src then argv[#argv + 1] = M.write_file(M.tmpname(".lua"), src) end
+  return M.spawn_listening(argv, "resilua serve")
 end
 
 return M

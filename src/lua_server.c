@@ -39,7 +39,7 @@ typedef struct handler_call {
 } handler_call;
 
 static const char *const SERVE_OPTIONS[] = {"listen", "handler", "dedup",
-                                            NULL};
+                                            "idle_timeout_ms", NULL};
 static const char *const RESPONSE_FIELDS[] = {
     "status", "headers", "body", "delay_ms", "action", "grpc_status",
     "grpc_message", NULL};
@@ -264,7 +264,8 @@ static lserver *check_open(lua_State *L) {
 }
 
 /* core.serve{ listen = "HOST:PORT", handler = function(req) ... end,
- *             dedup = true (Idempotency-Key dedup; false turns it off) }
+ *             dedup = true (Idempotency-Key dedup; false turns it off),
+ *             idle_timeout_ms = 60000 (an idle connection is closed) }
  * -> server, or nil, message when it cannot listen. */
 static int l_serve(lua_State *L) {
   luaL_checktype(L, 1, LUA_TTABLE);
@@ -283,6 +284,17 @@ static int l_serve(lua_State *L) {
   int dedup = dt == LUA_TNIL || lua_toboolean(L, -1);
   lua_pop(L, 1);
 
+  uint64_t idle_timeout_ms = RSL_SERVER_IDLE_TIMEOUT_MS;
+  if (lua_getfield(L, 1, "idle_timeout_ms") != LUA_TNIL) {
+    int isint = 0;
+    lua_Integer ms = lua_tointegerx(L, -1, &isint);
+    luaL_argcheck(L, isint && ms >= 1 &&
+                         (uint64_t)ms <= RSL_SERVER_MAX_IDLE_TIMEOUT_MS, 1,
+                  "'idle_timeout_ms' must be an integer 1..86400000");
+    idle_timeout_ms = (uint64_t)ms;
+  }
+  lua_pop(L, 1);
+
   /* Created closed, so __gc copes with any failure below. */
   lserver *ls = lua_newuserdatauv(L, sizeof *ls, 0);
   *ls = (lserver){NULL, rsl_core_runtime(L), LUA_NOREF, LUA_NOREF};
@@ -292,7 +304,7 @@ static int l_serve(lua_State *L) {
     ls->handler_ref = luaL_ref(L, LUA_REGISTRYINDEX);
   }
   char *err = NULL;
-  int rc = rsl_server_new(&ls->srv, ls->rt->loop, listen,
+  int rc = rsl_server_new(&ls->srv, ls->rt->loop, listen, idle_timeout_ms,
                           ls->handler_ref == LUA_NOREF ? NULL : lua_handler,
                           ls, &err);
   if (rc < 0) {

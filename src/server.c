@@ -79,6 +79,7 @@ struct rsl_server {
   key **buckets;
   key *oldest, *newest; /* stored keys */
   size_t nstored, stored_bytes;
+  uint64_t idle_timeout_ms;
   int dedup;      /* Idempotency-Key dedup is on (the default) */
   int in_handler; /* the handler is running (the loop cannot re-enter) */
   int closing;    /* rsl_server_free was called from inside the handler */
@@ -608,7 +609,12 @@ static const rsl_http_handlers http_handlers = {
 void rsl_server_set_dedup(rsl_server *s, int on) { s->dedup = on != 0; }
 
 int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
-                   rsl_server_handler handler, void *ud, char **err) {
+                   uint64_t idle_timeout_ms, rsl_server_handler handler,
+                   void *ud, char **err) {
+  if (idle_timeout_ms == 0 || idle_timeout_ms > RSL_SERVER_MAX_IDLE_TIMEOUT_MS) {
+    if (err) *err = strdup("idle timeout out of range");
+    return -EINVAL;
+  }
   rsl_server *s = calloc(1, sizeof *s);
   if (s) s->buckets = calloc(KEY_BUCKETS, sizeof *s->buckets);
   if (!s || !s->buckets) {
@@ -619,13 +625,14 @@ int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
   }
   s->loop = loop;
   s->dedup = 1;
+  s->idle_timeout_ms = idle_timeout_ms;
   s->handler = handler ? handler : model_stub;
   s->ud = ud;
   const rsl_http_limits limits = {
       .max_header_bytes = RSL_SERVER_MAX_HEADER_BYTES,
       .max_body_bytes = RSL_SERVER_MAX_BODY_BYTES,
       .max_connections = RSL_SERVER_MAX_CONNECTIONS,
-      .idle_timeout_ms = RSL_SERVER_IDLE_TIMEOUT_MS,
+      .idle_timeout_ms = idle_timeout_ms,
   };
   int rc = rsl_http_listener_new(&s->listener, loop, addr, &limits,
                                  &http_handlers, s, err);
@@ -696,6 +703,10 @@ void rsl_server_count_status(rsl_server *s, int status) {
 }
 
 rsl_loop *rsl_server_loop(const rsl_server *s) { return s->loop; }
+
+uint64_t rsl_server_idle_timeout_ns(const rsl_server *s) {
+  return s->idle_timeout_ms * NS_PER_MS;
+}
 
 void rsl_server_free(rsl_server *s) {
   if (!s) return;

@@ -32,6 +32,7 @@
 #define RSL_SERVER_MAX_STORED_KEYS 10000          /* completed keys kept */
 #define RSL_SERVER_MAX_STORED_BYTES (64u << 20)   /* and their bytes */
 #define RSL_SERVER_IDLE_TIMEOUT_MS 60000          /* idle keep-alive: closed */
+#define RSL_SERVER_MAX_IDLE_TIMEOUT_MS (24 * 3600 * 1000ull)
 #define RSL_SERVER_MAX_CONNECTIONS 10000          /* more are closed at once */
 
 typedef struct rsl_server rsl_server;
@@ -118,11 +119,15 @@ typedef struct rsl_server_stats {
 const char *rsl_server_counter_name(rsl_server_counter c);
 
 /* Listens on `addr` ("HOST:PORT", "[V6]:PORT"; port 0 = ephemeral) and
- * serves on `loop`.  handler NULL = the model stub.  On success *out is
- * owned by the caller (rsl_server_free); on failure returns -errno or
- * -EINVAL and sets *err to a malloc'd message the caller frees. */
+ * serves on `loop`.  handler NULL = the model stub.  A connection (HTTP/1.1
+ * or h2c) without input for idle_timeout_ms (1..RSL_SERVER_MAX_IDLE_
+ * TIMEOUT_MS; usually RSL_SERVER_IDLE_TIMEOUT_MS) and nothing in progress
+ * is closed.  On success *out is owned by the caller (rsl_server_free); on
+ * failure returns -errno or -EINVAL and sets *err to a malloc'd message the
+ * caller frees. */
 int rsl_server_new(rsl_server **out, rsl_loop *loop, const char *addr,
-                   rsl_server_handler handler, void *ud, char **err);
+                   uint64_t idle_timeout_ms, rsl_server_handler handler,
+                   void *ud, char **err);
 
 /* Turns Idempotency-Key dedup on (the default) or off: off, a repeated key
  * runs the handler again, as on a server that does not dedup (most model
@@ -169,5 +174,8 @@ void rsl_server_response_free(rsl_server_response *res);
 /* Counts a response sent (the status counters of /_stats). */
 void rsl_server_count_status(rsl_server *s, int status);
 rsl_loop *rsl_server_loop(const rsl_server *s);
+
+/* The idle timeout rsl_server_new was given, in ns. */
+uint64_t rsl_server_idle_timeout_ns(const rsl_server *s);
 
 #endif

@@ -19,7 +19,7 @@ usage: resilua COMMAND [options]
 Commands:
   call [options] URL          one call under a policy; body to stdout
   run SCRIPT.lua [args]       run a Lua script with the runtime loaded
-  serve [--listen HOST:PORT] [SCRIPT.lua]
+  serve [--listen HOST:PORT] [--idle-timeout D] [SCRIPT.lua]
                               the scriptable upstream
   check POLICY...             load and validate policies; run their self-tests
   check --show POLICY         a policy's effective settings
@@ -715,12 +715,21 @@ end
 
 function M.serve(args)
   local serve = require "resilua.serve"
-  local opts, pos = parse(args, 2, { ["--listen"] = "value", ["--help"] = "flag" },
-                          { ["-h"] = "--help" })
+  local opts, pos = parse(args, 2, { ["--listen"] = "value", ["--idle-timeout"] = "value",
+                                    ["--help"] = "flag" }, { ["-h"] = "--help" })
   if not opts then return fail("serve", pos .. " (see resilua serve --help)") end
   if opts["--help"] then io.stdout:write(serve.USAGE) return EXIT.ok end
   if #pos > 1 then return fail("serve", "one SCRIPT.lua at most (see resilua serve --help)") end
-  return serve.run{ listen = opts["--listen"], script = pos[1] }
+  local idle_ms
+  if opts["--idle-timeout"] then
+    local s = require("resilua.load").parse_duration(opts["--idle-timeout"])
+    idle_ms = s and math.floor(s * 1000 + 0.5)
+    if not idle_ms or idle_ms < 1 or idle_ms > 86400000 then
+      return fail("serve", "--idle-timeout: expected a duration such as 60s, 500ms or 2m, "
+                  .. "from 1ms up to a day, got " .. opts["--idle-timeout"])
+    end
+  end
+  return serve.run{ listen = opts["--listen"], script = pos[1], idle_timeout_ms = idle_ms }
 end
 
 function M.proxy(args) return require("resilua.proxy").main(args) end

@@ -6,7 +6,7 @@
 local core = require "resilua.core"
 
 local USAGE = [[
-usage: resilua serve [--listen HOST:PORT] [SCRIPT.lua]
+usage: resilua serve [--listen HOST:PORT] [--idle-timeout D] [SCRIPT.lua]
 
 A scriptable HTTP upstream for experiments.  SCRIPT.lua returns the handler:
 
@@ -37,6 +37,8 @@ retries can keep it overloaded after the phase is over.
 
 Options:
   --listen HOST:PORT   address to listen on (default 127.0.0.1:8080; port 0 picks one)
+  --idle-timeout D     close a connection idle this long (HTTP/1.1; h2c says
+                       GOAWAY first): 60s (the default), 500ms, 2m, up to a day
   -h, --help           this text
 
 Exit codes: 0 stopped by a signal, 2 usage, script or listen error.
@@ -64,7 +66,8 @@ local function load_handler(path)
 end
 
 --- Serves until SIGINT or SIGTERM.  opts: listen (HOST:PORT), script
--- (a handler file, or nil for the model stub).  Returns the exit code.
+-- (a handler file, or nil for the model stub), idle_timeout_ms (nil: the
+-- server's default).  Returns the exit code.
 local function run(opts)
   local listen, script = opts.listen or DEFAULT_LISTEN, opts.script
   local handler
@@ -75,7 +78,8 @@ local function run(opts)
   end
 
   core.catch_signals()
-  local server, err = core.serve{ listen = listen, handler = handler }
+  local server, err = core.serve{ listen = listen, handler = handler,
+                                  idle_timeout_ms = opts.idle_timeout_ms }
   if not server then return fail(err) end
   io.stdout:write("listening on ", server:address(), "\n")
   io.stdout:flush()

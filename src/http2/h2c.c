@@ -34,7 +34,7 @@ struct rsl_h2c {
   rsl_io io;
   nghttp2_session *session;
   stream *streams;
-  /* Idle timeout, as HTTP/1.1's (RSL_SERVER_IDLE_TIMEOUT_MS): GOAWAY, then
+  /* Idle timeout, as HTTP/1.1's (the server's): GOAWAY, then
    * the close, after that long without input and no stream open. */
   rsl_timer idle;
   uint64_t last_input_ns;
@@ -701,7 +701,7 @@ static int feed(rsl_h2c *c, const char *data, size_t n) {
 static void on_idle(void *ud) {
   rsl_h2c *c = ud;
   rsl_loop *loop = rsl_server_loop(c->srv);
-  uint64_t idle_ns = (uint64_t)RSL_SERVER_IDLE_TIMEOUT_MS * NS_PER_MS;
+  uint64_t idle_ns = rsl_server_idle_timeout_ns(c->srv);
   uint64_t now = rsl_loop_now_ns(loop), due = c->last_input_ns + idle_ns;
   if (c->streams || c->out_sent < c->out_len || now < due) {
     rsl_timer_start(loop, &c->idle, now >= due ? idle_ns : due - now);
@@ -758,7 +758,7 @@ int rsl_h2c_start(rsl_server *s, int fd, const char *read, size_t n,
   rsl_timer_init(&c->idle, on_idle, c);
   c->last_input_ns = rsl_loop_now_ns(rsl_server_loop(s));
   if (rsl_timer_start(rsl_server_loop(s), &c->idle,
-                      (uint64_t)RSL_SERVER_IDLE_TIMEOUT_MS * NS_PER_MS) < 0) {
+                      rsl_server_idle_timeout_ns(s)) < 0) {
     rsl_h2c_close(c);
     return 0; /* fd closed with it */
   }
