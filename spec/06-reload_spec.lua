@@ -95,7 +95,10 @@ describe("hot reload", function()
           first_v2 = first_v2 or epoch_ms(e.ts)
         else
           assert.equal("v1", e.reason) -- the broken edit kept v1 in force
-          if epoch_ms(e.ts) > v2_at + 1000 then error("v1 still deciding 1 s after the edit") end
+          -- inotify reloads at once; 4 s is liveness slack for a loaded
+          -- machine (the run has 5 s left): a reload that never comes, or
+          -- comes only with a later event, still fails it
+          if epoch_ms(e.ts) > v2_at + 4000 then error("v1 still deciding 4 s after the edit") end
         end
       end
     end
@@ -104,7 +107,7 @@ describe("hot reload", function()
     assert.equal(2000, n)
     assert.is_true(broken_at < v2_at)
     assert.is_not_nil(first_v2)
-    assert.is_true(first_v2 - v2_at < 1000, ("first v2 decision %d ms after the edit"):format(first_v2 - v2_at))
+    assert.is_true(first_v2 - v2_at < 4000, ("first v2 decision %d ms after the edit"):format(first_v2 - v2_at))
   end)
 
   it("reloads on SIGHUP", function()

@@ -259,12 +259,14 @@ describe("the retry-ratio budget (budget kind 'ratio')", function()
   it("forgets requests and retries older than ttl_ms", function()
     local client = resilua.client{ name = "ratio-ttl", policy = policy_file("ratio_ttl", [[
       return { max_attempts = 5, backoff = { base_ms = 0, max_ms = 0, jitter = "none" },
-               breaker = false, budget = { kind = "ratio", ratio = 0, ttl_ms = 1000, min_per_s = 2 } }]]) }
+               breaker = false, budget = { kind = "ratio", ratio = 0, ttl_ms = 4000, min_per_s = 0.5 } }]]) }
+    -- A 4 s window (the second call must come inside it, even on a loaded
+    -- machine); the sleep past it is a lower bound, which load cannot break.
     local _, err = client:call{ url = server.url .. "/down" }
-    assert.equal(3, err.attempts) -- 2 retries a second, 1 s window
+    assert.equal(3, err.attempts) -- 0.5 retries a second, 4 s window: 2
     _, err = client:call{ url = server.url .. "/down" }
     assert.equal(1, err.attempts)
-    helpers.sleep(1.15)
+    helpers.sleep(4.15)
     _, err = client:call{ url = server.url .. "/down" }
     assert.equal(3, err.attempts)
   end)

@@ -84,7 +84,10 @@ describe("resilua load", function()
     local r = load_json({ "--rate", "200", "--duration", "2s", stub.url .. "/v1/predict" })
     assert.are.equal("open", r.mode)
     assert.are.equal(400, r.calls)
-    assert.is_true(r.achieved_rate > 150 and r.achieved_rate < 250, "rate " .. r.achieved_rate)
+    -- Starts are on timers, which never fire early: 400 calls cannot take
+    -- less than 2 s, so the rate cannot pass 200/s (a burst would).  The
+    -- lower bound is liveness only: a loaded machine stretches the run.
+    assert.is_true(r.achieved_rate > 40 and r.achieved_rate < 205, "rate " .. r.achieved_rate)
     assert.are.equal(1, r.success_rate)
     assert.are.equal(400, r.outcomes.ok)
     assert.are.equal(1, r.amplification)
