@@ -76,7 +76,9 @@ describe("the Lua API", function()
   describe("circuit breaker", function()
     local p = policy("breaker", [[
       return { max_attempts = 1, budget = false,
-               breaker = { failures = 3, open_ms = 300, half_open = 1 } }]])
+               breaker = { failures = 3, open_ms = 1000, half_open = 1 } }]])
+    -- (1 s open: the checks made while it is open have that long even on a
+    -- loaded machine; the sleeps past it are lower bounds)
 
     it("walks closed -> open -> half_open -> closed and -> open again", function()
       local client = resilua.client{ policy = p, name = "breaker-walk" }
@@ -93,14 +95,14 @@ describe("the Lua API", function()
       assert.equal(0, err.attempts)
       assert.equal(before + 3, requests())
       -- After open_ms a probe goes out; its success closes the breaker.
-      resilua.sleep(0.35)
+      resilua.sleep(1.05)
       local res = client:call{ url = server.url .. "/ok" }
       assert.equal(200, res.status)
       assert.equal("closed", client:breaker(url))
       -- Open again; a failed probe reopens it.
       for _ = 1, 3 do client:call{ url = url } end
       assert.equal("open", client:breaker(url))
-      resilua.sleep(0.35)
+      resilua.sleep(1.05)
       client:call{ url = url }
       assert.equal("open", client:breaker(url))
 
@@ -115,7 +117,7 @@ describe("the Lua API", function()
     it("admits only `half_open` probes at a time", function()
       local client = resilua.client{ policy = p, name = "breaker-probes" }
       for _ = 1, 3 do client:call{ url = server.url .. "/down" } end
-      resilua.sleep(0.35)
+      resilua.sleep(1.05)
       local outcomes = {}
       for i = 1, 3 do
         resilua.go(function()

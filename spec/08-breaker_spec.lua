@@ -32,6 +32,7 @@ describe("breakers", function()
       return function(req)
         if req.path == "/ok" then return { status = 200, body = "fine" } end
         if req.path == "/slow" then return { status = 200, body = "slow", delay_ms = 250 } end
+        if req.path == "/slower" then return { status = 200, body = "slower", delay_ms = 900 } end
         return { status = 503, body = "down" }
       end]]
     ok, down, slow = server.url .. "/ok", server.url .. "/down", server.url .. "/slow"
@@ -128,12 +129,15 @@ describe("breakers", function()
     end)
 
     it("counts slow calls against slow_call_rate, successful or not", function()
+      -- /slower answers after 900 ms, over slow_call_ms whatever the load;
+      -- an /ok call would need 800 ms on a loaded machine to count as slow
       local p = rate_policy("rate-slow", [[{ kind = "rate", window_size = 10, minimum_calls = 3,
-                                             failure_rate = 1, slow_call_ms = 150, slow_call_rate = 0.5 }]])
+                                             failure_rate = 1, slow_call_ms = 800, slow_call_rate = 0.5 }]])
       local client = resilua.client{ policy = p, name = "rate-slow" }
-      play(client, { ok, ok, slow }) -- 1/3 slow, no failure
+      local slower = server.url .. "/slower"
+      play(client, { ok, ok, slower }) -- 1/3 slow, no failure
       assert.same({ "closed", 0, 3 }, { client:breaker(ok) })
-      local res = client:call{ url = slow } -- 2/4 slow: opens, though it answered 200
+      local res = client:call{ url = slower } -- 2/4 slow: opens, though it answered 200
       assert.equal(200, res.status)
       assert.equal("open", client:breaker(ok))
     end)
@@ -141,12 +145,14 @@ describe("breakers", function()
 
   describe("rate, time window", function()
     it("slides: calls older than window_ms drop out", function()
-      local p = rate_policy("rate-time", [[{ kind = "rate", window = "time", window_ms = 400,
+      -- A 1.5 s window: the calls of each step fall inside it even on a
+      -- loaded machine; the sleep past it is a lower bound.
+      local p = rate_policy("rate-time", [[{ kind = "rate", window = "time", window_ms = 1500,
                                              minimum_calls = 3, failure_rate = 0.5 }]])
       local client = resilua.client{ policy = p, name = "rate-time" }
       play(client, { down, down })
       assert.same({ "closed", 2, 2 }, { client:breaker(down) })
-      resilua.sleep(0.5)
+      resilua.sleep(1.6)
       assert.same({ "closed", 0, 0 }, { client:breaker(down) })
       play(client, { ok, ok, down }) -- 1/3 (3/5 had they stayed)
       assert.same({ "closed", 1, 3 }, { client:breaker(down) })
@@ -201,40 +207,45 @@ describe("breakers", function()
 
   describe("growing open_ms", function()
     it("takes the n-th duration for the n-th opening in a row, and starts over once closed", function()
+      -- Openings of 0.3, 0.9 and 2.7 s.  "Admitted" is asserted after a
+      -- sleep past the opening (a lower bound, safe under load); "still
+      -- open" past the previous opening's length with 0.5 s and 1.5 s to
+      -- spare before its own ends.
       local p = rate_policy("grow", [[{ failures = 1,
-        open_ms = function(n) return math.min(200 * 2 ^ (n - 1), 60000) end }]])
+        open_ms = function(n) return math.min(300 * 3 ^ (n - 1), 60000) end }]])
       local client = resilua.client{ policy = p, name = "grow" }
       local function admitted()
         local _, err = client:call{ url = down }
         return err.outcome ~= "breaker_open"
       end
-      play(client, { down })                  -- opening 1: 200 ms
-      resilua.sleep(0.3)
-      assert.is_true(admitted())              -- probe fails: opening 2, 400 ms
-      resilua.sleep(0.3)
-      assert.is_false(admitted())
-      resilua.sleep(0.2)
-      assert.is_true(admitted())              -- probe fails: opening 3, 800 ms
-      resilua.sleep(0.5)
-      assert.is_false(admitted())
+      play(client, { down })                  -- opening 1: 300 ms
       resilua.sleep(0.4)
+      assert.is_true(admitted())              -- probe fails: opening 2, 900 ms
+      resilua.sleep(0.4)
+      assert.is_false(admitted())
+      resilua.sleep(0.6)
+      assert.is_true(admitted())              -- probe fails: opening 3, 2700 ms
+      resilua.sleep(1.2)
+      assert.is_false(admitted())
+      resilua.sleep(1.6)
       assert.equal(200, client:call{ url = ok }.status) -- probe succeeds: closed
-      play(client, { down })                  -- opening 1 again: 200 ms
-      resilua.sleep(0.3)
+      play(client, { down })                  -- opening 1 again: 300 ms
+      resilua.sleep(0.4)
       assert.is_true(admitted())
     end)
 
     it("takes a list of durations, the last repeating", function()
-      local p = rate_policy("grow-list", "{ failures = 1, open_ms = { 100, 300 } }")
+      -- (a "still open" check has 1.2 s to spare, as above)
+      local p = rate_policy("grow-list", "{ failures = 1, open_ms = { 200, 1500 } }")
       local client = resilua.client{ policy = p, name = "grow-list" }
       play(client, { down })
-      resilua.sleep(0.15)
-      play(client, { down }) -- opening 2: 300 ms
-      resilua.sleep(0.15)
+      resilua.sleep(0.3)
+      play(client, { down }) -- opening 2: 1500 ms
+      resilua.sleep(0.3)
       assert.equal("breaker_open", select(2, client:call{ url = ok }).outcome)
-      resilua.sleep(0.2)
-      play(client, { down }) -- opening 3: 300 ms again
-      resilua.sleep(0.15)
+      resilua.sleep(1.3)
+      play(client, { down }) -- opening 3: 1500 ms again
+      resilua.sleep(0.3)
       assert.equal("breaker_open", select(2, client:call{ url = ok }).outcome)
     end)
   end)

@@ -58,7 +58,10 @@ describe("attempts waiting for a turn on the wire (max_active)", function()
     local quick = helpers.write_file(dir .. "/quick.lua", [[
       return { max_attempts = 1, per_try_timeout_ms = 100, deadline_ms = 150,
                breaker = false, budget = false }]])
-    local slow = resilua.client{ policy = "no-retry", name = "max_active slow" }
+    local patient = helpers.write_file(dir .. "/patient.lua", [[
+      return { max_attempts = 1, per_try_timeout_ms = 10000, deadline_ms = 10000,
+               breaker = false, budget = false }]])
+    local slow = resilua.client{ policy = patient, name = "max_active slow" }
     local fast = resilua.client{ policy = quick, name = "max_active fast" }
     local slow_res, fast_err, fast_ms
     resilua.go(function() slow_res = slow:call{ url = url, max_active = 1 } end)
