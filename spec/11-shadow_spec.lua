@@ -41,7 +41,7 @@ if rewrite then
   f:write(rewrite)
   f:close()
   assert(os.rename(shadow .. ".tmp", shadow))
-  for _ = 1, 100 do
+  for _ = 1, 500 do -- up to 10 s: liveness on a loaded machine
     if client:shadow_policy().version ~= v1 then break end
     resilua.sleep(0.02)
   end
