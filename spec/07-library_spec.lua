@@ -171,7 +171,7 @@ describe("the retry quota (budget kind 'quota')", function()
         local first = not seen[req.path]
         seen[req.path] = true
         if req.path:match("^/flaky/") then return { status = first and 503 or 200 } end
-        if req.path:match("^/hang/") then return { status = 200, delay_ms = first and 400 or 0 } end
+        if req.path:match("^/hang/") then return { status = 200, delay_ms = first and 2500 or 0 } end
         return { status = 503, body = "down" }
       end]]
   end)
@@ -179,7 +179,9 @@ describe("the retry quota (budget kind 'quota')", function()
 
   local p = policy_file("quota", [[
     return require("resilua.policy").extend("aws-standard", {
-      max_attempts = 10, per_try_timeout_ms = 100,
+      -- 1 s per try: an /ok or /down attempt that a loaded machine slowed
+      -- past it would be a timeout and cost 10, not 5; /hang's first is 2.5 s
+      max_attempts = 10, per_try_timeout_ms = 1000,
       backoff = { base_ms = 1, max_ms = 1, jitter = "none" },
       budget = { max_tokens = 20 } })]])
 

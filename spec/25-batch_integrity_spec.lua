@@ -113,7 +113,9 @@ describe("resilua batch integrity", function()
     local out, ledger = dir .. "/out.jsonl", dir .. "/ledger.jsonl"
     local args = { helpers.bin, "batch", "--quiet", "--in", input, "--out", out, "--ledger", ledger,
                    "--concurrency", "16", "--chunk", "20", server.url .. "/p" }
-    local seed = tonumber(os.getenv("RESILUA_KILL_SEED") or "") or os.time()
+    -- A fixed seed (RESILUA_KILL_SEED=N explores others); the kill points
+    -- still move with the machine's speed, and every one must be safe.
+    local seed = tonumber(os.getenv("RESILUA_KILL_SEED") or "") or 1
     print(("\n25-batch kill seed: %d (RESILUA_KILL_SEED=%d to replay)"):format(seed, seed))
     math.randomseed(seed)
     local function done() return select(2, (helpers.read_file(ledger) or ""):gsub("\n", "")) end
