@@ -147,7 +147,7 @@ describe("idempotency-aware statuses against resilua serve", function()
     server = helpers.start_server [[
       local seen = {}
       return function(req)
-        if req.path == "/slow" then return { status = 200, body = "done", delay_ms = 300 } end
+        if req.path == "/slow" then return { status = 200, body = "done", delay_ms = 1500 } end
         if req.path:match("^/wait/") then
           seen[req.path] = (seen[req.path] or 0) + 1
           if seen[req.path] == 1 then return { status = 503, headers = { ["Retry-After-Ms"] = "300" } } end
@@ -160,8 +160,10 @@ describe("idempotency-aware statuses against resilua serve", function()
 
   it("retries a 409 with the same key until the first attempt's answer is stored", function()
     local client = resilua.client{ name = "hints-409", policy = policy_file("keyed", [[
-      return { max_attempts = 8, per_try_timeout_ms = 100, deadline_ms = 3000,
-               backoff = { base_ms = 60, max_ms = 60, jitter = "none" },
+      -- /slow answers after 1.5 s: the first try (0.5 s) times out, the next
+      -- ones meet the key in flight; each answer has 0.5 s on a loaded machine
+      return { max_attempts = 8, per_try_timeout_ms = 500, deadline_ms = 6000,
+               backoff = { base_ms = 300, max_ms = 300, jitter = "none" },
                retry_on = { status = { 503 }, errors = { "timeout" } },
                breaker = false, budget = false }]]) }
     local res = assert(client:call{ method = "POST", url = server.url .. "/slow", body = "x" })

@@ -377,7 +377,7 @@ print(json.dumps(out))
     it("streams to client:call's on_chunk and enforces first_byte_timeout_ms there too", function()
       local script = H.write_file(H.tmpname(".lua"), ([[
         local resilua = require "resilua"
-        local p = require("resilua.policy").define({ first_byte_timeout_ms = 500,
+        local p = require("resilua.policy").define({ first_byte_timeout_ms = 1500, -- /slowfirst: 3 s
           retry_on = { errors = { "timeout" } },
           backoff = { base_ms = 1, max_ms = 1 }, breaker = false, budget = false }, "t", "t.lua", "")
         local client = resilua.client{ policy = p }
@@ -394,7 +394,8 @@ print(json.dumps(out))
     it("ends a stream whose gap passes idle_timeout_ms (client:call, after the commit)", function()
       local script = H.write_file(H.tmpname(".lua"), ([[
         local resilua = require "resilua"
-        local p = require("resilua.policy").define({ idle_timeout_ms = 300, per_try_timeout_ms = 100,
+        -- (the per-try timeout 1 s: a loaded machine may take 100 ms to the first byte)
+        local p = require("resilua.policy").define({ idle_timeout_ms = 2500, per_try_timeout_ms = 1000,
           breaker = false, budget = false }, "t", "t.lua", "")
         local got = {}
         local res, err = resilua.client{ policy = p }:call{ url = %q,
@@ -403,7 +404,7 @@ print(json.dumps(out))
       ]]):format(py.url .. "/sse?release=/nonexistent"))
       local r = H.run({ H.bin, "run", script })
       assert.equal(0, r.code, r.stderr)
-      -- per_try_timeout_ms (100) did not cut it after the commit; the gap did
+      -- per_try_timeout_ms (1 s) did not cut it after the commit; the gap (2.5 s) did
       assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
     end)
 
