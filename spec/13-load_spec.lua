@@ -208,7 +208,11 @@ describe("resilua load", function()
     local slow = helpers.start_server([[
       return function() return { status = 200, body = "ok", delay_ms = 50 } end
     ]])
-    local r = load_json({ "--rate", "40", "--duration", "1", "--connections", "1", slow.url })
+    -- (--timeout 30s: the last calls wait 2 s for the wire, more on a loaded
+    -- machine, and a waiting attempt times out on its per-try timeout; with
+    -- the default 2 s, 2 of 40 failed under load)
+    local r = load_json({ "--rate", "40", "--duration", "1", "--connections", "1",
+                          "--timeout", "30s", slow.url })
     local stats = cjson.decode(helpers.curl(slow.url .. "/_stats").body)
     slow:stop()
     assert.are.equal(40, r.calls)
