@@ -193,6 +193,20 @@ describe("resilua call", function()
     assert.is_true(r.call.elapsed_ms < 7000, r.call.elapsed_ms)
   end)
 
+  it("ends with outcome deadline when the clipped attempt times out, retried or not", function()
+    -- The default retry_on has no timeouts: the policy says "stop", but the
+    -- attempt's timeout was the deadline's, so the call is not "failed"
+    -- (exit 3, not retriable): it ran out of time (exit 4).  Seen under
+    -- load, where the last attempt of a deadline-bound call started late.
+    local p = policy [[return { deadline_ms = 300, per_try_timeout_ms = 8000, breaker = false }]]
+    local r = call({ "--policy", p, server.url .. "/slower" })
+    assert.equal(4, r.code)
+    assert.equal("deadline", r.call.outcome)
+    assert.equal(1, #r.attempts)
+    assert.equal("timeout", r.attempts[1].error)
+    assert.equal("deadline of 300 ms reached", r.attempts[1].reason)
+  end)
+
   it("honours Retry-After in delta-seconds", function()
     local r = call({ "--policy", FAST, server.url .. "/retry-after" })
     assert.equal(0, r.code)

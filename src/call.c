@@ -864,12 +864,14 @@ static int limit_decision(const rsl_policy_conf *c, const rsl_response *res,
   return -1;
 }
 
-/* A gRPC attempt that ended with DEADLINE_EXCEEDED (the server's, or our
- * own timeout) when the call's deadline is up: the call ended at its
- * deadline, whatever the policy thinks of DEADLINE_EXCEEDED. */
+/* An attempt that timed out (gRPC: DEADLINE_EXCEEDED, the server's or our
+ * own timeout) when the call's deadline is up: its timeout was the time
+ * left, so the call ended at its deadline, whatever the policy thinks of
+ * the timeout (most do not retry one: the call was not "failed"). */
 static int ran_out_of_time(const rsl_call *call, const rsl_response *res) {
-  return res->grpc && res->grpc_status == RSL_GRPC_DEADLINE_EXCEEDED &&
-         call->conf->deadline_ms - elapsed_ms(call) < 1;
+  int timed_out = res->grpc ? res->grpc_status == RSL_GRPC_DEADLINE_EXCEEDED
+                            : !res->status && res->error == RSL_ERR_TIMEOUT;
+  return timed_out && call->conf->deadline_ms - elapsed_ms(call) < 1;
 }
 
 /* Applies the core's limits to the policy's decision; returns the outcome
@@ -1079,7 +1081,12 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   }
   rsl_decision live_raw = d;
   int outcome = enforce(call, &d, budget);
-  if (outcome >= 0 && ran_out_of_time(call, res)) outcome = RSL_OUTCOME_DEADLINE;
+  if (outcome >= 0 && outcome != RSL_OUTCOME_DEADLINE &&
+      ran_out_of_time(call, res)) {
+    outcome = RSL_OUTCOME_DEADLINE;
+    snprintf(d.reason, sizeof d.reason, "deadline of %.0f ms reached",
+             c->deadline_ms);
+  }
   if (call->shadow) shadow_compare(call, &info, &live_raw, &drawn);
   if (outcome >= 0) {
     d.delay_ms = 0;
