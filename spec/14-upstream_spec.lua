@@ -200,14 +200,20 @@ describe("upstream.new", function()
 end)
 
 describe("upstream behind resilua serve", function()
-  -- The script's model, with /reset to restart its clock from the spec.
+  -- The script's model, with /reset to restart its clock from the spec;
+  -- every answer says the model's time at the request's arrival.
   local function serve(options)
     return helpers.start_server(([[
       local up = require("resilua.upstream").new(%s)
       local handle = up:handler()
       return function(req)
         if req.path == "/reset" then up:reset() return { status = 204 } end
-        return handle(req)
+        local at = up:now_s()
+        local res = handle(req)
+        local headers = { ["X-Model-S"] = ("%%.3f"):format(at) }
+        for k, v in pairs(res.headers or {}) do headers[k] = v end
+        res.headers = headers
+        return res
       end]]):format(options))
   end
 
@@ -236,42 +242,45 @@ describe("upstream behind resilua serve", function()
   end)
 
   it("runs its phases on the clock that reset restarts", function()
-    -- Wide phases, and a sample counts only when the whole span of its
-    -- request (from the reset's start to the answer) lies inside one
-    -- phase: a loaded machine delays samples but cannot make one lie.
+    -- Each answer carries the model's own time at the request's arrival
+    -- (X-Model-S), so a sample is judged by the phase the model was in,
+    -- not by the spec's clock: a loaded machine delays samples (a reset
+    -- and a sample took over a second under ASan) but cannot make one lie.
+    -- 2 s phases: a window is missed only if two samples in a row are
+    -- more than 2 s apart.
     local srv = serve[[{ service_ms = 20,
-      phases = { { from = 1, to = 2, faults = { { p = 1, status = 503 } } },
-                 { from = 3, latency = 50 } } }]]
-    local reset_from, reset_to
+      phases = { { from = 2, to = 4, faults = { { p = 1, status = 503 } } },
+                 { from = 6, latency = 50 } } }]]
+    local reset_to
     local function reset()
-      reset_from = helpers.now()
       assert.equal(204, helpers.curl(q(srv.url .. "/reset")).status)
-      reset_to = helpers.now()
+      reset_to = helpers.now() -- the model's clock started before this
     end
-    -- Samples until one falls wholly in [from, to) of the model's clock.
+    -- Samples until one arrives in [from, to) of the model's clock;
+    -- returns its status and how long it took.
     local function sample_in(from, to)
-      local last_from, last_to
-      for _ = 1, 20 do
-        helpers.sleep(math.max(0, from + 0.05 - (helpers.now() - reset_from)))
+      local seen = {}
+      for _ = 1, 50 do
+        helpers.sleep(math.max(0, from + 0.05 - (helpers.now() - reset_to)))
         local t = helpers.now()
         local r = helpers.curl(q(srv.url .. "/"))
-        local earliest, latest = t - reset_to, helpers.now() - reset_from
-        last_from, last_to = earliest, latest
-        if earliest >= from and latest < to then return r.status, helpers.now() - t end
-        if earliest >= to then break end
+        local at = assert(tonumber(r.headers["x-model-s"]), r.status)
+        seen[#seen + 1] = at
+        if at >= from and at < to then return r.status, helpers.now() - t end
+        if at >= to then break end
       end
-      error(("no sample fell inside %s-%s s (last: %.3f-%.3f s)"):format(from, to, last_from or -1, last_to or -1))
+      error(("no sample arrived inside %s-%s s (arrivals: %s)"):format(from, to, table.concat(seen, " ")))
     end
     reset()
-    assert.equal(200, (sample_in(0, 1)))
-    assert.equal(503, (sample_in(1, 2)))
-    assert.equal(200, (sample_in(2, 3)))
-    local status, slow = sample_in(3, math.huge)
+    assert.equal(200, (sample_in(0, 2)))
+    assert.equal(503, (sample_in(2, 4)))
+    assert.equal(200, (sample_in(4, 6)))
+    local status, slow = sample_in(6, math.huge)
     assert.equal(200, status)
     assert.is_true(slow >= 0.99, ("%s s"):format(slow)) -- 20 ms x 50
     reset() -- the outage is ahead again
-    assert.equal(200, (sample_in(0, 1)))
-    assert.equal(503, (sample_in(1, 2)))
+    assert.equal(200, (sample_in(0, 2)))
+    assert.equal(503, (sample_in(2, 4)))
     stop(srv)
   end)
 
@@ -417,7 +426,10 @@ return { name = "protected", max_attempts = 5, per_try_timeout_ms = 300, deadlin
   it("stays down after the drop with naive retries: the storm sustains itself", function()
     local success, arrivals = late(runs.naive)
     assert.is_true(success < 0.5, runs.naive.text)
-    assert.is_true(arrivals > 2.5 * RATE, runs.naive.text)
+    -- Retries keep more arriving than is offered.  1.5x, not more: a
+    -- client starved of CPU (ASan on a loaded machine) sent 1.8x, still
+    -- with nothing served; without the storm it would be about 1x.
+    assert.is_true(arrivals > 1.5 * RATE, runs.naive.text)
   end)
 
   it("recovers with a retry budget and a breaker", function()
