@@ -426,10 +426,11 @@ return { name = "protected", max_attempts = 5, per_try_timeout_ms = 300, deadlin
   it("stays down after the drop with naive retries: the storm sustains itself", function()
     local success, arrivals = late(runs.naive)
     assert.is_true(success < 0.5, runs.naive.text)
-    -- Retries keep more arriving than is offered.  1.5x, not more: a
-    -- client starved of CPU (ASan on a loaded machine) sent 1.8x, still
-    -- with nothing served; without the storm it would be about 1x.
-    assert.is_true(arrivals > 1.5 * RATE, runs.naive.text)
+    -- Retries keep more arriving than is offered: without retries a call
+    -- arrives once at most, so this cannot pass without them.  (On an idle
+    -- machine it is over 2.5x; a client starved of CPU, ASan on a loaded
+    -- machine, sent 1.2x to 1.8x, with nothing served all the same.)
+    assert.is_true(arrivals > RATE, runs.naive.text)
   end)
 
   it("recovers with a retry budget and a breaker", function()
