@@ -27,6 +27,15 @@ local SUCCESS_SLACK = 0.005
 -- probe every 250 ms (about 30 calls waiting) failed it in 5 of 6.
 local RECOVERY_RANK_POINTS = 1
 
+-- Under ASan+UBSan (`make test-asan` sets ASAN_OPTIONS) the binary runs
+-- several times slower, and a loaded 2-core machine cannot keep the run's
+-- 2 x 150 calls/s in real time: in one such pass no retry's p95 in the
+-- partial phase was 1.8 s (about 70 ms in the plain pass) and tries timed
+-- out in every phase, so the lanes measured the machine, not the policies.
+-- There the run is a memory-safety check of every path it takes: it must
+-- finish and report every phase; the standard is judged in the plain pass.
+local SANITIZED = os.getenv("ASAN_OPTIONS") ~= nil
+
 local dir = helpers.tmpdir()
 
 local function gauntlet(timing, seed)
@@ -96,8 +105,10 @@ describe("the default policy", function()
       for _, k in ipairs({ "partial", "resets", "blip", "slowdown", "outage", "recovery" }) do
         assert.truthy(kinds[k], "phase " .. k)
       end
-      local failed = standard(base, cand)
-      assert.are.same({}, failed, table_text)
+      if not SANITIZED then
+        local failed = standard(base, cand)
+        assert.are.same({}, failed, table_text)
+      end
     end)
   end
 end)
