@@ -124,8 +124,10 @@ describe("the shipped policies", function()
       assert.equal("failed", r.outcome)
       assert.equal(1, #r.attempts)
       assert.matches("pushback", r.attempts[1].reason)
+      -- grpc's per-try timeout is its deadline: the timeout is the
+      -- deadline's, so the call ends with outcome deadline, not retried
       r = testing.play("grpc", { { error = "timeout" } })
-      assert.equal("failed", r.outcome)
+      assert.same({ "deadline", 1, "stop" }, { r.outcome, #r.attempts, r.attempts[1].decision })
     end)
 
     it("backs off exponentially up to maxAttempts, then throttles the next call", function()
