@@ -75,5 +75,10 @@ describe("resilua serve, idle connections", function()
       assert.equal(2, r.code, v)
       assert.matches("%-%-idle%-timeout: expected a duration", r.stderr, 1, false, v)
     end
+    local core = require "resilua.core"
+    for _, v in ipairs({ 0, -1, 1.5, 0 / 0, 1e300, "1s" }) do
+      assert.error_matches(function() core.serve{ listen = "127.0.0.1:0", idle_timeout_ms = v } end,
+                           "'idle_timeout_ms' must be an integer 1..86400000")
+    end
   end)
 end)
