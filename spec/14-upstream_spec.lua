@@ -321,6 +321,13 @@ describe("a capacity drop under open-loop load", function()
   -- Naive retries (5 attempts, no backoff) keep the queue full after the
   -- drop ends, so nothing gets through; a budget and a breaker let it drain.
   local DURATION_S, RATE, DROP_END_S, SETTLE_S = 10, 150, 4, 2
+  -- Under ASan (`make test-asan` sets ASAN_OPTIONS) on a loaded 2-core
+  -- machine the one process that is client and upstream cannot keep 150
+  -- calls/s in real time (seen: 94 of 150 served in the first, healthy
+  -- second; the upstream idle while tries timed out).  There both runs
+  -- must finish and report every second (a memory-safety check of the
+  -- paths); the figures are judged in the plain pass.
+  local SANITIZED = os.getenv("ASAN_OPTIONS") ~= nil
 
   -- One run: prints a line per second of call starts: second, calls, ok,
   -- then the upstream's arrivals, rejected, queue and busy in that second.
@@ -417,6 +424,7 @@ return { name = "protected", max_attempts = 5, per_try_timeout_ms = 300, deadlin
   end
 
   it("is served in full before the drop, whatever the policy", function()
+    if SANITIZED then return end
     for _, run in pairs(runs) do
       assert.equal(RATE, run.rows[1].calls, run.text)
       assert.equal(RATE, run.rows[1].ok, run.text)
@@ -424,21 +432,16 @@ return { name = "protected", max_attempts = 5, per_try_timeout_ms = 300, deadlin
   end)
 
   it("stays down after the drop with naive retries: the storm sustains itself", function()
+    if SANITIZED then return end
     local success, arrivals = late(runs.naive)
     assert.is_true(success < 0.5, runs.naive.text)
     -- Retries keep more arriving than is offered: without retries a call
-    -- arrives once at most, so this cannot pass without them.  Not under
-    -- ASan (`make test-asan` sets ASAN_OPTIONS): there, on a loaded
-    -- machine, the one process that is client and upstream could not keep
-    -- up with its own retries, and its upstream saw 1.8x in one run and
-    -- 0.2x in another (idle, tries timing out before it read them), with
-    -- nothing served all the same.
-    if not os.getenv("ASAN_OPTIONS") then
-      assert.is_true(arrivals > RATE, runs.naive.text)
-    end
+    -- arrives once at most, so this cannot pass without them.
+    assert.is_true(arrivals > RATE, runs.naive.text)
   end)
 
   it("recovers with a retry budget and a breaker", function()
+    if SANITIZED then return end
     local success, arrivals = late(runs.protected)
     assert.is_true(success > 0.9, runs.protected.text)
     assert.is_true(arrivals < 1.2 * RATE, runs.protected.text)
