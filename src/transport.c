@@ -104,6 +104,7 @@ struct rsl_attempt {
    * server refused its HTTP/2 stream unprocessed (see on_refused);
    * unsent: an HTTP/2 request that never went out (see prereq_cb). */
   int sends, resent, refused, unsent;
+  int upgrade_stopped; /* an HTTP/1.1 Upgrade stopped (see prereq_cb) */
   int http2; /* asked for HTTP/2 (rsl_request.http2) */
   uint64_t started_ns;
   rsl_attempt_done cb;
@@ -682,8 +683,21 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
 static int prereq_cb(void *ud, char *conn_primary_ip, char *conn_local_ip,
                      int conn_primary_port, int conn_local_port) {
   rsl_attempt *a = ud;
-  long sent = 0;
-  if (a->sends++ == 0) return CURL_PREREQFUNC_OK;
+  long sent = 0, connects = 0;
+  if (a->sends++ == 0) {
+    /* An h2c attempt without prior knowledge on a connection curl just
+     * opened is about to send an HTTP/1.1 Upgrade request, which h2c-only
+     * servers (gRPC's) refuse: it is stopped before it goes out, and
+     * h2c_resend sends it with prior knowledge instead. */
+    if (a->h2c_origin && !a->opening && !a->h2c_resent &&
+        curl_easy_getinfo(a->easy, CURLINFO_NUM_CONNECTS, &connects) ==
+            CURLE_OK &&
+        connects > 0) {
+      a->upgrade_stopped = a->unsent = 1;
+      return CURL_PREREQFUNC_ABORT;
+    }
+    return CURL_PREREQFUNC_OK;
+  }
   a->resent = 1;
   /* An HTTP/2 request that curl could not even hand to its connection
    * (no byte counted: nghttp2 takes no new stream once a GOAWAY came)
@@ -827,7 +841,8 @@ static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
   if (!a->h2c_origin || a->h2c_resent || !a->added) return 0;
   curl_easy_getinfo(a->easy, CURLINFO_REQUEST_SIZE, &request_bytes);
   int reused_pk = code == CURLE_HTTP2 && a->opening && request_bytes == 0;
-  int upgrade_refused = code == CURLE_UNSUPPORTED_PROTOCOL && !a->opening;
+  int upgrade_refused =
+      (code == CURLE_UNSUPPORTED_PROTOCOL || a->upgrade_stopped) && !a->opening;
   if (!reused_pk && !upgrade_refused) return 0;
   long waited_ms = (long)((rsl_now_ns() - a->started_ns) / 1000000u);
   if (waited_ms >= a->timeout_ms) return 0;
@@ -840,7 +855,7 @@ static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
   a->too_large = 0;
   a->h2c_resent = 1;
   /* a new transfer: not a hidden resend */
-  a->sends = a->refused = a->unsent = 0;
+  a->sends = a->refused = a->unsent = a->upgrade_stopped = 0;
   a->plain = 0; /* FRESH_CONNECT, a version: start the handle afresh */
   if (a->opening) t->origins[a->h2c_origin - 1].opening--;
   a->opening = upgrade_refused;

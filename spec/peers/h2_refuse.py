@@ -9,7 +9,7 @@ processing them, and answers the others with an empty 200.
                   last stream answered on that connection (0 if none),
                   instead of RST_STREAM(REFUSED_STREAM); the streams the
                   client sends on that connection afterwards are refused
-                  too (not counted in N), and the connection stays open
+                  too (and counted in N), and the connection stays open
                   until the client closes it
 --answer-first M  on each connection, answer the first M requests before
                   refusing any (default 0)
