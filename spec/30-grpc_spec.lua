@@ -630,6 +630,21 @@ describe("a stream the server refused unprocessed", function()
     assert.is_true(refused >= 10)
   end)
 
+  it("resilua.upstream's faults take grpc_status: a gRPC call sees the code, its message and pushback", function()
+    local up = helpers.start_server([[
+      return require("resilua.upstream").new{
+        faults = { { p = 1, grpc_status = "UNAVAILABLE", grpc_message = "shed",
+                     headers = { ["grpc-retry-pushback-ms"] = "3" } } } }:handler()
+    ]])
+    local _, err = client(RETRY_UNAVAILABLE):call{ url = up.url, grpc = "t.S/M", body = "x" }
+    up:stop()
+    assert.equal(14, err.grpc_status)
+    assert.equal("shed", err.grpc_message)
+    assert.equal(200, err.status) -- a gRPC answer (Trailers-Only), not an HTTP 503
+    assert.equal(5, err.attempts)
+    assert.same({ 3, 3, 3, 3 }, retry_delays(err.call_id))
+  end)
+
   it("a gRPC call: resilua serve's `close` (GOAWAY, then REFUSED_STREAM) is UNAVAILABLE, retried transparently", function()
     local up = helpers.start_server([[
       local refused = {}

@@ -21,6 +21,7 @@ one (nothing ran)."""
 import argparse
 import socket
 import struct
+import sys
 import threading
 
 REFUSED_STREAM = 7
@@ -34,11 +35,16 @@ def frame(kind, flags, stream, payload=b""):
             + struct.pack(">I", stream) + payload)
 
 
+def say(line):
+    """One whole line (threads must not interleave them); call under lock."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def note(what):
     with lock:
         counts[what] += 1
-        n = counts[what]
-    print("%s %d" % ({"seen": "request"}.get(what, what), n), flush=True)
+        say("%s %d" % ({"seen": "request"}.get(what, what), counts[what]))
 
 
 def take_refusal(limit):
@@ -47,8 +53,7 @@ def take_refusal(limit):
         if limit >= 0 and counts["refused"] >= limit:
             return False
         counts["refused"] += 1
-        n = counts["refused"]
-    print("refused %d" % n, flush=True)
+        say("refused %d" % counts["refused"])
     return True
 
 
