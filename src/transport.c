@@ -810,6 +810,9 @@ static void finish(rsl_attempt *a, CURLcode code) {
              : res->error == RSL_ERR_REFUSED_STREAM && a->refused
                  ? "HTTP/2 stream refused by the server (REFUSED_STREAM or "
                    "GOAWAY): not processed"
+             : res->error == RSL_ERR_REFUSED_STREAM && a->upgrade_stopped
+                 ? "HTTP/1.1 Upgrade to h2c not sent (no time left to send "
+                   "it with prior knowledge)"
              : res->error == RSL_ERR_REFUSED_STREAM
                  ? "HTTP/2 connection took no new stream (GOAWAY): request "
                    "not sent"
