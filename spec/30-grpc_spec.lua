@@ -591,6 +591,17 @@ describe("a stream the server refused unprocessed", function()
     assert.matches("refused_stream %(HTTP/2 stream refused by the server", r.stderr)
   end)
 
+  it("not after the answer began: REFUSED_STREAM after the response headers is a reset", function()
+    -- The server broke RFC 9113 (it had begun to answer): not provably
+    -- unprocessed, so the policy judges it, and this one does not retry.
+    local r, attempts, call, peer = call_peer({ "--late" }, ONE_ATTEMPT)
+    assert.equal(4, r.code, r.stderr)
+    assert.same({ requests = 1, processed = 0, refused = 1 }, peer)
+    assert.equal(1, #attempts)
+    assert.equal("reset", attempts[1].error)
+    assert.is_nil(call.transparent_retries)
+  end)
+
   it("on a shared connection: a GOAWAY refuses every stream on it, each is sent again and runs once", function()
     -- The peer refuses the first 10 requests it reads: the first by a
     -- GOAWAY(last-stream-id 0), and so every later stream of that

@@ -1013,7 +1013,7 @@ static void note_latency(rsl_client *c, double ms) {
  * retry is under way. */
 static int transparent_retry(rsl_call *call) {
   const rsl_response *res = &call->result.last;
-  if (res->error != RSL_ERR_REFUSED_STREAM || res->status ||
+  if (res->error != RSL_ERR_REFUSED_STREAM || res->status || call->committed ||
       call->transparent >= RSL_CALL_TRANSPARENT_MAX ||
       call->conf->deadline_ms - elapsed_ms(call) < 1 ||
       rsl_timer_start(call->env->loop, &call->timer, 0) < 0)

@@ -720,8 +720,8 @@ static void on_refused(void *stream_data) {
   CURL *easy = stream_data;
   rsl_attempt *a = NULL;
   if (curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&a) != CURLE_OK ||
-      !a || a->easy != easy)
-    return;
+      !a || a->easy != easy || a->header_bytes)
+    return; /* a stream that began an answer was not refused unprocessed */
   a->refused = 1;
   if (a->h2c_origin) a->t->origins[a->h2c_origin - 1].refused = 1;
 }
@@ -729,7 +729,7 @@ static void on_refused(void *stream_data) {
 static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   curl_off_t connect_us = 0;
   if (a->expired) return RSL_ERR_TIMEOUT; /* never sent: nothing to ask */
-  if ((a->refused || a->unsent) && code != CURLE_OK)
+  if (((a->refused && !a->header_bytes) || a->unsent) && code != CURLE_OK)
     return RSL_ERR_REFUSED_STREAM;
   if (a->resent) return RSL_ERR_RESET;
   switch (code) {

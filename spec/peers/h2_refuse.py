@@ -13,6 +13,9 @@ processing them, and answers the others with an empty 200.
                   until the client closes it
 --answer-first M  on each connection, answer the first M requests before
                   refusing any (default 0)
+--late            refuse after the answer's HEADERS (":status 200", no
+                  END_STREAM): a server that broke RFC 9113, since it had
+                  begun to answer
 
 Prints "listening on 127.0.0.1:PORT", then for each HEADERS frame it reads
 (what reached it, resends included) "request N", and "processed N" when
@@ -95,6 +98,8 @@ def serve(conn, args):
                         goaway_sent = True
                         conn.sendall(frame(7, 0, 0, struct.pack(">II", last_answered, 0)))
                     else:
+                        if args.late:  # HEADERS, END_HEADERS: ":status 200"
+                            conn.sendall(frame(1, 4, stream, b"\x88"))
                         conn.sendall(frame(3, 0, stream, struct.pack(">I", REFUSED_STREAM)))
                 else:  # HEADERS, END_STREAM | END_HEADERS: ":status 200"
                     note("processed")
@@ -111,6 +116,7 @@ def main():
     parser.add_argument("--refuse", type=int, default=1)
     parser.add_argument("--goaway", action="store_true")
     parser.add_argument("--answer-first", type=int, default=0)
+    parser.add_argument("--late", action="store_true")
     args = parser.parse_args()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
