@@ -105,6 +105,7 @@ struct rsl_attempt {
    * unsent: an HTTP/2 request that never went out (see prereq_cb). */
   int sends, resent, refused, unsent;
   int upgrade_stopped; /* an HTTP/1.1 Upgrade stopped (see prereq_cb) */
+  int answered; /* its HTTP/2 stream began an answer (on_stream_event) */
   int http2; /* asked for HTTP/2 (rsl_request.http2) */
   uint64_t started_ns;
   rsl_attempt_done cb;
@@ -246,7 +247,7 @@ int rsl_transport_check_url(const char *url, char *why, size_t size) {
 /* --- curl → loop --------------------------------------------------------- */
 
 static void drain_done(rsl_transport *t);
-static void on_refused(void *stream_data);
+static void on_stream_event(void *stream_data, rsl_h2_stream_event ev);
 
 static void on_socket_ready(void *ud, int fd, unsigned events) {
   socket_ctx *ctx = ud;
@@ -412,7 +413,7 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
     free(t);
     return -1;
   }
-  rsl_h2_refused_listen(on_refused);
+  rsl_h2_refused_listen(on_stream_event);
   t->max_connects = MIN_CACHED_CONNECTIONS;
   curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, t->max_connects);
   /* HTTP/2 attempts to one origin share a connection (see set_http2), up
@@ -710,18 +711,24 @@ static int prereq_cb(void *ud, char *conn_primary_ip, char *conn_local_ip,
   return CURL_PREREQFUNC_ABORT;
 }
 
-/* A stream of an attempt's that the server refused unprocessed (see
- * http2/refused.h).  curl 7.88 then resends it by itself (stopped by
- * prereq_cb: the call sends it again, as a logged attempt), or fails it
- * as a framing error (GOAWAY); either way the attempt ends as a
- * `refused_stream`, which is safe to send again.  Every easy handle in
- * the process is an attempt's (CURLOPT_PRIVATE); the check is cheap. */
-static void on_refused(void *stream_data) {
+/* An attempt's HTTP/2 stream began an answer, or the server refused it
+ * (see http2/refused.h).  A stream refused before any answer was not
+ * processed: curl 7.88 then resends it by itself (stopped by prereq_cb:
+ * the call sends it again, as a logged attempt), or fails it as a framing
+ * error (GOAWAY); either way the attempt ends as a `refused_stream`,
+ * which is safe to send again.  Every easy handle in the process is an
+ * attempt's (CURLOPT_PRIVATE); the check is cheap. */
+static void on_stream_event(void *stream_data, rsl_h2_stream_event ev) {
   CURL *easy = stream_data;
   rsl_attempt *a = NULL;
   if (curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&a) != CURLE_OK ||
-      !a || a->easy != easy || a->header_bytes)
-    return; /* a stream that began an answer was not refused unprocessed */
+      !a || a->easy != easy)
+    return;
+  if (ev == RSL_H2_STREAM_ANSWERED) {
+    a->answered = 1;
+    return;
+  }
+  if (a->answered) return; /* it began an answer: processed */
   a->refused = 1;
   if (a->h2c_origin) a->t->origins[a->h2c_origin - 1].refused = 1;
 }
@@ -729,7 +736,7 @@ static void on_refused(void *stream_data) {
 static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   curl_off_t connect_us = 0;
   if (a->expired) return RSL_ERR_TIMEOUT; /* never sent: nothing to ask */
-  if (((a->refused && !a->header_bytes) || a->unsent) && code != CURLE_OK)
+  if ((a->refused || a->unsent) && code != CURLE_OK)
     return RSL_ERR_REFUSED_STREAM;
   if (a->resent) return RSL_ERR_RESET;
   switch (code) {
@@ -858,7 +865,7 @@ static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
   a->too_large = 0;
   a->h2c_resent = 1;
   /* a new transfer: not a hidden resend */
-  a->sends = a->refused = a->unsent = a->upgrade_stopped = 0;
+  a->sends = a->refused = a->unsent = a->upgrade_stopped = a->answered = 0;
   a->plain = 0; /* FRESH_CONNECT, a version: start the handle afresh */
   if (a->opening) t->origins[a->h2c_origin - 1].opening--;
   a->opening = upgrade_refused;

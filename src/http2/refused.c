@@ -11,30 +11,52 @@
 
 typedef void (*close_setter)(nghttp2_session_callbacks *,
                              nghttp2_on_stream_close_callback);
+typedef void (*headers_setter)(nghttp2_session_callbacks *,
+                               nghttp2_on_begin_headers_callback);
 
-static rsl_h2_refused_fn listener;
-/* libcurl's stream-close callback (one function for all its sessions). */
+static rsl_h2_stream_fn listener;
+/* libcurl's callbacks (one function each for all its sessions). */
 static nghttp2_on_stream_close_callback curl_on_close;
+static nghttp2_on_begin_headers_callback curl_on_begin_headers;
 
-void rsl_h2_refused_listen(rsl_h2_refused_fn fn) { listener = fn; }
+void rsl_h2_refused_listen(rsl_h2_stream_fn fn) { listener = fn; }
+
+/* Tells the listener of event on the stream, if it has user data. */
+static void tell(nghttp2_session *session, int32_t stream_id,
+                 rsl_h2_stream_event event) {
+  void *data = nghttp2_session_get_stream_user_data(session, stream_id);
+  if (data && listener) listener(data, event);
+}
 
 static int on_close(nghttp2_session *session, int32_t stream_id,
                     uint32_t error_code, void *user_data) {
-  if (error_code == NGHTTP2_REFUSED_STREAM && listener) {
-    void *data = nghttp2_session_get_stream_user_data(session, stream_id);
-    if (data) listener(data);
-  }
+  if (error_code == NGHTTP2_REFUSED_STREAM)
+    tell(session, stream_id, RSL_H2_STREAM_REFUSED);
   return curl_on_close(session, stream_id, error_code, user_data);
 }
 
-/* Whether fn is code of libcurl's: its stream-close callback is wrapped,
- * any other (our own server's, h2c.c) is set as it is. */
-static int in_libcurl(nghttp2_on_stream_close_callback fn) {
+static int on_begin_headers(nghttp2_session *session,
+                            const nghttp2_frame *frame, void *user_data) {
+  if (frame->hd.type == NGHTTP2_HEADERS &&
+      frame->headers.cat == NGHTTP2_HCAT_RESPONSE)
+    tell(session, frame->hd.stream_id, RSL_H2_STREAM_ANSWERED);
+  return curl_on_begin_headers(session, frame, user_data);
+}
+
+/* Whether the code at fn (a function pointer's bytes) is libcurl's: its
+ * callbacks are wrapped, any other (our own server's, h2c.c) is set as
+ * it is. */
+static int in_libcurl(const void *fn) {
   Dl_info info;
   void *addr;
-  memcpy(&addr, &fn, sizeof addr); /* a code address, for dladdr */
+  memcpy(&addr, fn, sizeof addr); /* a code address, for dladdr */
   return dladdr(addr, &info) && info.dli_fname &&
          strstr(info.dli_fname, "libcurl");
+}
+
+/* The next definition of `name` in the search order: libnghttp2's. */
+static void *next_definition(const char *name) {
+  return dlsym(RTLD_NEXT, name);
 }
 
 /* Stands in for libnghttp2's (see refused.h); the real one is the next
@@ -43,13 +65,30 @@ void nghttp2_session_callbacks_set_on_stream_close_callback(
     nghttp2_session_callbacks *cbs, nghttp2_on_stream_close_callback fn) {
   static close_setter real;
   if (!real) {
-    void *sym = dlsym(RTLD_NEXT,
-                      "nghttp2_session_callbacks_set_on_stream_close_callback");
+    void *sym = next_definition(
+        "nghttp2_session_callbacks_set_on_stream_close_callback");
     memcpy(&real, &sym, sizeof real);
   }
-  if (fn && fn != on_close && in_libcurl(fn)) {
+  if (fn && fn != on_close && in_libcurl(&fn)) {
     curl_on_close = fn;
     fn = on_close;
   }
   if (real) real(cbs, fn); /* libnghttp2 is linked in: always found */
+}
+
+/* The same for the callback libcurl learns of a response's headers by:
+ * a stream that began an answer was not refused unprocessed. */
+void nghttp2_session_callbacks_set_on_begin_headers_callback(
+    nghttp2_session_callbacks *cbs, nghttp2_on_begin_headers_callback fn) {
+  static headers_setter real;
+  if (!real) {
+    void *sym = next_definition(
+        "nghttp2_session_callbacks_set_on_begin_headers_callback");
+    memcpy(&real, &sym, sizeof real);
+  }
+  if (fn && fn != on_begin_headers && in_libcurl(&fn)) {
+    curl_on_begin_headers = fn;
+    fn = on_begin_headers;
+  }
+  if (real) real(cbs, fn);
 }

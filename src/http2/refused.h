@@ -14,8 +14,10 @@
  * definition comes first in the dynamic linker's search, ahead of
  * libnghttp2's), and wraps the stream-close callback that libcurl
  * registers, and only libcurl's, with one that reports refused streams
- * first.  Nothing else changes: the real setter is called, with libcurl's
- * callback behind the wrapper.  Should libcurl not register through us
+ * first; and the same for the callback by which libcurl learns that a
+ * response's headers begin (a stream that began an answer was processed).
+ * Nothing else changes: the real setters are called, with libcurl's
+ * callbacks behind the wrappers.  Should libcurl not register through us
  * (linked statically, another HTTP/2 back end), no stream is ever
  * reported: refusals then look as they did before.
  *
@@ -25,12 +27,18 @@
 #ifndef RSL_H2_REFUSED_H
 #define RSL_H2_REFUSED_H
 
-/* Told of a libcurl stream that nghttp2 closed with REFUSED_STREAM, with
- * the stream's user data (libcurl 7.88: its easy handle, CURL *), from
- * inside libcurl's processing, before libcurl itself hears of it. */
-typedef void (*rsl_h2_refused_fn)(void *stream_data);
+typedef enum {
+  RSL_H2_STREAM_ANSWERED, /* the response's HEADERS began */
+  RSL_H2_STREAM_REFUSED   /* closed with REFUSED_STREAM */
+} rsl_h2_stream_event;
 
-/* Sets the one function told of refused streams (NULL: none). */
-void rsl_h2_refused_listen(rsl_h2_refused_fn fn);
+/* Told of an event on one of libcurl's streams, with the stream's user
+ * data (libcurl 7.88: its easy handle, CURL *), from inside libcurl's
+ * processing, before libcurl itself hears of it.  A stream that was
+ * answered and then refused broke RFC 9113: it is not unprocessed. */
+typedef void (*rsl_h2_stream_fn)(void *stream_data, rsl_h2_stream_event ev);
+
+/* Sets the one function told of these events (NULL: none). */
+void rsl_h2_refused_listen(rsl_h2_stream_fn fn);
 
 #endif
