@@ -54,25 +54,32 @@ static int in_libcurl(const void *fn) {
          strstr(info.dli_fname, "libcurl");
 }
 
-/* The next definition of `name` in the search order: libnghttp2's. */
-static void *next_definition(const char *name) {
-  return dlsym(RTLD_NEXT, name);
+/* What a stand-in setter does first: finds libnghttp2's setter `name`
+ * once (into *real), and when the callback *fn is libcurl's, keeps it in
+ * *curl_fn and puts *wrapper in its place.  The pointers are to function
+ * pointers of `size` bytes, handled as bytes (ISO C has no generic
+ * function pointer). */
+static void interpose(const char *name, void *real, void *fn, void *curl_fn,
+                      const void *wrapper, size_t size) {
+  static const char none[sizeof(void (*)(void))];
+  if (memcmp(real, none, size) == 0) {
+    void *sym = dlsym(RTLD_NEXT, name); /* the next definition: libnghttp2's */
+    memcpy(real, &sym, size);
+  }
+  if (memcmp(fn, none, size) != 0 && memcmp(fn, wrapper, size) != 0 &&
+      in_libcurl(fn)) {
+    memcpy(curl_fn, fn, size);
+    memcpy(fn, wrapper, size);
+  }
 }
 
-/* Stands in for libnghttp2's (see refused.h); the real one is the next
- * definition in the search order. */
+/* Stands in for libnghttp2's (see refused.h). */
 void nghttp2_session_callbacks_set_on_stream_close_callback(
     nghttp2_session_callbacks *cbs, nghttp2_on_stream_close_callback fn) {
   static close_setter real;
-  if (!real) {
-    void *sym = next_definition(
-        "nghttp2_session_callbacks_set_on_stream_close_callback");
-    memcpy(&real, &sym, sizeof real);
-  }
-  if (fn && fn != on_close && in_libcurl(&fn)) {
-    curl_on_close = fn;
-    fn = on_close;
-  }
+  const nghttp2_on_stream_close_callback wrapper = on_close;
+  interpose("nghttp2_session_callbacks_set_on_stream_close_callback", &real,
+            &fn, &curl_on_close, &wrapper, sizeof fn);
   if (real) real(cbs, fn); /* libnghttp2 is linked in: always found */
 }
 
@@ -81,14 +88,8 @@ void nghttp2_session_callbacks_set_on_stream_close_callback(
 void nghttp2_session_callbacks_set_on_begin_headers_callback(
     nghttp2_session_callbacks *cbs, nghttp2_on_begin_headers_callback fn) {
   static headers_setter real;
-  if (!real) {
-    void *sym = next_definition(
-        "nghttp2_session_callbacks_set_on_begin_headers_callback");
-    memcpy(&real, &sym, sizeof real);
-  }
-  if (fn && fn != on_begin_headers && in_libcurl(&fn)) {
-    curl_on_begin_headers = fn;
-    fn = on_begin_headers;
-  }
+  const nghttp2_on_begin_headers_callback wrapper = on_begin_headers;
+  interpose("nghttp2_session_callbacks_set_on_begin_headers_callback", &real,
+            &fn, &curl_on_begin_headers, &wrapper, sizeof fn);
   if (real) real(cbs, fn);
 }
