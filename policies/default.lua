@@ -30,7 +30,7 @@ return {
   max_response_bytes = 16 * 1024 * 1024,
   backoff = { base_ms = 200, max_ms = 5000, jitter = "full" },
   retry_on = { status = { 429, 500, 502, 503, 504 },
-               errors = { "connect", "reset", "dns" }, refused = true,
+               errors = { "connect", "reset", "dns", "refused_stream" }, refused = true,
                grpc = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" } },  -- gRPC calls: status codes
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },

@@ -58,7 +58,8 @@ local CODES = {
   OUT_OF_RANGE        = { status = {} },
   UNIMPLEMENTED       = { status = { 501 } },
   INTERNAL            = { status = { 500 } },
-  UNAVAILABLE         = { status = { 502, 503 }, errors = { "connect", "reset", "dns" } },
+  UNAVAILABLE         = { status = { 502, 503 },
+                          errors = { "connect", "reset", "dns", "refused_stream" } },
   DATA_LOSS           = { status = {} },
   UNAUTHENTICATED     = { status = { 401 } },
 }

@@ -268,7 +268,7 @@ describe("resilua.policy.extend", function()
     assert.equal(3, t.max_attempts)
     assert.same({ base_ms = 50, max_ms = 5000, jitter = "full" }, t.backoff)
     assert.same({ 503 }, t.retry_on.status) -- a list replaces
-    assert.same({ "connect", "reset", "dns" }, t.retry_on.errors) -- a section merges
+    assert.same({ "connect", "reset", "dns", "refused_stream" }, t.retry_on.errors) -- a section merges
     assert.is_false(t.breaker)
     assert.is_nil(t.tests) -- the base's self-tests describe the base
     assert.is_false(core.decide(p.core, { attempt = 1, status = 429 }).retry)

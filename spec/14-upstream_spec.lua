@@ -85,6 +85,18 @@ describe("upstream.new", function()
     assert.same({ { 200, 200 }, { 200, 200 }, { 200, 400 }, { 200, 400 }, { 503 }, { 503 } }, got)
   end)
 
+  it("answers a fault with grpc_status as gRPC to a gRPC call, and as HTTP to the others", function()
+    local _, handle = on_clock{ faults = { { p = 1, grpc_status = "UNAVAILABLE", grpc_message = "shed",
+                                             headers = { ["grpc-retry-pushback-ms"] = "5" } } } }
+    local g = request()
+    g.grpc = true
+    assert.same({ grpc_status = 14, grpc_message = "shed",
+                  headers = { ["grpc-retry-pushback-ms"] = "5" } }, handle(g))
+    local r = handle(request())
+    assert.equal(503, r.status)
+    assert.is_nil(r.grpc_status) -- HTTP/1.1 ignores it anyway
+  end)
+
   it("counts per window and in total; reset starts over", function()
     local up, handle, set = on_clock{ workers = 2, queue = 2, service_ms = 200 }
     for _ = 1, 6 do handle(request()) end
@@ -172,6 +184,11 @@ describe("upstream.new", function()
     { { faults = { { p = 0.7 }, { p = 0.7 } } }, "faults: probabilities add up to 1.4, more than 1" },
     { { faults = { { p = 0.1, status = 700 } } }, "faults[1].status: expected 100..599, got 700" },
     { { faults = { { p = 0.1, action = "drop" } } }, "faults[1].action: expected hang|reset|close, got drop" },
+    { { faults = { { p = 0.1, grpc_status = "UNAVAILBLE" } } },
+      "faults[1].grpc_status: expected a gRPC status code (0..16 or a name), got UNAVAILBLE (did you mean 'UNAVAILABLE'?)" },
+    { { faults = { { p = 0.1, grpc_status = 17 } } }, "faults[1].grpc_status: expected a gRPC status code" },
+    { { faults = { { p = 0.1, grpc_status = 14, grpc_message = 1 } } },
+      "faults[1].grpc_message: expected a string, got number" },
     { { phases = { { to = 3 } } }, "phases[1].from: expected a number, got nil" },
     { { phases = { { from = 3, to = 2 } } }, "phases[1].to: expected a number > 3, got 2" },
     { { phases = { { from = 1, latency = 2, capacity = 3 } } }, "phases[1]: unknown field 'capacity'" },

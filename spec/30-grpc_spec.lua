@@ -501,29 +501,185 @@ print(" ".join("%d/%d" % t for t in seen))
   end)
 end)
 
--- RST_STREAM(REFUSED_STREAM): libcurl 7.88 would resend the request on a
--- fresh connection by itself; the transport stops that resend (it calls
--- CURLOPT_PREREQFUNCTION again), so every request that reached the server
--- is a logged attempt (docs/grpc.md, "Transparent retries").
-describe("a refused stream", function()
-  it("is a logged attempt: the attempts logged are the requests the server read", function()
-    local peer = helpers.spawn_listening({ "python3", "spec/peers/h2_refuse.py" }, "h2_refuse.py")
+-- Transparent retries (gRFC A6; docs/grpc.md): a stream the server
+-- refused unprocessed, by RST_STREAM(REFUSED_STREAM) or as a stream above
+-- a GOAWAY's last-stream-id, never reached its application, so the call
+-- sends it again whatever the policy says, as a logged attempt
+-- (`refused_stream`) that counts neither against max_attempts nor as a
+-- failure, at most 3 times a call.  The peer, spec/peers/h2_refuse.py,
+-- is a raw h2c server that prints what it read, answered and refused.
+describe("a stream the server refused unprocessed", function()
+  -- One attempt, no retry_on: only a transparent retry may send it again.
+  local ONE_ATTEMPT = [[
+    return { max_attempts = 1, retry_on = { status = {}, errors = {}, grpc = {} },
+             breaker = false, budget = false }
+  ]]
+
+  -- The peer's counts: requests read, answered (processed) and refused.
+  local function peer_counts(peer)
+    local out = peer:stdout()
+    return { requests = select(2, out:gsub("request %d+\n", "")),
+             processed = select(2, out:gsub("processed %d+\n", "")),
+             refused = select(2, out:gsub("refused %d+\n", "")) }
+  end
+
+  -- `resilua call --http2 -v` against a fresh peer started with args;
+  -- returns the run, its attempt events, its call event and the peer's counts.
+  local function call_peer(args, policy)
+    local name = ("refuse%d"):format(math.random(1e9))
+    policy_file(name, policy)
+    local argv = { "python3", "spec/peers/h2_refuse.py" }
+    table.move(args, 1, #args, #argv + 1, argv)
+    local peer = helpers.spawn_listening(argv, "h2_refuse.py")
     local r = helpers.run({ helpers.bin, "call", "-v", "--http2", "-X", "POST", "-d", "x",
-                            peer.url .. "/x" })
-    local requests = select(2, peer:stdout():gsub("request %d+\n", ""))
+                            "--policy", name, "--policy-path", dir, peer.url .. "/x" })
     peer:stop()
-    assert.equal(0, r.code, r.stderr)
     local attempts, call = {}, nil
     for line in r.stderr:gmatch("[^\n]+") do
-      local ev = cjson.decode(line)
-      if ev.event == "attempt" then attempts[#attempts + 1] = ev end
-      if ev.event == "call" then call = ev end
+      local ok, ev = pcall(cjson.decode, line)
+      if ok and ev.event == "attempt" then attempts[#attempts + 1] = ev end
+      if ok and ev.event == "call" then call = ev end
     end
-    assert.equal(2, requests)
-    assert.equal(requests, #attempts, r.stderr)
+    return r, attempts, call, peer_counts(peer)
+  end
+
+  for _, case in ipairs({ { how = "RST_STREAM(REFUSED_STREAM)", args = {} },
+                          { how = "a GOAWAY below its stream id", args = { "--goaway" } } }) do
+    it("by " .. case.how .. ": sent again under a one-attempt policy, and logged", function()
+      local r, attempts, call, peer = call_peer(case.args, ONE_ATTEMPT)
+      assert.equal(0, r.code, r.stderr)
+      assert.same({ requests = 2, processed = 1, refused = 1 }, peer)
+      assert.equal(peer.requests, #attempts, r.stderr) -- every request read is a logged attempt
+      assert.equal("refused_stream", attempts[1].error)
+      assert.equal("retry", attempts[1].decision)
+      assert.equal(0, attempts[1].delay_ms)
+      assert.matches("transparent retry 1 of 3", attempts[1].reason)
+      assert.equal(200, attempts[2].status)
+      assert.equal("ok", call.outcome)
+      assert.equal(2, call.attempts)
+      assert.equal(1, call.transparent_retries)
+    end)
+  end
+
+  it("is bounded: 3 transparent retries, then the policy counts its own attempts", function()
+    -- A peer that refuses everything: 1 + 3 transparent, then the policy's
+    -- 2 attempts (it retries refused_stream); nothing ever ran.
+    local r, attempts, call, peer = call_peer({ "--refuse", "-1" }, [[
+      return { max_attempts = 2, backoff = { base_ms = 1, max_ms = 2 },
+               retry_on = { status = {}, errors = { "refused_stream" } },
+               breaker = false, budget = false }
+    ]])
+    assert.equal(4, r.code, r.stderr) -- gave up
+    assert.same({ requests = 5, processed = 0, refused = 5 }, peer)
+    assert.equal(5, #attempts)
+    for i, a in ipairs(attempts) do
+      assert.equal("refused_stream", a.error)
+      if i <= 3 then assert.matches("transparent retry " .. i .. " of 3", a.reason) end
+    end
+    assert.equal("error refused_stream in retry_on", attempts[4].reason)
+    assert.equal("max_attempts 2 reached", attempts[5].reason)
+    assert.equal("gave_up", call.outcome)
+    assert.equal(3, call.transparent_retries)
+    -- Under a one-attempt policy, the call ends after the 3: its one
+    -- attempt is spent.
+    r, attempts, call, peer = call_peer({ "--refuse", "-1" }, ONE_ATTEMPT)
+    assert.equal(4, r.code, r.stderr)
+    assert.same({ requests = 4, processed = 0, refused = 4 }, peer)
+    assert.equal(4, #attempts)
+    assert.equal("error refused_stream not in retry_on", attempts[4].reason)
+    assert.equal("gave_up", call.outcome)
+    assert.matches("refused_stream %(HTTP/2 stream refused by the server", r.stderr)
+  end)
+
+  it("not after the answer began: REFUSED_STREAM after the response headers is a reset", function()
+    -- The server broke RFC 9113 (it had begun to answer): not provably
+    -- unprocessed, so the policy judges it, and this one does not retry.
+    local r, attempts, call, peer = call_peer({ "--late" }, ONE_ATTEMPT)
+    assert.equal(4, r.code, r.stderr)
+    assert.same({ requests = 1, processed = 0, refused = 1 }, peer)
+    assert.equal(1, #attempts)
     assert.equal("reset", attempts[1].error)
-    assert.equal(200, attempts[2].status)
-    assert.equal("ok", call.outcome)
-    assert.equal(2, call.attempts)
+    assert.is_nil(call.transparent_retries)
+  end)
+
+  it("on a shared connection: a GOAWAY refuses every stream on it, each is sent again and runs once", function()
+    -- The peer refuses the first 10 requests it reads: the first by a
+    -- GOAWAY(last-stream-id 0), and so every later stream of that
+    -- connection; 10 calls multiplexed on it all go again, on fresh
+    -- connections, and each runs exactly once.
+    local argv = { "python3", "spec/peers/h2_refuse.py", "--goaway", "--refuse", "10" }
+    local peer = helpers.spawn_listening(argv, "h2_refuse.py")
+    local c = client(ONE_ATTEMPT)
+    local ok, ids = 0, {}
+    for i = 1, 10 do
+      resilua.go(function()
+        local res, err = c:call{ method = "POST", url = peer.url .. "/x", body = tostring(i),
+                                 http2 = true }
+        if res and res.status == 200 then ok = ok + 1 end
+        ids[(res or err).call_id] = true
+      end)
+    end
+    resilua.wait()
+    peer:stop()
+    local counts = peer_counts(peer)
+    local logged, refused = 0, 0
+    for _, e in ipairs(helpers.of_kind(helpers.events(log), "attempt")) do
+      if ids[e.call_id] then
+        logged = logged + 1
+        if e.error then
+          assert.equal("refused_stream", e.error)
+          refused = refused + 1
+        end
+      end
+    end
+    assert.equal(10, ok)
+    assert.same({ requests = 20, processed = 10, refused = 10 }, counts) -- each call ran once
+    assert.equal(10 + refused, logged) -- every attempt is ok or refused_stream
+    -- Every refusal the peer made is a logged attempt; so is a stream that
+    -- libcurl could no longer start on the connection going away (it never
+    -- reached the peer).
+    assert.is_true(refused >= 10)
+  end)
+
+  it("resilua.upstream's faults take grpc_status: a gRPC call sees the code, its message and pushback", function()
+    local up = helpers.start_server([[
+      return require("resilua.upstream").new{
+        faults = { { p = 1, grpc_status = "UNAVAILABLE", grpc_message = "shed",
+                     headers = { ["grpc-retry-pushback-ms"] = "3" } } } }:handler()
+    ]])
+    local _, err = client(RETRY_UNAVAILABLE):call{ url = up.url, grpc = "t.S/M", body = "x" }
+    up:stop()
+    assert.equal(14, err.grpc_status)
+    assert.equal("shed", err.grpc_message)
+    assert.equal(200, err.status) -- a gRPC answer (Trailers-Only), not an HTTP 503
+    assert.equal(5, err.attempts)
+    assert.same({ 3, 3, 3, 3 }, retry_delays(err.call_id))
+  end)
+
+  it("a gRPC call: resilua serve's `close` (GOAWAY, then REFUSED_STREAM) is UNAVAILABLE, retried transparently", function()
+    local up = helpers.start_server([[
+      local refused = {}
+      return function(req)
+        local key = req.headers["x-key"]
+        if not refused[key] then
+          refused[key] = true
+          return { action = "close" }
+        end
+        return { body = "ran:" .. req.body .. ":" .. (req.headers["grpc-previous-rpc-attempts"] or "-") }
+      end
+    ]])
+    local res, err = client(ONE_ATTEMPT):call{ url = up.url, grpc = "t.S/Once", body = "m",
+                                                metadata = { ["x-key"] = "once" } }
+    up:stop()
+    assert.is_nil(err and err.message)
+    assert.equal("ran:m:1", res.body)
+    assert.equal(2, res.attempts)
+    local attempts = {}
+    for _, e in ipairs(helpers.of_kind(helpers.events(log), "attempt")) do
+      if e.call_id == res.call_id then attempts[#attempts + 1] = e end
+    end
+    assert.equal("refused_stream", attempts[1].error)
+    assert.equal(14, attempts[1].grpc_status) -- UNAVAILABLE, as gRPC reports it
+    assert.equal(0, attempts[2].grpc_status)
   end)
 end)

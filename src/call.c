@@ -53,6 +53,7 @@ struct rsl_call {
   double prev_delay_ms;
   double quota_paid; /* what the last retry took from a quota budget */
   int refused; /* tries the breaker or the throttle refused (nothing sent) */
+  int transparent; /* attempts sent again as refused streams (not counted) */
   /* Waiting for the breaker's verdict after a refusal (see await_verdict). */
   rsl_breaker_waiter verdict;
   int verdict_wait;   /* VERDICT_*: what the timer is waiting for */
@@ -459,6 +460,8 @@ static void finish(rsl_call *call, rsl_outcome outcome) {
     if (outcome == RSL_OUTCOME_THROTTLED || outcome == RSL_OUTCOME_BREAKER_OPEN)
       rsl_event_str(&e, "reason", r->message);
     if (call->refused) rsl_event_int(&e, "refused", call->refused);
+    if (call->transparent)
+      rsl_event_int(&e, "transparent_retries", call->transparent);
     if (call->hedges_sent) rsl_event_int(&e, "hedges", call->hedges_sent);
     rsl_event_emit(&e, call->env->log);
   }
@@ -656,6 +659,9 @@ static void build_request(rsl_call *call, rsl_request *req,
       .max_active = call->max_active,
       .raw = call->raw,
       .http2 = call->http2,
+      /* after a refused stream: that connection takes no new one */
+      .fresh = call->result.last.error == RSL_ERR_REFUSED_STREAM &&
+               !call->result.last.status,
   };
 }
 
@@ -734,7 +740,7 @@ static void wake_waiters(rsl_breaker *b) {
 static void refuse(rsl_call *call, rsl_outcome outcome) {
   const rsl_policy_conf *c = call->conf;
   call->refused++;
-  int tries = call->result.attempts + call->refused;
+  int tries = call->result.attempts + call->refused - call->transparent;
   if (c->retry_refused && tries < c->max_attempts) {
     double delay = rsl_backoff_ms(call->env->prng, c->jitter, c->base_ms,
                                   c->max_ms, tries, call->prev_delay_ms);
@@ -879,7 +885,8 @@ static int ran_out_of_time(const rsl_call *call, const rsl_response *res) {
 static int enforce(rsl_call *call, rsl_decision *d, rsl_budget *budget) {
   const rsl_response *res = &call->result.last;
   int outcome = limit_decision(call->conf, res,
-                               call->result.attempts + call->refused,
+                               call->result.attempts + call->refused -
+                                   call->transparent,
                                elapsed_ms(call), d);
   if (outcome >= 0 || !d->retry) return outcome;
   /* Last: a quota budget takes the retry's cost here, so nothing may
@@ -969,9 +976,11 @@ static void record_health(rsl_call *call, const rsl_response *res, int probe) {
   int failure = is_dependency_failure(res);
   rsl_budget *budget = rsl_client_budget(call->client, call->conf);
   if (budget) rsl_budget_tick(budget, now_ms(call));
-  if (res->local) {
-    /* Our own shortage (no fds): it says nothing of the dependency, so it
-     * moves neither the breaker nor the budget. */
+  if (res->local || res->error == RSL_ERR_REFUSED_STREAM) {
+    /* Our own shortage (no fds), or a stream the server refused before
+     * its application saw it (gRFC A6: not a failure for throttling): it
+     * says nothing of the application, so it moves neither the breaker
+     * nor the budget. */
     if (call->breaker) rsl_breaker_release(call->breaker, probe);
     return;
   }
@@ -992,6 +1001,32 @@ static void note_latency(rsl_client *c, double ms) {
   c->recent_ms[c->recent_next] = (float)ms;
   c->recent_next = (c->recent_next + 1) % RSL_CLIENT_RECENT;
   if (c->recent_len < RSL_CLIENT_RECENT) c->recent_len++;
+}
+
+/* gRFC A6's transparent retry: a stream the server refused unprocessed
+ * (refused_stream: RST_STREAM REFUSED_STREAM, or above a GOAWAY's
+ * last-stream-id) never reached its application, so sending it again
+ * cannot double a side effect.  It goes out again now, whatever the
+ * policy's retry_on or decide say, as a logged attempt that counts
+ * neither against max_attempts nor as a failure (record_health); at most
+ * RSL_CALL_TRANSPARENT_MAX times per call (a peer that refuses everything
+ * must not spin us), and within the deadline (send_attempt checks it).
+ * Then the policy judges the refusal like any error.  Returns 1 when the
+ * retry is under way. */
+static int transparent_retry(rsl_call *call) {
+  const rsl_response *res = &call->result.last;
+  if (res->error != RSL_ERR_REFUSED_STREAM || res->status || call->committed ||
+      call->transparent >= RSL_CALL_TRANSPARENT_MAX ||
+      call->conf->deadline_ms - elapsed_ms(call) < 1 ||
+      rsl_timer_start(call->env->loop, &call->timer, 0) < 0)
+    return 0;
+  call->transparent++;
+  rsl_decision d = {0};
+  snprintf(d.reason, sizeof d.reason,
+           "refused_stream: not processed, transparent retry %d of %d",
+           call->transparent, RSL_CALL_TRANSPARENT_MAX);
+  log_attempt(call, "retry", &d);
+  return 1;
 }
 
 static void on_attempt_done(void *ud, rsl_response *res) {
@@ -1017,6 +1052,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   rsl_response_free(&call->result.last);
   call->result.last = *res;
   record_health(call, res, call->probe);
+  if (transparent_retry(call)) return;
   rsl_budget *budget = rsl_client_budget(call->client, c);
 
   if (call->committed && !is_success(res)) {
@@ -1053,7 +1089,7 @@ static void on_attempt_done(void *ud, rsl_response *res) {
   call->result.last.retry_after_ms = hints.wait_ms;
   double elapsed = elapsed_ms(call);
   rsl_attempt_info info = {
-      .attempt = call->result.attempts,
+      .attempt = call->result.attempts - call->transparent,
       .method = call->method,
       .url = call->url,
       .res = res,

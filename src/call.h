@@ -126,6 +126,12 @@ typedef struct rsl_call_request {
   const char *grpc;
 } rsl_call_request;
 
+/* Transparent retries per call at most (see call.c, transparent_retry):
+ * a stream the server refused unprocessed is sent again whatever the
+ * policy says, not counted against max_attempts; past this many, the
+ * policy judges the refusal like any error. */
+#define RSL_CALL_TRANSPARENT_MAX 3
+
 /* Attempts whose latency a result keeps: policies allow at most 100. */
 #define RSL_CALL_MAX_ATTEMPTS 100
 

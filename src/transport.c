@@ -6,6 +6,7 @@
 
 #include "hints.h"
 #include "http/client.h"
+#include "http2/refused.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -50,6 +51,12 @@ typedef struct h2c_origin {
   char name[MAX_ORIGIN_BYTES]; /* "http://host:port" as the URL spells it */
   int opening; /* prior-knowledge attempts in flight */
   int conns;   /* h2c connection sockets open */
+  /* A stream was refused here since the last prior-knowledge attempt:
+   * curl takes no new stream on that connection (REFUSED_STREAM, GOAWAY),
+   * though its socket stays open for the others, so the next attempt
+   * opens a new one with prior knowledge rather than an HTTP/1.1
+   * Upgrade. */
+  int refused;
 } h2c_origin;
 
 struct rsl_transport {
@@ -93,8 +100,13 @@ struct rsl_attempt {
   size_t header_bytes, max_body_bytes;
   int too_large;
   /* Requests curl started for this attempt (see prereq_cb); resent: it
-   * tried a second, which was stopped before it went out. */
-  int sends, resent;
+   * tried a second, which was stopped before it went out.  refused: the
+   * server refused its HTTP/2 stream unprocessed (see on_refused);
+   * unsent: an HTTP/2 request that never went out (see prereq_cb). */
+  int sends, resent, refused, unsent;
+  int upgrade_stopped; /* an HTTP/1.1 Upgrade stopped (see prereq_cb) */
+  int answered; /* its HTTP/2 stream began an answer (on_stream_event) */
+  int http2; /* asked for HTTP/2 (rsl_request.http2) */
   uint64_t started_ns;
   rsl_attempt_done cb;
   void *ud;
@@ -141,7 +153,7 @@ typedef struct socket_ctx {
 
 static const char *const ERROR_CLASS_NAMES[RSL_ERR_COUNT] = {
     "none",  "timeout",  "connect",  "dns",
-    "tls",   "reset",    "protocol", "too_large"};
+    "tls",   "reset",    "protocol", "too_large", "refused_stream"};
 
 const char *rsl_error_class_name(rsl_error_class e) {
   return ERROR_CLASS_NAMES[e];
@@ -235,6 +247,7 @@ int rsl_transport_check_url(const char *url, char *why, size_t size) {
 /* --- curl → loop --------------------------------------------------------- */
 
 static void drain_done(rsl_transport *t);
+static void on_stream_event(void *stream_data, rsl_h2_stream_event ev);
 
 static void on_socket_ready(void *ud, int fd, unsigned events) {
   socket_ctx *ctx = ud;
@@ -400,6 +413,7 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
     free(t);
     return -1;
   }
+  rsl_h2_refused_listen(on_stream_event);
   t->max_connects = MIN_CACHED_CONNECTIONS;
   curl_multi_setopt(t->multi, CURLMOPT_MAXCONNECTS, t->max_connects);
   /* HTTP/2 attempts to one origin share a connection (see set_http2), up
@@ -670,14 +684,60 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
 static int prereq_cb(void *ud, char *conn_primary_ip, char *conn_local_ip,
                      int conn_primary_port, int conn_local_port) {
   rsl_attempt *a = ud;
-  if (a->sends++ == 0) return CURL_PREREQFUNC_OK;
+  long sent = 0, connects = 0;
+  if (a->sends++ == 0) {
+    /* An h2c attempt without prior knowledge on a connection curl just
+     * opened is about to send an HTTP/1.1 Upgrade request, which h2c-only
+     * servers (gRPC's) refuse: it is stopped before it goes out, and
+     * h2c_resend sends it with prior knowledge instead. */
+    if (a->h2c_origin && !a->opening && !a->h2c_resent &&
+        curl_easy_getinfo(a->easy, CURLINFO_NUM_CONNECTS, &connects) ==
+            CURLE_OK &&
+        connects > 0) {
+      a->upgrade_stopped = a->unsent = 1;
+      return CURL_PREREQFUNC_ABORT;
+    }
+    return CURL_PREREQFUNC_OK;
+  }
   a->resent = 1;
+  /* An HTTP/2 request that curl could not even hand to its connection
+   * (no byte counted: nghttp2 takes no new stream once a GOAWAY came)
+   * never left: as safe to send again as a refused stream.  An HTTP/1.1
+   * one keeps the rule above (spec/19). */
+  if (a->http2 &&
+      curl_easy_getinfo(a->easy, CURLINFO_REQUEST_SIZE, &sent) == CURLE_OK &&
+      sent == 0)
+    a->unsent = 1;
   return CURL_PREREQFUNC_ABORT;
+}
+
+/* An attempt's HTTP/2 stream began an answer, or the server refused it
+ * (see http2/refused.h).  A stream refused before any answer was not
+ * processed: curl 7.88 then resends it by itself (stopped by prereq_cb:
+ * the call sends it again, as a logged attempt), or fails it as a framing
+ * error (GOAWAY); either way the attempt ends as a `refused_stream`,
+ * which is safe to send again.  Every easy handle in the process is an
+ * attempt's (CURLOPT_PRIVATE); the check is cheap. */
+static void on_stream_event(void *stream_data, rsl_h2_stream_event ev) {
+  CURL *easy = stream_data;
+  rsl_attempt *a = NULL;
+  if (curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **)&a) != CURLE_OK ||
+      !a || a->easy != easy)
+    return;
+  if (ev == RSL_H2_STREAM_ANSWERED) {
+    a->answered = 1;
+    return;
+  }
+  if (a->answered) return; /* it began an answer: processed */
+  a->refused = 1;
+  if (a->h2c_origin) a->t->origins[a->h2c_origin - 1].refused = 1;
 }
 
 static rsl_error_class classify(const rsl_attempt *a, CURLcode code) {
   curl_off_t connect_us = 0;
   if (a->expired) return RSL_ERR_TIMEOUT; /* never sent: nothing to ask */
+  if ((a->refused || a->unsent) && code != CURLE_OK)
+    return RSL_ERR_REFUSED_STREAM;
   if (a->resent) return RSL_ERR_RESET;
   switch (code) {
   case CURLE_OK:
@@ -754,6 +814,15 @@ static void finish(rsl_attempt *a, CURLcode code) {
     snprintf(res->message, sizeof res->message, "%s%.200s",
              res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
+             : res->error == RSL_ERR_REFUSED_STREAM && a->refused
+                 ? "HTTP/2 stream refused by the server (REFUSED_STREAM or "
+                   "GOAWAY): not processed"
+             : res->error == RSL_ERR_REFUSED_STREAM && a->upgrade_stopped
+                 ? "HTTP/1.1 Upgrade to h2c not sent (no time left to send "
+                   "it with prior knowledge)"
+             : res->error == RSL_ERR_REFUSED_STREAM
+                 ? "HTTP/2 connection took no new stream (GOAWAY): request "
+                   "not sent"
              : a->resent ? "reused connection died before the answer; "
                            "not resent"
              : a->errbuf[0] ? a->errbuf
@@ -782,7 +851,8 @@ static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
   if (!a->h2c_origin || a->h2c_resent || !a->added) return 0;
   curl_easy_getinfo(a->easy, CURLINFO_REQUEST_SIZE, &request_bytes);
   int reused_pk = code == CURLE_HTTP2 && a->opening && request_bytes == 0;
-  int upgrade_refused = code == CURLE_UNSUPPORTED_PROTOCOL && !a->opening;
+  int upgrade_refused =
+      (code == CURLE_UNSUPPORTED_PROTOCOL || a->upgrade_stopped) && !a->opening;
   if (!reused_pk && !upgrade_refused) return 0;
   long waited_ms = (long)((rsl_now_ns() - a->started_ns) / 1000000u);
   if (waited_ms >= a->timeout_ms) return 0;
@@ -794,7 +864,8 @@ static int h2c_resend(rsl_transport *t, rsl_attempt *a, CURLcode code) {
   a->header_bytes = 0;
   a->too_large = 0;
   a->h2c_resent = 1;
-  a->sends = 0; /* a new transfer: not one of curl's hidden resends */
+  /* a new transfer: not a hidden resend */
+  a->sends = a->refused = a->unsent = a->upgrade_stopped = a->answered = 0;
   a->plain = 0; /* FRESH_CONNECT, a version: start the handle afresh */
   if (a->opening) t->origins[a->h2c_origin - 1].opening--;
   a->opening = upgrade_refused;
@@ -858,7 +929,7 @@ static int origin_index(rsl_transport *t, const char *url) {
   h2c_origin *o = &t->origins[t->origin_count++];
   memcpy(o->name, url, n);
   o->name[n] = '\0';
-  o->opening = o->conns = 0;
+  o->opening = o->conns = o->refused = 0;
   return (int)t->origin_count;
 }
 
@@ -870,22 +941,30 @@ static int origin_index(rsl_transport *t, const char *url) {
 static CURLcode set_http2(rsl_transport *t, rsl_attempt *a,
                           const rsl_request *req) {
   long version = CURL_HTTP_VERSION_NONE;
+  a->http2 = req->http2 != 0;
   if (req->http2 && strncasecmp(req->url, "https:", 6) == 0) {
     version = CURL_HTTP_VERSION_2TLS;
   } else if (req->http2) {
     a->h2c_origin = origin_index(t, req->url);
     const h2c_origin *o = a->h2c_origin ? &t->origins[a->h2c_origin - 1] : NULL;
-    if (o && (o->opening || o->conns)) {
+    if (o && !req->fresh && (o->opening || (o->conns && !o->refused))) {
       version = CURL_HTTP_VERSION_2_0;
     } else {
       version = CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE;
       a->opening = a->h2c_origin != 0;
-      if (a->opening) t->origins[a->h2c_origin - 1].opening++;
+      if (a->opening) {
+        t->origins[a->h2c_origin - 1].opening++;
+        t->origins[a->h2c_origin - 1].refused = 0;
+      }
     }
   }
   CURLcode rc = curl_easy_setopt(a->easy, CURLOPT_HTTP_VERSION, version);
   if (rc == CURLE_OK)
     rc = curl_easy_setopt(a->easy, CURLOPT_PIPEWAIT, req->http2 ? 1L : 0L);
+  if (rc == CURLE_OK && req->fresh) {
+    a->plain = 0; /* FRESH_CONNECT stays set: start the handle afresh */
+    rc = curl_easy_setopt(a->easy, CURLOPT_FRESH_CONNECT, 1L);
+  }
   return rc;
 }
 

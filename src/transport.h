@@ -21,6 +21,10 @@ typedef enum {
   RSL_ERR_RESET,
   RSL_ERR_PROTOCOL,
   RSL_ERR_TOO_LARGE,
+  /* HTTP/2: the server refused the stream unprocessed (RST_STREAM
+   * REFUSED_STREAM, or above a GOAWAY's last-stream-id): nothing reached
+   * its application, so it is always safe to send again. */
+  RSL_ERR_REFUSED_STREAM,
   RSL_ERR_COUNT
 } rsl_error_class;
 
@@ -97,6 +101,10 @@ typedef struct rsl_request {
    * attempts to one origin share a connection, multiplexed.  0: curl's
    * default (HTTP/1.1 on http://). */
   int http2;
+  /* A new connection, not one from the cache; on http:// with http2,
+   * with prior knowledge (the attempt after a refused stream: the
+   * connection that refused it takes no new stream). */
+  int fresh;
 } rsl_request;
 
 /* Whether url is one an attempt can be sent to: http or https, a host, a

@@ -18,7 +18,7 @@ M.DEFAULTS = {
   max_response_bytes = 16 * 1024 * 1024,
   backoff = { base_ms = 200, max_ms = 5000, jitter = "full" },
   retry_on = { status = { 429, 500, 502, 503, 504 },
-               errors = { "connect", "reset", "dns" }, refused = true,
+               errors = { "connect", "reset", "dns", "refused_stream" }, refused = true,
                grpc = { "UNAVAILABLE", "RESOURCE_EXHAUSTED" } },
   retry_after = { respect = true, max_ms = 30000 },
   idempotency = { header = "Idempotency-Key", methods = { "POST", "PATCH" } },
@@ -32,7 +32,8 @@ M.DEFAULTS = {
 
 local DAY_MS = 86400000
 local ERROR_CLASSES = { timeout = true, connect = true, dns = true, tls = true,
-                        reset = true, protocol = true, too_large = true }
+                        reset = true, protocol = true, too_large = true,
+                        refused_stream = true }
 
 -- A field's rule: kind, then a range or choices.
 local function ms(lo) return { "number", lo or 0, DAY_MS } end

@@ -22,7 +22,9 @@
 -- unbounded); service_ms (ms, or { dist = "fixed", ms } | "uniform", min,
 -- max | "normal", mean, sd (clamped at 0) | "lognormal", median, sigma |
 -- "pareto", scale (the minimum), shape; default 20); faults (a list of
--- { p, status (503), headers, body, delay_ms, action = hang|reset|close },
+-- { p, status (503), headers, body, delay_ms, action = hang|reset|close,
+-- grpc_status, grpc_message (a gRPC call gets these instead of status and
+-- body: grpc_status is a code or its name, "UNAVAILABLE") },
 -- checked in order against one uniform draw per request); phases (a list
 -- of { name, from, to (s since t0; no `to`: until the end), faults (replace
 -- the baseline's), latency (multiplies service times), workers }, later
@@ -50,6 +52,7 @@
 --   so the same seed and the same request sequence give the same answers.
 -- Uses: resilua.core (now_ms) for the clock, unless `clock` is given.
 local names = require "resilua.names"
+local grpc = require "resilua.grpc"
 
 local M = {}
 
@@ -177,7 +180,7 @@ end
 
 local RESPONSE_FIELDS = { status = true, headers = true, body = true, delay_ms = true }
 local FAULT_FIELDS = { p = true, status = true, headers = true, body = true, delay_ms = true,
-                       action = true }
+                       action = true, grpc_status = true, grpc_message = true }
 local ACTIONS = { hang = true, reset = true, close = true }
 
 -- The status, headers, body and delay_ms of a fault or of `reject`.
@@ -226,6 +229,20 @@ local function check_faults(list, what)
     local fault = { p = p, action = f.action }
     _, err = check_response(f, fault, fwhat)
     if err then return nil, err end
+    -- gRPC calls get the code (Trailers-Only); HTTP requests the status.
+    if f.grpc_status ~= nil then
+      fault.grpc_status = grpc.code(f.grpc_status)
+      if not fault.grpc_status then
+        local hint = type(f.grpc_status) == "string"
+                     and names.suggest(f.grpc_status:upper(), grpc.codes) or ""
+        return nil, ("%s.grpc_status: expected a gRPC status code (0..16 or a name), got %s%s")
+                    :format(fwhat, tostring(f.grpc_status), hint)
+      end
+    end
+    if f.grpc_message ~= nil and type(f.grpc_message) ~= "string" then
+      return nil, ("%s.grpc_message: expected a string, got %s"):format(fwhat, type(f.grpc_message))
+    end
+    fault.grpc_message, fault.grpc_headers = f.grpc_message, f.headers
     if not fault.action then
       fault.status = fault.status or DEFAULT_FAULT_STATUS
       fault.headers = fault.headers or (not fault.body and JSON_HEADERS) or nil
@@ -585,6 +602,10 @@ local function arrive(self, req)
     acc = acc + f.p
     if u < acc then
       bump(self, "faults")
+      if f.grpc_status and req.grpc and not f.action then
+        return { grpc_status = f.grpc_status, grpc_message = f.grpc_message,
+                 headers = f.grpc_headers, delay_ms = f.delay_ms }
+      end
       return { status = f.status, headers = f.headers, body = f.body, delay_ms = f.delay_ms,
                action = f.action }
     end
