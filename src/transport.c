@@ -6,6 +6,7 @@
 
 #include "hints.h"
 #include "http/client.h"
+#include "http/head.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -92,6 +93,13 @@ struct rsl_attempt {
   rsl_response res;
   size_t header_bytes, max_body_bytes;
   int too_large;
+  /* The proxy's HTTP/1.1 attempts (raw, not HTTP/2) read their final head
+   * as the HTTP/1.1 client does: checked (http/head.h; `refused` says why
+   * not), and a chunked trailer is dropped rather than taken for header
+   * fields.  head_status is the status of the head being read. */
+  int proxied, head_done;
+  long head_status;
+  const char *refused;
   /* Requests curl started for this attempt (see prereq_cb); resent: it
    * tried a second, which was stopped before it went out. */
   int sends, resent;
@@ -610,6 +618,53 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
   return n;
 }
 
+/* The status code of a status line ("HTTP/1.1 200 OK", "HTTP/2 200"). */
+static long status_of(const char *line, size_t n) {
+  const char *sp = memchr(line, ' ', n);
+  long code = 0;
+  for (size_t i = sp ? (size_t)(sp - line) + 1 : n, digits = 0;
+       i < n && digits < 3 && isdigit((unsigned char)line[i]); i++, digits++)
+    code = code * 10 + (line[i] - '0');
+  return code;
+}
+
+/* The blank line: a head is read.  A proxied attempt's final head is
+ * checked; -1 refuses it (curl then fails the transfer, a protocol
+ * error), before any of its body is taken. */
+static int head_end(rsl_attempt *a) {
+  if (!a->proxied || (a->head_status / 100 == 1 && a->head_status != 101))
+    return 0; /* 1xx: interim, the final head follows */
+  a->head_done = 1;
+  a->refused = rsl_head_check(a->head_status, a->res.headers,
+                              a->res.header_count);
+  return a->refused ? -1 : 0;
+}
+
+/* A folded line (obs-fold, RFC 9112 section 5.2): joined to the value
+ * before it with a space, as a proxy must and as the HTTP/1.1 client
+ * does.  0, or -1 (out of memory; a proxied head that opens with one). */
+static int unfold(rsl_attempt *a, const char *data, size_t n) {
+  rsl_response *res = &a->res;
+  const char *v = data, *end = data + n;
+  while (v < end && (*v == ' ' || *v == '\t')) v++;
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' ||
+                     end[-1] == '\t'))
+    end--;
+  if (!res->header_count) {
+    if (a->proxied) a->refused = "malformed response: a folded line first";
+    return a->proxied ? -1 : 0;
+  }
+  char **value = &res->headers[res->header_count - 1].value;
+  size_t len = strlen(*value), more = (size_t)(end - v);
+  char *joined = realloc(*value, len + 1 + more + 1);
+  if (!joined) return -1;
+  joined[len] = ' ';
+  memcpy(joined + len + 1, v, more);
+  joined[len + 1 + more] = '\0';
+  *value = joined;
+  return 0;
+}
+
 static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
   rsl_attempt *a = ud;
   rsl_response *res = &a->res;
@@ -619,6 +674,7 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
     a->too_large = 1;
     return 0;
   }
+  if (!n || (a->proxied && a->head_done)) return n; /* a trailer: dropped */
   if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     /* A new status line (after a 1xx): forget the interim headers. */
     for (size_t i = 0; i < res->header_count; i++) {
@@ -626,14 +682,25 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
       free(res->headers[i].value);
     }
     res->header_count = 0;
+    a->head_status = status_of(data, n);
     return n;
   }
+  if (data[0] == '\r' || data[0] == '\n') return head_end(a) < 0 ? 0 : n;
+  if (data[0] == ' ' || data[0] == '\t') return unfold(a, data, n) < 0 ? 0 : n;
   const char *colon = memchr(data, ':', n);
-  if (!colon) return n; /* the blank line, or a folded continuation */
+  if (!colon) {
+    if (!a->proxied) return n;
+    a->refused = "malformed response: a field line without a colon";
+    return 0;
+  }
   size_t name_len = (size_t)(colon - data);
+  /* "Name : v": a proxy removes the blank (RFC 9112 section 5.1) */
+  while (name_len && (data[name_len - 1] == ' ' || data[name_len - 1] == '\t'))
+    name_len--;
   const char *v = colon + 1, *end = data + n;
   while (v < end && (*v == ' ' || *v == '\t')) v++;
-  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' ||
+                     end[-1] == '\t'))
     end--;
   /* Room for 4, then doubled: res->headers holds 2^k (k >= 2) slots once
    * header_count has passed 2^(k-1). */
@@ -754,6 +821,7 @@ static void finish(rsl_attempt *a, CURLcode code) {
     snprintf(res->message, sizeof res->message, "%s%.200s",
              res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
+             : a->refused ? a->refused
              : a->resent ? "reused connection died before the answer; "
                            "not resent"
              : a->errbuf[0] ? a->errbuf
@@ -910,6 +978,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     a->t = t;
   }
   a->plain = 1;
+  a->proxied = req->raw && !req->http2;
   a->cb = cb;
   a->ud = ud;
   a->on_data = req->on_data;
