@@ -65,6 +65,12 @@ struct rsl_transport {
   rsl_attempt *queue_head, *queue_tail; /* waiting for max_active */
   size_t active; /* attempts added to the multi handle */
   int closing;   /* in rsl_transport_free: start no queued attempt */
+  /* curl before 8.1.0 keeps, on a handle used again, a pointer to the
+   * last header field of its previous transfer, which it frees; a
+   * response whose first field line is folded then makes it free that
+   * memory again (curl#11101): any server could crash the process.  With
+   * such a curl, every attempt gets a fresh easy handle. */
+  int fresh_handles;
   long max_connects;      /* CURLMOPT_MAXCONNECTS as set */
   /* Finished attempts, kept with their easy handle: creating one per
    * attempt was a good share of the client's allocations, and a handle
@@ -387,6 +393,7 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
   rsl_transport *t = calloc(1, sizeof *t);
   if (!t) return -1;
   t->loop = loop;
+  t->fresh_handles = curl_version_info(CURLVERSION_NOW)->version_num < 0x080100;
   t->multi = curl_multi_init();
   if (!t->multi) {
     free(t);
@@ -491,7 +498,7 @@ static void attempt_free(rsl_attempt *a) {
   }
   curl_slist_free_all(a->header_list);
   rsl_response_free(&a->res);
-  if (!a->easy || t->spare_count == MAX_SPARE_ATTEMPTS) {
+  if (!a->easy || t->fresh_handles || t->spare_count == MAX_SPARE_ATTEMPTS) {
     if (a->easy) curl_easy_cleanup(a->easy);
     free(a);
     pump(t);
