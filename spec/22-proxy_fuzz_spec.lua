@@ -160,6 +160,19 @@ describe("resilua proxy under hostile input", function()
       assert.is_nil(r.headers["x-b"], name)
       assert.is_nil(r.headers["x-a"], name)
     end
+    -- refused heads are attempts like any protocol error: a policy that
+    -- retries those sends again (a 101 too, at once rather than at the timeout)
+    local retrying = H.write_file(H.tmpname(".lua"), [[return { max_attempts = 2,
+      per_try_timeout_ms = 10000, backoff = { base_ms = 1, max_ms = 1 },
+      retry_on = { errors = { "protocol" } }, breaker = false, budget = false }]])
+    local rpx = start_proxy(("http://%s:%s"):format(engine[2], port), retrying)
+    for _, name in ipairs({ "split-bare-cr", "name-with-space", "switching-protocols" }) do
+      local r = H.curl(q(rpx.url .. "/" .. name))
+      assert.equal(502, r.status, name)
+      assert.equal("2", r.headers["x-resilua-attempts"], name)
+      assert.truthy(r.body:find('"error":"protocol', 1, true), name .. ": " .. r.body)
+    end
+    assert.equal(0, rpx:stop())
     -- a folded line is joined with blanks, a blank before the colon removed
     local fold = H.curl(q(px.url .. "/obs-fold"))
     assert.is_nil(fold.headers["set-cookie"])
