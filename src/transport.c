@@ -817,6 +817,12 @@ static int out_of_fds(void) {
 
 static void finish(rsl_attempt *a, CURLcode code) {
   rsl_response *res = &a->res;
+  /* curl takes a close for the end of a head cut short (no blank line):
+   * for the proxy a break, as for the HTTP/1.1 client, not an answer */
+  if (code == CURLE_OK && a->proxied && !a->head_done) {
+    a->refused = "connection closed before the response head was complete";
+    code = CURLE_PARTIAL_FILE;
+  }
   res->latency_ms = (double)(rsl_now_ns() - a->started_ns) / 1e6;
   res->error = classify(a, code);
   if (res->error == RSL_ERR_NONE) {
