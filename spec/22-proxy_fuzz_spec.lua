@@ -110,11 +110,14 @@ describe("resilua proxy under hostile input", function()
     up:stop()
   end)
 
-  it("from the upstream: every response of the corpus becomes an answer, an error or a reset", function()
+  -- Both engines: the HTTP/1.1 client (a numeric upstream) and libcurl
+  -- (the same upstream through "localhost"), with the same answers.
+  for _, engine in ipairs({ { "the HTTP/1.1 client", "127.0.0.1" }, { "libcurl", "localhost" } }) do
+  it("from the upstream, through " .. engine[1] .. ": every response of the corpus becomes an answer, an error or a reset", function()
     local script = H.write_file(H.tmpname(".py"), RAW_UPSTREAM)
     local raw = H.spawn({ "python3", script, "spec/fuzz/proxy/upstream" })
     local port = assert(raw:wait_line("listening on 127%.0%.0%.1:(%d+)\n", 30), raw:stderr())
-    local px = start_proxy("http://127.0.0.1:" .. port, policy)
+    local px = start_proxy(("http://%s:%s"):format(engine[2], port), policy)
     for _, name in ipairs(list("spec/fuzz/proxy/upstream")) do
       local r = H.curl(("-m 20 %s"):format(q(px.url .. "/" .. name)))
       assert.truthy(r.code ~= 0 or (r.status >= 200 and r.status <= 599), name)
@@ -136,21 +139,57 @@ describe("resilua proxy under hostile input", function()
     -- cut after the commit point: an error for the client, not a short success
     assert.are_not.equal(0, H.curl(q(px.url .. "/short-body")).code)
     assert.are_not.equal(0, H.curl(q(px.url .. "/chunk-cut")).code)
-    -- what the HTTP/1.1 client refuses (RFC 9112: a bad status line, both
-    -- Content-Length and chunked, duplicate lengths, a bare CR, a bad chunk
-    -- size, a protocol switch, a head over the cap): 502, nothing passed on
+    -- What neither engine passes on (RFC 9112, RFC 9110 section 5.5): a bad
+    -- status line, a field name that is not a token, CR, LF or NUL in a
+    -- value (whatever the status: 200, 204, 503), a bad or second
+    -- Content-Length, a coding other than chunked, a bad chunk size, a
+    -- protocol switch (at once, not at the timeout), a head cut short by
+    -- the close (a reset: libcurl took it for a whole answer), a head over the cap:
+    -- the proxy's JSON 502, nothing of the head passed on.
     for _, name in ipairs({ "bad-status-code", "cl-and-chunked", "two-equal-lengths",
-                            "split-bare-cr", "negative-chunk", "switching-protocols",
-                            "many-headers" }) do
+                            "two-lengths", "split-bare-cr", "header-injection", "bare-cr-204",
+                            "bare-cr-503", "nul-header", "name-with-space", "name-with-quote",
+                            "empty-name", "no-colon-line", "fold-first", "negative-length",
+                            "length-plus", "length-list", "length-overflow", "negative-chunk",
+                            "chunk-overflow", "te-gzip-chunked", "te-chunked-gzip",
+                            "te-unknown-with-length", "te-identity", "te-two-chunked",
+                            "switching-protocols", "switching-protocols-h2c", "switching-protocols-cut",
+                            "head-cut-after-100", "many-headers" }) do
       local r = H.curl(q(px.url .. "/" .. name))
       assert.equal(502, r.status, name)
+      assert.equal("application/json", r.headers["content-type"], name)
       assert.is_nil(r.headers["set-cookie"], name)
+      assert.is_nil(r.headers["x-b"], name)
+      assert.is_nil(r.headers["x-a"], name)
     end
+    -- refused heads are attempts like any protocol error: a policy that
+    -- retries those sends again (a 101 too, at once rather than at the timeout)
+    local retrying = H.write_file(H.tmpname(".lua"), [[return { max_attempts = 2,
+      per_try_timeout_ms = 10000, backoff = { base_ms = 1, max_ms = 1 },
+      retry_on = { errors = { "protocol" } }, breaker = false, budget = false }]])
+    local rpx = start_proxy(("http://%s:%s"):format(engine[2], port), retrying)
+    for _, name in ipairs({ "split-bare-cr", "name-with-space", "switching-protocols" }) do
+      local r = H.curl(q(rpx.url .. "/" .. name))
+      assert.equal(502, r.status, name)
+      assert.equal("2", r.headers["x-resilua-attempts"], name)
+      assert.truthy(r.body:find('"error":"protocol', 1, true), name .. ": " .. r.body)
+    end
+    assert.equal(0, rpx:stop())
     -- a folded line is joined with blanks, a blank before the colon removed
     local fold = H.curl(q(px.url .. "/obs-fold"))
     assert.is_nil(fold.headers["set-cookie"])
     assert.truthy(fold.headers["x-a"]:find("^a +Set%-Cookie: evil=1$"), fold.headers["x-a"])
     assert.equal("b", H.curl(q(px.url .. "/space-before-colon")).headers["x-a"])
+    -- a chunked trailer is dropped, never passed on as a header field
+    local trailer = H.curl(q(px.url .. "/trailer-set-cookie"))
+    assert.equal(200, trailer.status)
+    assert.is_nil(trailer.headers["set-cookie"])
+    local trailer503 = H.curl(q(px.url .. "/trailer-503"))
+    assert.equal(503, trailer503.status)
+    assert.equal("no", trailer503.body)
+    assert.is_nil(trailer503.headers["set-cookie"])
+    -- chunk extensions, quoted or not, are read past
+    assert.equal("ok", H.curl(q(px.url .. "/chunk-ext-quoted")).body)
     -- 304 has no body whatever its length says; interim answers are skipped
     local nm = H.curl(q(px.url .. "/304-with-length"))
     assert.equal(304, nm.status)
@@ -162,4 +201,5 @@ describe("resilua proxy under hostile input", function()
     assert.equal(0, px:stop())
     raw:stop("KILL")
   end)
+  end
 end)

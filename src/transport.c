@@ -6,6 +6,7 @@
 
 #include "hints.h"
 #include "http/client.h"
+#include "http/head.h"
 #include "http2/refused.h"
 
 #include <ctype.h>
@@ -71,6 +72,12 @@ struct rsl_transport {
   rsl_attempt *queue_head, *queue_tail; /* waiting for max_active */
   size_t active; /* attempts added to the multi handle */
   int closing;   /* in rsl_transport_free: start no queued attempt */
+  /* curl before 8.1.0 keeps, on a handle used again, a pointer to the
+   * last header field of its previous transfer, which it frees; a
+   * response whose first field line is folded then makes it free that
+   * memory again (curl#11101): any server could crash the process.  With
+   * such a curl, every attempt gets a fresh easy handle. */
+  int fresh_handles;
   long max_connects;      /* CURLMOPT_MAXCONNECTS as set */
   /* Finished attempts, kept with their easy handle: creating one per
    * attempt was a good share of the client's allocations, and a handle
@@ -99,6 +106,13 @@ struct rsl_attempt {
   rsl_response res;
   size_t header_bytes, max_body_bytes;
   int too_large;
+  /* The proxy's HTTP/1.1 attempts (raw, not HTTP/2) read their final head
+   * as the HTTP/1.1 client does: checked (http/head.h; `bad_head` says why
+   * not), and a chunked trailer is dropped rather than taken for header
+   * fields.  head_status is the status of the head being read. */
+  int proxied, head_done;
+  long head_status;
+  const char *bad_head;
   /* Requests curl started for this attempt (see prereq_cb); resent: it
    * tried a second, which was stopped before it went out.  refused: the
    * server refused its HTTP/2 stream unprocessed (see on_refused);
@@ -392,6 +406,7 @@ int rsl_transport_new(rsl_transport **out, rsl_loop *loop) {
   rsl_transport *t = calloc(1, sizeof *t);
   if (!t) return -1;
   t->loop = loop;
+  t->fresh_handles = curl_version_info(CURLVERSION_NOW)->version_num < 0x080100;
   t->multi = curl_multi_init();
   if (!t->multi) {
     free(t);
@@ -497,7 +512,7 @@ static void attempt_free(rsl_attempt *a) {
   }
   curl_slist_free_all(a->header_list);
   rsl_response_free(&a->res);
-  if (!a->easy || t->spare_count == MAX_SPARE_ATTEMPTS) {
+  if (!a->easy || t->fresh_handles || t->spare_count == MAX_SPARE_ATTEMPTS) {
     if (a->easy) curl_easy_cleanup(a->easy);
     free(a);
     pump(t);
@@ -624,6 +639,53 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
   return n;
 }
 
+/* The status code of a status line ("HTTP/1.1 200 OK", "HTTP/2 200"). */
+static long status_of(const char *line, size_t n) {
+  const char *sp = memchr(line, ' ', n);
+  long code = 0;
+  for (size_t i = sp ? (size_t)(sp - line) + 1 : n, digits = 0;
+       i < n && digits < 3 && isdigit((unsigned char)line[i]); i++, digits++)
+    code = code * 10 + (line[i] - '0');
+  return code;
+}
+
+/* The blank line: a head is read.  A proxied attempt's final head is
+ * checked; -1 refuses it (curl then fails the transfer, a protocol
+ * error), before any of its body is taken. */
+static int head_end(rsl_attempt *a) {
+  if (!a->proxied || (a->head_status / 100 == 1 && a->head_status != 101))
+    return 0; /* 1xx: interim, the final head follows */
+  a->head_done = 1;
+  a->bad_head = rsl_head_check(a->head_status, a->res.headers,
+                              a->res.header_count);
+  return a->bad_head ? -1 : 0;
+}
+
+/* A folded line (obs-fold, RFC 9112 section 5.2): joined to the value
+ * before it with a space, as a proxy must and as the HTTP/1.1 client
+ * does.  0, or -1 (out of memory; a proxied head that opens with one). */
+static int unfold(rsl_attempt *a, const char *data, size_t n) {
+  rsl_response *res = &a->res;
+  const char *v = data, *end = data + n;
+  while (v < end && (*v == ' ' || *v == '\t')) v++;
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' ||
+                     end[-1] == '\t'))
+    end--;
+  if (!res->header_count) {
+    if (a->proxied) a->bad_head = "malformed response: a folded line first";
+    return a->proxied ? -1 : 0;
+  }
+  char **value = &res->headers[res->header_count - 1].value;
+  size_t len = strlen(*value), more = (size_t)(end - v);
+  char *joined = realloc(*value, len + 1 + more + 1);
+  if (!joined) return -1;
+  joined[len] = ' ';
+  memcpy(joined + len + 1, v, more);
+  joined[len + 1 + more] = '\0';
+  *value = joined;
+  return 0;
+}
+
 static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
   rsl_attempt *a = ud;
   rsl_response *res = &a->res;
@@ -633,6 +695,7 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
     a->too_large = 1;
     return 0;
   }
+  if (!n || (a->proxied && a->head_done)) return n; /* a trailer: dropped */
   if (n >= 5 && memcmp(data, "HTTP/", 5) == 0) {
     /* A new status line (after a 1xx): forget the interim headers. */
     for (size_t i = 0; i < res->header_count; i++) {
@@ -640,14 +703,25 @@ static size_t on_header(char *data, size_t size, size_t nmemb, void *ud) {
       free(res->headers[i].value);
     }
     res->header_count = 0;
+    a->head_status = status_of(data, n);
     return n;
   }
+  if (data[0] == '\r' || data[0] == '\n') return head_end(a) < 0 ? 0 : n;
+  if (data[0] == ' ' || data[0] == '\t') return unfold(a, data, n) < 0 ? 0 : n;
   const char *colon = memchr(data, ':', n);
-  if (!colon) return n; /* the blank line, or a folded continuation */
+  if (!colon) {
+    if (!a->proxied) return n;
+    a->bad_head = "malformed response: a field line without a colon";
+    return 0;
+  }
   size_t name_len = (size_t)(colon - data);
+  /* "Name : v": a proxy removes the blank (RFC 9112 section 5.1) */
+  while (name_len && (data[name_len - 1] == ' ' || data[name_len - 1] == '\t'))
+    name_len--;
   const char *v = colon + 1, *end = data + n;
   while (v < end && (*v == ' ' || *v == '\t')) v++;
-  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' '))
+  while (end > v && (end[-1] == '\r' || end[-1] == '\n' || end[-1] == ' ' ||
+                     end[-1] == '\t'))
     end--;
   /* Room for 4, then doubled: res->headers holds 2^k (k >= 2) slots once
    * header_count has passed 2^(k-1). */
@@ -803,6 +877,12 @@ static int out_of_fds(void) {
 
 static void finish(rsl_attempt *a, CURLcode code) {
   rsl_response *res = &a->res;
+  /* curl takes a close for the end of a head cut short (no blank line):
+   * for the proxy a break, as for the HTTP/1.1 client, not an answer */
+  if (code == CURLE_OK && a->proxied && !a->head_done) {
+    a->bad_head = "connection closed before the response head was complete";
+    code = CURLE_PARTIAL_FILE;
+  }
   res->latency_ms = (double)(rsl_now_ns() - a->started_ns) / 1e6;
   res->error = classify(a, code);
   if (res->error == RSL_ERR_NONE) {
@@ -814,6 +894,7 @@ static void finish(rsl_attempt *a, CURLcode code) {
     snprintf(res->message, sizeof res->message, "%s%.200s",
              res->local ? "out of file descriptors: " : "",
              a->too_large ? "response over the size limit"
+             : a->bad_head ? a->bad_head
              : res->error == RSL_ERR_REFUSED_STREAM && a->refused
                  ? "HTTP/2 stream refused by the server (REFUSED_STREAM or "
                    "GOAWAY): not processed"
@@ -989,6 +1070,7 @@ int rsl_transport_send(rsl_transport *t, const rsl_request *req,
     a->t = t;
   }
   a->plain = 1;
+  a->proxied = req->raw && !req->http2;
   a->cb = cb;
   a->ud = ud;
   a->on_data = req->on_data;

@@ -13,6 +13,7 @@
 
 #include "../hints.h"
 #include "buf.h"
+#include "head.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -80,6 +81,9 @@ struct rsl_h1_attempt {
   rsl_buf head;
   const char *body;
   size_t body_len, sent;
+  /* The peer stopped taking the request (errno): it may have answered
+   * first (an early 413, then a close), so the answer is read on. */
+  int send_errno;
   int head_only;
   long timeout_ms, connect_timeout_ms;
   uint64_t started_ns;
@@ -150,6 +154,12 @@ static void fail(rsl_h1_attempt *a, rsl_error_class error, int local,
  * gave no byte is the case curl would have resent behind our back
  * (docs/internals.md, hidden resends); never resent here either. */
 static void broken(rsl_h1_attempt *a, const char *what) {
+  char unsent[128];
+  if (!what && a->send_errno) {
+    snprintf(unsent, sizeof unsent, "Send failure: %s",
+             strerror(a->send_errno));
+    what = unsent;
+  }
   if (!a->got_byte && a->conn && a->conn->reused)
     fail(a, RSL_ERR_RESET, 0,
          "reused connection died before the answer; not resent");
@@ -344,7 +354,7 @@ static int build_head(rsl_h1_attempt *a, const rsl_request *req,
 static void write_request(rsl_h1_attempt *a) {
   h1_conn *c = a->conn;
   size_t total = a->head.len + a->body_len;
-  while (a->sent < total) {
+  while (a->sent < total && !a->send_errno) {
     struct iovec iov[2];
     struct msghdr msg = {.msg_iov = iov};
     if (a->sent < a->head.len) {
@@ -360,15 +370,14 @@ static void write_request(rsl_h1_attempt *a) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (n < 0) {
-      char what[128];
-      snprintf(what, sizeof what, "Send failure: %s", strerror(errno));
-      broken(a, what);
-      return;
+      a->send_errno = errno; /* see there; broken() tells it otherwise */
+      break;
     }
     a->sent += (size_t)n;
   }
   /* An answer may come before the request is all out (an early 413). */
-  unsigned want = RSL_IO_READ | (a->sent < total ? RSL_IO_WRITE : 0);
+  unsigned want =
+      RSL_IO_READ | (a->sent < total && !a->send_errno ? RSL_IO_WRITE : 0);
   if (c->io.events != want && rsl_io_set(a->cl->loop, &c->io, want) < 0)
     fail(a, RSL_ERR_CONNECT, 1, "out of memory");
 }
@@ -468,7 +477,14 @@ static int on_header_value(http_parser *p, const char *at, size_t len) {
 static int on_headers_complete(http_parser *p) {
   rsl_h1_attempt *a = p->data;
   if (a->in_value && commit_header(a) < 0) return -1;
-  if (p->status_code / 100 == 1) return 0; /* interim: see message_complete */
+  if (p->status_code / 100 == 1 && p->status_code != 101)
+    return 0; /* interim: see message_complete */
+  const char *why =
+      rsl_head_check(p->status_code, a->res.headers, a->res.header_count);
+  if (why) {
+    fail(a, RSL_ERR_PROTOCOL, 0, "%s", why);
+    return -1;
+  }
   a->res.status = p->status_code;
   a->trailers = 1;
   return a->head_only ? 1 : 0; /* 1: no body (HEAD) */
@@ -533,10 +549,6 @@ static int on_body(http_parser *p, const char *at, size_t len) {
 
 static int on_message_complete(http_parser *p) {
   rsl_h1_attempt *a = p->data;
-  if (p->status_code == 101) {
-    fail(a, RSL_ERR_PROTOCOL, 0, "upstream switched protocols (101)");
-    return -1;
-  }
   if (p->status_code / 100 == 1) {
     forget_headers(&a->res); /* 100 Continue and friends: the next answer */
     a->res.status = 0;
