@@ -391,39 +391,34 @@ print(json.dumps(out))
       assert.equal("300000\ttrue\t0\thello\t2\n", r.stdout)
     end)
 
-    it("ends a stream whose gap passes idle_timeout_ms (client:call, after the commit)", function()
+    -- client:call of /sse (event 0, then nothing for 30 s) under these
+    -- policy fields; what it prints: result, outcome, attempts, the stream.
+    -- (per-try 1 s: a loaded machine may take 100 ms to the first byte)
+    local function sse_call(fields)
       local script = H.write_file(H.tmpname(".lua"), ([[
         local resilua = require "resilua"
-        -- (the per-try timeout 1 s: a loaded machine may take 100 ms to the first byte)
-        local p = require("resilua.policy").define({ idle_timeout_ms = 2500, per_try_timeout_ms = 1000,
+        local p = require("resilua.policy").define({ %s, per_try_timeout_ms = 1000,
           breaker = false, budget = false }, "t", "t.lua", "")
         local got = {}
         local res, err = resilua.client{ policy = p }:call{ url = %q,
           on_chunk = function(c) got[#got + 1] = c end }
         print(res, err.outcome, err.attempts, table.concat(got))
-      ]]):format(py.url .. "/sse?release=/nonexistent"))
+      ]]):format(fields, py.url .. "/sse?release=/nonexistent"))
       local r = H.run({ H.bin, "run", script })
       assert.equal(0, r.code, r.stderr)
+      return r.stdout
+    end
+
+    it("ends a stream whose gap passes idle_timeout_ms (client:call, after the commit)", function()
       -- per_try_timeout_ms (1 s) did not cut it after the commit; the gap (2.5 s) did
-      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
+      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", sse_call("idle_timeout_ms = 2500"))
     end)
 
     it("ends a stream that outlives stream_timeout_ms, though no gap passed idle_timeout_ms", function()
-      local script = H.write_file(H.tmpname(".lua"), ([[
-        local resilua = require "resilua"
-        -- (per-try 1 s: a loaded machine may take 100 ms to the first byte)
-        local p = require("resilua.policy").define({ stream_timeout_ms = 2500, idle_timeout_ms = 60000,
-          per_try_timeout_ms = 1000, breaker = false, budget = false }, "t", "t.lua", "")
-        local got = {}
-        local res, err = resilua.client{ policy = p }:call{ url = %q,
-          on_chunk = function(c) got[#got + 1] = c end }
-        print(res, err.outcome, err.attempts, table.concat(got))
-      ]]):format(py.url .. "/sse?release=/nonexistent"))
-      local r = H.run({ H.bin, "run", script })
-      assert.equal(0, r.code, r.stderr)
       -- Without the cap, the upstream's rest would come after its 30 s wait,
       -- inside the idle timeout, and the call would succeed.
-      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n", r.stdout)
+      assert.equal("nil\tfailed\t1\tdata: 0\n\n\n",
+                   sse_call("stream_timeout_ms = 2500, idle_timeout_ms = 60000"))
     end)
 
     it("streams a 100 MB body with flat memory", function()
